@@ -1,0 +1,295 @@
+//! [`Client`]: connect, enqueue, invoke.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use warren_core::envelope::ReplyOutcome;
+use warren_core::topology::{QueueSpec, TASK_EXCHANGE};
+use warren_core::{AmqpConfig, Broker, Envelope, Outgoing, Publisher, Via};
+
+use crate::reply::Replies;
+use crate::{Error, Receipt, Task};
+
+/// Default deadline of [`Client::invoke`].
+pub const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds a [`Client`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), warren_client::Error> {
+/// use std::time::Duration;
+/// use warren_client::{AmqpConfig, Client, QueueType};
+/// let client = Client::builder()
+///     .amqp(AmqpConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")?.with_queue_type(QueueType::Classic))
+///     .invoke_timeout(Duration::from_secs(5))
+///     .connect()
+///     .await?;
+/// # let _ = client; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ClientBuilder {
+    amqp: Option<AmqpConfig>,
+    invoke_timeout: Duration,
+    publisher_channels: usize,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            amqp: None,
+            invoke_timeout: DEFAULT_INVOKE_TIMEOUT,
+            publisher_channels: 2,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Broker settings (default: [`AmqpConfig::from_env`]).
+    pub fn amqp(mut self, config: AmqpConfig) -> Self {
+        self.amqp = Some(config);
+        self
+    }
+
+    /// Default deadline for invokes (default 30 s); a [`Task`] can set its own.
+    pub fn invoke_timeout(mut self, timeout: Duration) -> Self {
+        self.invoke_timeout = timeout;
+        self
+    }
+
+    /// How many confirm channels publishes pipeline over (default 2).
+    pub fn publisher_channels(mut self, n: usize) -> Self {
+        self.publisher_channels = n.max(1);
+        self
+    }
+
+    /// Connects to the broker.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let amqp = match self.amqp.clone() {
+            Some(c) => c,
+            None => AmqpConfig::from_env()?,
+        };
+        let broker = Broker::connect(amqp).await?;
+        Ok(self.with_broker(broker))
+    }
+
+    /// Builds the client over an existing broker connection (workers share theirs).
+    pub fn with_broker(self, broker: Broker) -> Client {
+        let publisher = Publisher::new(broker.clone(), self.publisher_channels);
+        Client {
+            inner: Arc::new(Inner {
+                id: Uuid::now_v7(),
+                broker,
+                publisher,
+                invoke_timeout: self.invoke_timeout,
+                declared: Mutex::default(),
+                replies: OnceCell::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+}
+
+/// A connection to warren: enqueue tasks and invoke services. Cheap to clone; clones share
+/// the connection, the publisher and the reply queue.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: Uuid,
+    broker: Broker,
+    publisher: Publisher,
+    invoke_timeout: Duration,
+    declared: Mutex<HashSet<String>>,
+    replies: OnceCell<Replies>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.inner.id)
+            .field("broker", &self.inner.broker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A builder with default settings.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Connects with `WARREN_AMQP_URL` (or the local default) and default settings.
+    pub async fn connect() -> Result<Self, Error> {
+        Self::builder().connect().await
+    }
+
+    /// The broker connection (for tools that inspect queues).
+    #[must_use]
+    pub fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+
+    /// Enqueues `payload` for `target` (`"svc.method"`) and returns once the broker has
+    /// confirmed it. Fire and forget: the result is not awaited.
+    pub async fn enqueue(&self, target: &str, payload: &impl Serialize) -> Result<Receipt, Error> {
+        self.send(Task::new(target, payload)?).await
+    }
+
+    /// Enqueues a [`Task`] built with options (cid, hooks, parent).
+    pub async fn send(&self, task: Task) -> Result<Receipt, Error> {
+        let (env, _) = task.into_envelope()?;
+        self.send_envelope(&env, None).await?;
+        Ok(Receipt {
+            id: env.id,
+            cid: env.cid,
+        })
+    }
+
+    /// Invokes `target` with `payload` and waits (up to the client's invoke timeout) for the
+    /// handler's typed result.
+    pub async fn invoke<R: DeserializeOwned>(
+        &self,
+        target: &str,
+        payload: &impl Serialize,
+    ) -> Result<R, Error> {
+        self.invoke_task(Task::new(target, payload)?).await
+    }
+
+    /// Invokes a [`Task`] and waits for its typed result (deadline: the task's, else the
+    /// client's). A failure on the worker comes back as [`Error::Failed`] with its kind and
+    /// message; no answer in time is [`Error::Timeout`].
+    pub async fn invoke_task<R: DeserializeOwned>(&self, task: Task) -> Result<R, Error> {
+        let (mut env, timeout) = task.into_envelope()?;
+        env.channel = Via::Invoke;
+        let timeout = timeout.unwrap_or(self.inner.invoke_timeout);
+        let replies = self.replies().await?;
+        let rx = replies
+            .register(env.id)
+            .ok_or_else(|| Error::ReplyListener(replies.stop_reason()))?;
+        let forget = ForgetOnDrop {
+            replies,
+            id: env.id,
+        };
+        self.send_envelope(&env, Some(&replies.queue)).await?;
+        let reply = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => return Err(Error::ReplyListener(replies.stop_reason())),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    id: env.id,
+                    cid: env.cid,
+                    after: timeout,
+                })
+            }
+        };
+        drop(forget);
+        match reply.outcome {
+            ReplyOutcome::Ok(v) => {
+                serde_json::from_value(v).map_err(|source| Error::Decode { id: env.id, source })
+            }
+            ReplyOutcome::Error(failure) => Err(Error::Failed {
+                id: env.id,
+                cid: env.cid,
+                failure,
+            }),
+        }
+    }
+
+    /// Publishes a prepared envelope to its service queue (declaring the queue on first use),
+    /// with an optional reply queue. Used by the worker for hooks and by tools; most callers
+    /// want [`Client::send`].
+    pub async fn send_envelope(&self, env: &Envelope, reply_to: Option<&str>) -> Result<(), Error> {
+        let body = env.to_bytes().map_err(Error::Encode)?;
+        let mut msg = Outgoing::new(TASK_EXCHANGE, env.svc.clone(), body);
+        msg.message_id = Some(env.id.to_string());
+        msg.correlation_id = Some(env.cid.clone());
+        msg.reply_to = reply_to.map(str::to_owned);
+        self.ensure_service(&env.svc).await?;
+        match self.inner.publisher.publish(&msg).await {
+            Err(warren_core::Error::Unroutable { .. }) => {
+                // The queue was deleted since we declared it: declare again, send once more.
+                self.forget_service(&env.svc);
+                self.ensure_service(&env.svc).await?;
+                self.inner.publisher.publish(&msg).await?;
+            }
+            other => other?,
+        }
+        tracing::debug!(id = %env.id, cid = %env.cid, svc = %env.svc, method = %env.method, "task sent");
+        Ok(())
+    }
+
+    /// Publishes a raw message through the client's confirmed publisher.
+    pub async fn publish_raw(&self, msg: &Outgoing) -> Result<(), Error> {
+        Ok(self.inner.publisher.publish(msg).await?)
+    }
+
+    /// Declares a service's queue (and dead-letter queue) so tasks can wait in it before any
+    /// worker exists. Done automatically before the first publish to each service.
+    pub async fn ensure_service(&self, svc: &str) -> Result<(), Error> {
+        if self.inner.declared.lock().is_ok_and(|d| d.contains(svc)) {
+            return Ok(());
+        }
+        let qt = self.inner.broker.config().queue_type;
+        self.inner
+            .broker
+            .declare(&[QueueSpec::dead(svc, qt)?, QueueSpec::service(svc, qt)?])
+            .await?;
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.insert(svc.to_owned());
+        }
+        Ok(())
+    }
+
+    fn forget_service(&self, svc: &str) {
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.remove(svc);
+        }
+    }
+
+    async fn replies(&self) -> Result<&Replies, Error> {
+        self.inner
+            .replies
+            .get_or_try_init(|| {
+                Replies::start(
+                    self.inner.broker.clone(),
+                    self.inner.id,
+                    self.inner.shutdown.clone(),
+                )
+            })
+            .await
+            .map_err(Error::from)
+    }
+
+    /// Stops the reply listener and closes the connection.
+    pub async fn close(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.broker.close().await;
+    }
+}
+
+struct ForgetOnDrop<'a> {
+    replies: &'a Replies,
+    id: Uuid,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.replies.forget(&self.id);
+    }
+}

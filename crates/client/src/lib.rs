@@ -1,0 +1,33 @@
+//! warren-client: everything a caller does — enqueue tasks, invoke services and await their
+//! typed results.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), warren_client::Error> {
+//! use warren_client::{Client, Task};
+//! let client = Client::connect().await?; // WARREN_AMQP_URL or the local default
+//! // Fire and forget: returns the task id and cid.
+//! let receipt = client.enqueue("images.resize", &serde_json::json!({"w": 64})).await?;
+//! println!("queued {} (cid {})", receipt.id, receipt.cid);
+//! // Request/response with a typed result and a deadline.
+//! let size: u64 = client
+//!     .invoke_task(Task::new("images.size", &"cat.png")?.with_timeout(std::time::Duration::from_secs(5)))
+//!     .await?;
+//! # let _ = size; Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - `client`: [`Client`] and [`ClientBuilder`]: connection, enqueue, invoke.
+//! - `task`: [`Task`], a task to send (target, payload, cid, hooks, deadline), and
+//!   [`Receipt`].
+//! - `reply`: the reply queue and the table of calls waiting for an answer.
+//! - `error`: [`Error`].
+
+mod client;
+mod error;
+mod reply;
+mod task;
+
+pub use client::{Client, ClientBuilder};
+pub use error::Error;
+pub use task::{Receipt, Task};
+pub use warren_core::{AmqpConfig, Failure, FailureKind, QueueType, Target};

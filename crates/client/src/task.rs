@@ -1,0 +1,116 @@
+//! [`Task`]: one task to enqueue or invoke.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use uuid::Uuid;
+use warren_core::{Envelope, HookTarget, Hooks, Target};
+
+use crate::Error;
+
+/// A task to send: target, payload and options. Build with [`Task::new`] and the `with_*`
+/// methods, then pass to [`crate::Client::send`] or [`crate::Client::invoke_task`].
+///
+/// ```
+/// use std::time::Duration;
+/// use warren_client::Task;
+/// let task = Task::new("billing.charge", &serde_json::json!({"cents": 1200}))
+///     .unwrap()
+///     .with_cid("order-42")
+///     .with_timeout(Duration::from_secs(3));
+/// assert_eq!(task.target().to_string(), "billing.charge");
+/// assert!(Task::new("Billing.charge", &()).is_err()); // names are [a-z0-9_.-]
+/// ```
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub(crate) target: Target,
+    pub(crate) payload: serde_json::Value,
+    pub(crate) cid: Option<String>,
+    pub(crate) hooks: Hooks,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) parent: Option<Uuid>,
+}
+
+impl Task {
+    /// A task for `target` (`"svc.method"`, split at the last dot) with a JSON payload.
+    pub fn new(target: &str, payload: &impl Serialize) -> Result<Self, Error> {
+        Self::for_target(target.parse()?, payload)
+    }
+
+    /// A task for an already-validated target.
+    pub fn for_target(target: Target, payload: &impl Serialize) -> Result<Self, Error> {
+        Ok(Self {
+            target,
+            payload: serde_json::to_value(payload).map_err(Error::Encode)?,
+            cid: None,
+            hooks: Hooks::default(),
+            timeout: None,
+            parent: None,
+        })
+    }
+
+    /// Uses the caller's correlation id (the caller then owns its uniqueness); by default
+    /// a fresh one is generated.
+    #[must_use]
+    pub fn with_cid(mut self, cid: impl Into<String>) -> Self {
+        self.cid = Some(cid.into());
+        self
+    }
+
+    /// How long [`crate::Client::invoke_task`] waits for the reply (default: the client's).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Invokes `target` with the result when the task succeeds.
+    #[must_use]
+    pub fn on_complete(mut self, target: &Target) -> Self {
+        self.hooks.oncomplete = Some(HookTarget::from(target));
+        self
+    }
+
+    /// Invokes `target` with the failure when the task fails for good.
+    #[must_use]
+    pub fn on_error(mut self, target: &Target) -> Self {
+        self.hooks.onerror = Some(HookTarget::from(target));
+        self
+    }
+
+    /// Records the task that caused this one (set by handler contexts).
+    #[must_use]
+    pub fn with_parent(mut self, parent: Uuid) -> Self {
+        self.parent = Some(parent);
+        self
+    }
+
+    /// The target.
+    #[must_use]
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub(crate) fn into_envelope(self) -> Result<(Envelope, Option<Duration>), Error> {
+        if let Some(cid) = &self.cid {
+            if cid.is_empty() || cid.len() > 255 {
+                return Err(Error::Broker(warren_core::Error::Config(
+                    "a cid must be 1 to 255 bytes".into(),
+                )));
+            }
+        }
+        let mut env = Envelope::new(&self.target, self.payload, self.cid);
+        env.hooks = self.hooks;
+        env.parent = self.parent;
+        Ok((env, self.timeout))
+    }
+}
+
+/// What [`crate::Client::enqueue`] returns: the task's id and correlation id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The task id (also the AMQP `message_id`).
+    pub id: Uuid,
+    /// The correlation id (also the AMQP `correlation_id`).
+    pub cid: String,
+}

@@ -1,0 +1,311 @@
+//! [`Broker`]: one managed AMQP connection, replaced when it dies.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use super::message::short;
+use crate::config::AmqpConfig;
+use crate::error::{classify, AmqpError, Error, Result};
+use crate::names::check_amqp_len;
+use crate::topology::{QueueSpec, DEAD_EXCHANGE, TASK_EXCHANGE};
+
+/// A connection to RabbitMQ that reconnects itself.
+///
+/// Cheap to clone (all clones share the connection). When the connection dies, the next
+/// caller that needs it reconnects, with exponential backoff and jitter, trying each
+/// configured URL in turn, for as long as the [`crate::ReconnectPolicy`] allows. Every
+/// connection gets a new *generation* number; deliveries remember theirs, so a delivery
+/// from a dead connection is never taken for a live one.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: AmqpConfig,
+    live: Mutex<Option<Live>>,
+    generation: AtomicU64,
+}
+
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub(crate) conn: Arc<Connection>,
+    pub(crate) generation: u64,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("urls", &self.inner.config.redacted_urls())
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
+/// Counts from a passive queue declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages ready for delivery (RabbitMQ does not report unacked ones here).
+    pub ready: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+impl Broker {
+    /// Connects now (so a wrong URL or a broker that is down fails early, with a clear
+    /// error, after the reconnect policy's `give_up_after`).
+    pub async fn connect(config: AmqpConfig) -> Result<Self> {
+        let broker = Self {
+            inner: Arc::new(Inner {
+                config,
+                live: Mutex::new(None),
+                generation: AtomicU64::new(0),
+            }),
+        };
+        broker.live().await?;
+        Ok(broker)
+    }
+
+    /// The configuration this broker was built from.
+    #[must_use]
+    pub fn config(&self) -> &AmqpConfig {
+        &self.inner.config
+    }
+
+    /// The current connection generation (starts at 1, +1 per reconnect).
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// The live connection, reconnecting first if it died.
+    pub(crate) async fn live(&self) -> Result<Live> {
+        let mut slot = self.inner.live.lock().await;
+        if let Some(live) = slot.as_ref() {
+            if live.conn.status().connected() {
+                return Ok(live.clone());
+            }
+            tracing::warn!(generation = live.generation, "connection to RabbitMQ lost; reconnecting");
+        }
+        *slot = None;
+        let conn = self.reconnect().await?;
+        let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let live = Live {
+            conn: Arc::new(conn),
+            generation,
+        };
+        *slot = Some(live.clone());
+        Ok(live)
+    }
+
+    /// Tries every URL with backoff until one answers or the policy gives up.
+    async fn reconnect(&self) -> Result<Connection> {
+        let cfg = &self.inner.config;
+        let policy = &cfg.reconnect;
+        let started = Instant::now();
+        let mut delay = policy.min_delay;
+        let mut last: Option<AmqpError> = None;
+        loop {
+            for url in cfg.urls() {
+                let props = ConnectionProperties::default()
+                    .with_connection_name(LongString::from(cfg.connection_name.as_bytes().to_vec()));
+                let attempt = Connection::connect(url.secret(), props);
+                match tokio::time::timeout(cfg.connect_timeout, attempt).await {
+                    Ok(Ok(conn)) => {
+                        tracing::info!(url = %url, "connected to RabbitMQ");
+                        return Ok(conn);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(url = %url, error = %e, "connect failed");
+                        last = Some(AmqpError(e));
+                    }
+                    Err(_) => tracing::debug!(url = %url, "connect timed out"),
+                }
+            }
+            let waited = started.elapsed();
+            if policy.give_up_after.is_some_and(|max| waited + delay > max) {
+                return Err(Error::Unavailable {
+                    urls: cfg.redacted_urls(),
+                    waited,
+                    source: last,
+                });
+            }
+            tokio::time::sleep(jitter(delay)).await;
+            delay = (delay * 2).min(policy.max_delay);
+        }
+    }
+
+    /// Marks the current connection as dead if it is still generation `generation`, so the
+    /// next caller reconnects (used when a channel shows the connection is gone).
+    pub(crate) async fn invalidate(&self, generation: u64) {
+        let mut slot = self.inner.live.lock().await;
+        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+            if let Some(live) = slot.take() {
+                let _ = live.conn.close(320, short("warren: reconnecting")).await;
+            }
+        }
+    }
+
+    /// Opens a new channel on the live connection.
+    pub(crate) async fn channel(&self) -> Result<(Channel, u64)> {
+        let live = self.live().await?;
+        match live.conn.create_channel().await {
+            Ok(ch) => Ok((ch, live.generation)),
+            Err(e) => {
+                self.invalidate(live.generation).await;
+                Err(classify("opening a channel", e))
+            }
+        }
+    }
+
+    /// Declares warren's two exchanges (idempotent).
+    pub async fn declare_exchanges(&self) -> Result<()> {
+        let (ch, _) = self.channel().await?;
+        declare_exchanges_on(&ch).await?;
+        let _ = ch.close(200, short("ok")).await;
+        Ok(())
+    }
+
+    /// Declares queues (with their bindings), in order, on one channel.
+    pub async fn declare(&self, specs: &[QueueSpec]) -> Result<()> {
+        let (ch, _) = self.channel().await?;
+        declare_exchanges_on(&ch).await?;
+        for spec in specs {
+            declare_on(&ch, spec).await?;
+        }
+        let _ = ch.close(200, short("ok")).await;
+        Ok(())
+    }
+
+    /// Ready and consumer counts of a queue, or `None` if it does not exist.
+    pub async fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>> {
+        check_amqp_len("queue", queue)?;
+        let (ch, _) = self.channel().await?;
+        let res = ch
+            .queue_declare(
+                short(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match res {
+            Ok(q) => {
+                let _ = ch.close(200, short("ok")).await;
+                Ok(Some(QueueStats {
+                    ready: q.message_count(),
+                    consumers: q.consumer_count(),
+                }))
+            }
+            Err(e) if AmqpError(e.clone()).reply_code() == Some(404) => Ok(None),
+            Err(e) => Err(classify(format!("checking queue {queue}"), e)),
+        }
+    }
+
+    /// Deletes a queue (no error if it does not exist); returns how many messages it held.
+    pub async fn delete_queue(&self, queue: &str) -> Result<u32> {
+        check_amqp_len("queue", queue)?;
+        let (ch, _) = self.channel().await?;
+        let n = ch
+            .queue_delete(short(queue), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| classify(format!("deleting queue {queue}"), e))?;
+        let _ = ch.close(200, short("ok")).await;
+        Ok(n)
+    }
+
+    /// The vhost and user name of the live connection (never the password).
+    pub async fn identity(&self) -> Result<(String, String)> {
+        let live = self.live().await?;
+        let st = live.conn.status();
+        Ok((st.vhost().as_str().to_owned(), st.username()))
+    }
+
+    /// Closes the connection (pending work on it is abandoned).
+    pub async fn close(&self) {
+        let mut slot = self.inner.live.lock().await;
+        if let Some(live) = slot.take() {
+            let _ = live.conn.close(200, short("warren: closing")).await;
+        }
+    }
+}
+
+pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
+    for name in [TASK_EXCHANGE, DEAD_EXCHANGE] {
+        ch.exchange_declare(
+            short(name),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| classify(format!("declaring exchange {name}"), e))?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
+    check_amqp_len("queue", &spec.name)?;
+    let mut args = FieldTable::default();
+    if let Some(t) = spec.queue_type {
+        args.insert(short("x-queue-type"), AMQPValue::LongString(t.as_str().into()));
+    }
+    if let Some(dlx) = &spec.dead_letter_exchange {
+        check_amqp_len("exchange", dlx)?;
+        args.insert(
+            short("x-dead-letter-exchange"),
+            AMQPValue::LongString(dlx.as_str().into()),
+        );
+    }
+    if let Some(limit) = spec.delivery_limit {
+        args.insert(short("x-delivery-limit"), AMQPValue::LongLongInt(limit));
+    }
+    if let Some(ms) = spec.expires_ms {
+        args.insert(
+            short("x-expires"),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+    }
+    ch.queue_declare(
+        short(&spec.name),
+        QueueDeclareOptions {
+            durable: spec.durable,
+            exclusive: spec.exclusive,
+            auto_delete: false,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| classify(format!("declaring queue {}", spec.name), e))?;
+    if let Some((exchange, key)) = &spec.bind {
+        check_amqp_len("routing key", key)?;
+        ch.queue_bind(
+            short(&spec.name),
+            short(exchange),
+            short(key),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| classify(format!("binding queue {}", spec.name), e))?;
+    }
+    Ok(())
+}
+
+/// `d` plus up to 50% random jitter, so reconnecting processes do not stampede.
+pub(crate) fn jitter(d: Duration) -> Duration {
+    let extra = rand::random::<f64>() * 0.5;
+    d.mul_f64(1.0 + extra)
+}

@@ -1,0 +1,311 @@
+//! [`Subscription`]: a consumer that re-subscribes by itself after a reconnect.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::{Acker, BasicProperties, Channel, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{declare_exchanges_on, declare_on, jitter, Broker};
+use super::message::{read_headers, short, HeaderValue};
+use crate::error::{classify, Error, Result};
+use crate::topology::QueueSpec;
+
+/// What to consume and how.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    /// The queue to consume; declared (with its binding) on every (re)subscribe.
+    pub queue: QueueSpec,
+    /// Other queues to declare first on every (re)subscribe (e.g. the dead-letter queue).
+    pub also_declare: Vec<QueueSpec>,
+    /// Most unacked deliveries the broker sends this consumer.
+    pub prefetch: u16,
+    /// Consume without acks (replies only: losing one only times out a caller).
+    pub no_ack: bool,
+}
+
+/// An event from a [`Subscription`].
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    /// A message.
+    Delivery(Incoming),
+    /// The connection was lost and the consumer is back on a new one. Deliveries from before
+    /// are no longer live: the broker will deliver them again (marked redelivered).
+    Resubscribed,
+}
+
+struct Active {
+    channel: Channel,
+    consumer: Consumer,
+    generation: u64,
+}
+
+/// A consumer on one queue that survives reconnects.
+///
+/// Call [`Subscription::next`] in a loop. When the connection or channel dies, `next`
+/// reconnects with backoff (forever, until [`Subscription::cancel_token`] is cancelled),
+/// declares the queue again, re-subscribes, and yields [`ConsumerEvent::Resubscribed`].
+/// A channel is also checked every second, because a consumer stream on a channel closed by
+/// a channel-level error hangs instead of ending.
+pub struct Subscription {
+    broker: Broker,
+    spec: SubscriptionSpec,
+    active: Option<Active>,
+    subscribed_once: bool,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("queue", &self.spec.queue.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// Declares and subscribes now; fails if the broker refuses the declaration (for
+    /// example a queue that exists with another queue type).
+    pub async fn start(broker: Broker, spec: SubscriptionSpec) -> Result<Self> {
+        let mut sub = Self {
+            broker,
+            spec,
+            active: None,
+            subscribed_once: false,
+            cancel: CancellationToken::new(),
+        };
+        sub.active = Some(sub.open().await?);
+        sub.subscribed_once = true;
+        Ok(sub)
+    }
+
+    /// Cancelling this token makes [`Subscription::next`] return `Ok(None)`.
+    #[must_use]
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// The queue consumed.
+    #[must_use]
+    pub fn queue(&self) -> &str {
+        &self.spec.queue.name
+    }
+
+    async fn open(&self) -> Result<Active> {
+        let (channel, generation) = self.broker.channel().await?;
+        declare_exchanges_on(&channel).await?;
+        for q in self.spec.also_declare.iter().chain(std::iter::once(&self.spec.queue)) {
+            declare_on(&channel, q).await?;
+        }
+        if !self.spec.no_ack {
+            channel
+                .basic_qos(self.spec.prefetch.max(1), BasicQosOptions::default())
+                .await
+                .map_err(|e| classify("setting prefetch", e))?;
+        }
+        let consumer = channel
+            .basic_consume(
+                short(&self.spec.queue.name),
+                short(""),
+                BasicConsumeOptions {
+                    no_ack: self.spec.no_ack,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| classify(format!("consuming {}", self.spec.queue.name), e))?;
+        Ok(Active {
+            channel,
+            consumer,
+            generation,
+        })
+    }
+
+    /// The next event; `Ok(None)` once cancelled. `Err` only for errors that repeat (the
+    /// broker refusing the queue declaration); connection failures are handled inside.
+    pub async fn next(&mut self) -> Result<Option<ConsumerEvent>> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let Some(active) = self.active.as_mut() else {
+                let opened = tokio::select! {
+                    () = self.cancel.cancelled() => return Ok(None),
+                    r = self.open() => r,
+                };
+                match opened {
+                    Ok(a) => {
+                        self.active = Some(a);
+                        tracing::info!(queue = %self.spec.queue.name, "consumer resubscribed");
+                        return Ok(Some(ConsumerEvent::Resubscribed));
+                    }
+                    Err(e @ (Error::Refused { .. } | Error::Name(_))) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(queue = %self.spec.queue.name, error = %e, "resubscribe failed; will retry");
+                        tokio::select! {
+                            () = self.cancel.cancelled() => return Ok(None),
+                            () = tokio::time::sleep(jitter(pause)) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            };
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let lost = loop {
+                tokio::select! {
+                    () = self.cancel.cancelled() => return Ok(None),
+                    d = active.consumer.next() => match d {
+                        Some(Ok(d)) => {
+                            return Ok(Some(ConsumerEvent::Delivery(Incoming {
+                                body: d.data,
+                                redelivered: d.redelivered,
+                                routing_key: d.routing_key.as_str().to_owned(),
+                                exchange: d.exchange.as_str().to_owned(),
+                                props: d.properties,
+                                acker: d.acker,
+                                channel: active.channel.clone(),
+                                generation: active.generation,
+                            })));
+                        }
+                        Some(Err(e)) => break Some(e.to_string()),
+                        None => break None,
+                    },
+                    _ = tick.tick() => {
+                        if !active.channel.status().connected() {
+                            break Some(String::from("channel closed"));
+                        }
+                    }
+                }
+            };
+            // A channel-level error leaves the connection up: only the channel is reopened.
+            // If the connection is gone, opening the channel reconnects it first.
+            tracing::warn!(queue = %self.spec.queue.name, reason = ?lost, "consumer lost its channel");
+            self.active = None;
+        }
+    }
+
+    /// Stops the broker sending more deliveries (`basic.cancel`); the channel stays open so
+    /// in-flight deliveries can still be acked. Deliveries the broker already sent but that
+    /// were not yet taken with `next` stay unacked and go back to the queue on
+    /// [`Subscription::close`].
+    pub async fn stop_consuming(&mut self) {
+        if let Some(a) = &self.active {
+            let _ = a
+                .channel
+                .basic_cancel(a.consumer.tag(), BasicCancelOptions::default())
+                .await;
+        }
+    }
+
+    /// Closes the channel: every delivery not acked yet returns to the queue.
+    pub async fn close(mut self) {
+        if let Some(a) = self.active.take() {
+            let _ = a.channel.close(200, short("warren: closing")).await;
+        }
+    }
+}
+
+/// A delivered message, tied to the channel (and connection generation) it came on.
+pub struct Incoming {
+    /// The body.
+    pub body: Vec<u8>,
+    /// `true` when the broker delivered this message before (to this or another consumer).
+    pub redelivered: bool,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// The exchange it was published to.
+    pub exchange: String,
+    props: BasicProperties,
+    acker: Acker,
+    channel: Channel,
+    generation: u64,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("message_id", &self.message_id())
+            .field("redelivered", &self.redelivered)
+            .field("routing_key", &self.routing_key)
+            .field("bytes", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// `message_id` property.
+    #[must_use]
+    pub fn message_id(&self) -> Option<&str> {
+        self.props.message_id().as_ref().map(|s| s.as_str())
+    }
+
+    /// `correlation_id` property.
+    #[must_use]
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.props.correlation_id().as_ref().map(|s| s.as_str())
+    }
+
+    /// `reply_to` property.
+    #[must_use]
+    pub fn reply_to(&self) -> Option<&str> {
+        self.props.reply_to().as_ref().map(|s| s.as_str())
+    }
+
+    /// All headers.
+    #[must_use]
+    pub fn headers(&self) -> Vec<(String, HeaderValue)> {
+        read_headers(&self.props)
+    }
+
+    /// One header.
+    #[must_use]
+    pub fn header(&self, key: &str) -> Option<HeaderValue> {
+        self.props
+            .headers()
+            .as_ref()
+            .and_then(|t| t.inner().get(key).map(HeaderValue::from))
+    }
+
+    /// The connection generation this delivery came on.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// `false` once the channel this delivery came on has closed: the broker has put it back
+    /// in the queue (or will), so it must be neither executed nor acked as if it were live.
+    #[must_use]
+    pub fn is_live(&self) -> bool {
+        self.channel.status().connected() && !self.acker.poisoned()
+    }
+
+    /// Acks the delivery. `Ok(true)` means acked; `Ok(false)` means the ack could not be
+    /// sent because the channel died: the broker will deliver the message again.
+    pub async fn ack(&self) -> Result<bool> {
+        if !self.is_live() {
+            return Ok(false);
+        }
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| classify("acking a delivery", e))
+    }
+
+    /// Rejects the delivery; with `requeue` it goes back to the queue, otherwise to the
+    /// queue's dead-letter exchange. Same `Ok(false)` meaning as [`Incoming::ack`].
+    pub async fn reject(&self, requeue: bool) -> Result<bool> {
+        if !self.is_live() {
+            return Ok(false);
+        }
+        self.acker
+            .reject(BasicRejectOptions { requeue })
+            .await
+            .map_err(|e| classify("rejecting a delivery", e))
+    }
+}

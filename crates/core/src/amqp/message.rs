@@ -1,0 +1,177 @@
+//! Messages in warren's terms, converted to and from lapin's at the edge.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+
+use crate::names::{check_amqp_len, NameError};
+
+/// A header value. AMQP tables hold more types; the ones warren writes are these, and any
+/// other value read from a message is shown as [`HeaderValue::Other`] (its debug text).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderValue {
+    /// A string.
+    Str(String),
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// Anything else (tables, arrays, floats, ...), as text.
+    Other(String),
+}
+
+impl HeaderValue {
+    /// The value as a string, if it is one.
+    #[must_use]
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The value as an integer, if it is one.
+    #[must_use]
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Self::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+impl From<&AMQPValue> for HeaderValue {
+    fn from(v: &AMQPValue) -> Self {
+        match v {
+            AMQPValue::LongString(s) => Self::Str(String::from_utf8_lossy(s.as_bytes()).into()),
+            AMQPValue::ShortString(s) => Self::Str(s.as_str().to_owned()),
+            AMQPValue::Boolean(b) => Self::Bool(*b),
+            AMQPValue::ShortShortInt(i) => Self::Int(i64::from(*i)),
+            AMQPValue::ShortShortUInt(i) => Self::Int(i64::from(*i)),
+            AMQPValue::ShortInt(i) => Self::Int(i64::from(*i)),
+            AMQPValue::ShortUInt(i) => Self::Int(i64::from(*i)),
+            AMQPValue::LongInt(i) => Self::Int(i64::from(*i)),
+            AMQPValue::LongUInt(i) => Self::Int(i64::from(*i)),
+            AMQPValue::LongLongInt(i) => Self::Int(*i),
+            AMQPValue::Timestamp(t) => Self::Int(i64::try_from(*t).unwrap_or(i64::MAX)),
+            other => Self::Other(format!("{other:?}")),
+        }
+    }
+}
+
+impl From<&HeaderValue> for AMQPValue {
+    fn from(v: &HeaderValue) -> Self {
+        match v {
+            HeaderValue::Str(s) | HeaderValue::Other(s) => {
+                AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+            }
+            HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+            HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
+        }
+    }
+}
+
+/// A message to publish. Every warren publish is mandatory and confirmed; `persistent`
+/// chooses delivery mode 2 (kept across broker restarts on durable queues).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Exchange (`""` for the default exchange).
+    pub exchange: String,
+    /// Routing key (a queue name on the default exchange).
+    pub routing_key: String,
+    /// Body bytes (JSON for warren's own messages).
+    pub body: Vec<u8>,
+    /// `message_id` property (warren: the task id).
+    pub message_id: Option<String>,
+    /// `correlation_id` property (warren: the cid).
+    pub correlation_id: Option<String>,
+    /// `reply_to` property.
+    pub reply_to: Option<String>,
+    /// Headers.
+    pub headers: Vec<(String, HeaderValue)>,
+    /// Delivery mode 2 when `true`.
+    pub persistent: bool,
+    /// Per-message TTL in ms (`expiration`).
+    pub expiration_ms: Option<u64>,
+}
+
+impl Outgoing {
+    /// A persistent JSON message to `exchange` / `routing_key`.
+    #[must_use]
+    pub fn new(exchange: impl Into<String>, routing_key: impl Into<String>, body: Vec<u8>) -> Self {
+        Self {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            body,
+            message_id: None,
+            correlation_id: None,
+            reply_to: None,
+            headers: Vec::new(),
+            persistent: true,
+            expiration_ms: None,
+        }
+    }
+
+    /// Checks every short string against the 255-byte AMQP limit (lapin would panic).
+    pub(crate) fn validate(&self) -> Result<(), NameError> {
+        check_amqp_len("exchange", &self.exchange)?;
+        check_amqp_len("routing key", &self.routing_key)?;
+        for (kind, v) in [
+            ("message id", &self.message_id),
+            ("correlation id", &self.correlation_id),
+            ("reply-to", &self.reply_to),
+        ] {
+            if let Some(v) = v {
+                check_amqp_len(kind, v)?;
+            }
+        }
+        for (k, _) in &self.headers {
+            check_amqp_len("header key", k)?;
+        }
+        Ok(())
+    }
+
+    /// lapin properties; call only after [`Outgoing::validate`].
+    pub(crate) fn properties(&self) -> BasicProperties {
+        let mut p = BasicProperties::default()
+            .with_content_type(short("application/json"))
+            .with_delivery_mode(if self.persistent { 2 } else { 1 });
+        if let Some(id) = &self.message_id {
+            p = p.with_message_id(short(id));
+        }
+        if let Some(c) = &self.correlation_id {
+            p = p.with_correlation_id(short(c));
+        }
+        if let Some(r) = &self.reply_to {
+            p = p.with_reply_to(short(r));
+        }
+        if let Some(ms) = self.expiration_ms {
+            p = p.with_expiration(short(&ms.to_string()));
+        }
+        if !self.headers.is_empty() {
+            let mut t = FieldTable::default();
+            for (k, v) in &self.headers {
+                t.insert(short(k), v.into());
+            }
+            p = p.with_headers(t);
+        }
+        p
+    }
+}
+
+/// A short string from a value already checked to be at most 255 bytes.
+pub(crate) fn short(s: &str) -> ShortString {
+    ShortString::from(s)
+}
+
+/// Reads headers from lapin properties.
+pub(crate) fn read_headers(p: &BasicProperties) -> Vec<(String, HeaderValue)> {
+    p.headers()
+        .as_ref()
+        .map(|t| {
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), HeaderValue::from(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}

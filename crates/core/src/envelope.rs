@@ -1,0 +1,336 @@
+//! The wire format: one JSON [`Envelope`] per task, one JSON [`Reply`] per answered invoke.
+//!
+//! `docs/wire-format.md` specifies both for producers in other languages. Decoding goes in
+//! two steps so that each way a body can be bad gets its own [`DecodeError`]: first "is it
+//! JSON at all", then "is it envelope version 1", then "does it have version 1's fields".
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::names::{validate_name, Target};
+
+/// The envelope version this build writes and reads.
+pub const ENVELOPE_VERSION: u64 = 1;
+
+/// How a task entered the system (the seed's "channel").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Via {
+    /// Fire-and-forget enqueue.
+    #[default]
+    Enqueue,
+    /// A request/response invoke; the reply goes to the message's `reply_to`.
+    Invoke,
+    /// A hook fired by another task's outcome.
+    Hook,
+    /// One part of a split job.
+    Part,
+    /// A target or callback of a parallel invoke.
+    Parallel,
+    /// A retry of an earlier attempt.
+    Retry,
+    /// A delivery from a pub/sub topic.
+    Publish,
+    /// A step of a chain.
+    Chain,
+    /// A value this build does not know (written by a newer producer).
+    #[serde(other)]
+    Other,
+}
+
+/// A `svc.method` a hook invokes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookTarget {
+    /// Service name.
+    pub svc: String,
+    /// Method name.
+    pub method: String,
+}
+
+impl From<&Target> for HookTarget {
+    fn from(t: &Target) -> Self {
+        Self {
+            svc: t.service().to_owned(),
+            method: t.method().to_owned(),
+        }
+    }
+}
+
+/// Work warren runs on a task's outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hooks {
+    /// Invoked with the result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oncomplete: Option<HookTarget>,
+    /// Invoked with the error on final failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onerror: Option<HookTarget>,
+}
+
+impl Hooks {
+    /// `true` when no hook is set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.oncomplete.is_none() && self.onerror.is_none()
+    }
+}
+
+/// Marks a task as one part of a split job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartDecorator {
+    /// This part's index, `0..total_parts`.
+    pub part_id: u32,
+    /// How many parts the job has.
+    pub total_parts: u32,
+    /// The job's part queue, `part.<svc>-<method>-<id>`.
+    pub part_queue: String,
+}
+
+/// One task: which `svc.method` to run on which payload, and everything warren needs to
+/// track it. Unknown fields are ignored, so newer producers can add optional fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Envelope version, always [`ENVELOPE_VERSION`].
+    pub v: u64,
+    /// Unique task id.
+    pub id: Uuid,
+    /// Correlation id, inherited by everything this task causes.
+    pub cid: String,
+    /// Service name.
+    pub svc: String,
+    /// Method name.
+    pub method: String,
+    /// The handler's input.
+    #[serde(default)]
+    pub payload: Value,
+    /// Hooks to run on the outcome.
+    #[serde(default, skip_serializing_if = "Hooks::is_empty")]
+    pub hooks: Hooks,
+    /// How the task was sent.
+    #[serde(default)]
+    pub channel: Via,
+    /// 1 for the first attempt, incremented by each retry.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// The task that caused this one, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Uuid>,
+    /// Chain state (reserved for chains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<Value>,
+    /// Split-job decorator (reserved for split jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartDecorator>,
+    /// When the task was created, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+#[must_use]
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Envelope {
+    /// A new first-attempt task for `target`, with a fresh id and the given (or a fresh) cid.
+    #[must_use]
+    pub fn new(target: &Target, payload: Value, cid: Option<String>) -> Self {
+        let id = Uuid::now_v7();
+        Self {
+            v: ENVELOPE_VERSION,
+            id,
+            cid: cid.unwrap_or_else(|| Uuid::now_v7().to_string()),
+            svc: target.service().to_owned(),
+            method: target.method().to_owned(),
+            payload,
+            hooks: Hooks::default(),
+            channel: Via::Enqueue,
+            attempt: 1,
+            parent: None,
+            chain: None,
+            part: None,
+            created_ms: now_ms(),
+        }
+    }
+
+    /// The task's target, validated.
+    pub fn target(&self) -> Result<Target, DecodeError> {
+        Target::new(&self.svc, &self.method).map_err(|e| DecodeError::Invalid(e.to_string()))
+    }
+
+    /// Encodes to JSON bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// Decodes a body: JSON, then version, then fields, then names.
+    pub fn from_bytes(body: &[u8]) -> Result<Self, DecodeError> {
+        let value: Value = serde_json::from_slice(body).map_err(DecodeError::Malformed)?;
+        let v = value.get("v").ok_or(DecodeError::MissingVersion)?;
+        match v.as_u64() {
+            Some(ENVELOPE_VERSION) => {}
+            _ => return Err(DecodeError::UnsupportedVersion(v.to_string())),
+        }
+        let env: Envelope =
+            serde_json::from_value(value).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        validate_name("service", &env.svc).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        validate_name("method", &env.method).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        if env.cid.is_empty() || env.cid.len() > 255 {
+            return Err(DecodeError::Invalid(
+                "cid must be 1 to 255 bytes".to_owned(),
+            ));
+        }
+        Ok(env)
+    }
+}
+
+/// Why a message body is not a task warren can run. None of these can succeed on retry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The body is not JSON.
+    #[error("body is not valid JSON: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// The body has no `v` field.
+    #[error("envelope has no version field `v`")]
+    MissingVersion,
+    /// The body's `v` is not one this build reads.
+    #[error("envelope version {0} is not supported (this worker reads version 1)")]
+    UnsupportedVersion(String),
+    /// Version 1, but a field is missing, mistyped or invalid.
+    #[error("invalid envelope: {0}")]
+    Invalid(String),
+}
+
+/// What kind of failure a task ended in; callers can match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The handler returned an error (after its retries).
+    Handler,
+    /// The handler rejected the task for good.
+    Rejected,
+    /// The handler panicked.
+    Panic,
+    /// The message was not a valid envelope.
+    BadEnvelope,
+    /// The payload did not deserialize into the handler's input type.
+    BadPayload,
+    /// No such service or method on the worker that received it.
+    UnknownTarget,
+    /// A kind this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl FailureKind {
+    /// The snake_case name used on the wire and in dead-letter headers.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Handler => "handler",
+            Self::Rejected => "rejected",
+            Self::Panic => "panic",
+            Self::BadEnvelope => "bad_envelope",
+            Self::BadPayload => "bad_payload",
+            Self::UnknownTarget => "unknown_target",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A task's failure as reported to callers and hooks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct Failure {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// Human-readable reason (the handler's error chain, the decode error, the panic text).
+    pub message: String,
+}
+
+/// The answer to an invoke, published to the caller's reply queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Envelope version.
+    pub v: u64,
+    /// The task id this answers.
+    pub id: Uuid,
+    /// The task's cid.
+    pub cid: String,
+    /// `Ok(result)` or `Err(failure)`, as `{"ok": result}` / `{"error": failure}` on the wire.
+    #[serde(flatten)]
+    pub outcome: ReplyOutcome,
+}
+
+/// The two shapes of a [`Reply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyOutcome {
+    /// The handler's result.
+    Ok(Value),
+    /// Why the task failed.
+    Error(Failure),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors() {
+        let t: Target = "svc.m".parse().unwrap();
+        let e = Envelope::new(&t, serde_json::json!({"x": 1}), Some("c1".into()));
+        let back = Envelope::from_bytes(&e.to_bytes().unwrap()).unwrap();
+        assert_eq!(back, e);
+        assert!(matches!(
+            Envelope::from_bytes(b"{nope"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Envelope::from_bytes(br#"{"id":1}"#),
+            Err(DecodeError::MissingVersion)
+        ));
+        assert!(matches!(
+            Envelope::from_bytes(br#"{"v":2}"#),
+            Err(DecodeError::UnsupportedVersion(_))
+        ));
+        assert!(matches!(
+            Envelope::from_bytes(br#"{"v":1,"id":"x"}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        let minimal = r#"{"v":1,"id":"0192e4a0-0000-7000-8000-000000000000","cid":"c","svc":"s","method":"m"}"#;
+        let env = Envelope::from_bytes(minimal.as_bytes()).unwrap();
+        assert_eq!(env.attempt, 1);
+        assert_eq!(env.payload, Value::Null);
+        let bad = minimal.replace("\"s\"", "\"S\"");
+        assert!(Envelope::from_bytes(bad.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn reply_shape() {
+        let r = Reply {
+            v: 1,
+            id: Uuid::nil(),
+            cid: "c".into(),
+            outcome: ReplyOutcome::Error(Failure {
+                kind: FailureKind::Handler,
+                message: "boom".into(),
+            }),
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["error"]["kind"], "handler");
+        let back: Reply = serde_json::from_value(j).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,143 @@
+//! The error type of warren-core.
+//!
+//! One `#[non_exhaustive]` enum; each variant keeps its source, and [`Error::is_transient`]
+//! answers the question reconnect and retry logic asks: "may the same call succeed later?".
+
+use std::time::Duration;
+
+use crate::names::NameError;
+
+/// Result alias for warren-core operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in warren's shared layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A service, method or AMQP name is invalid (bad characters, empty, or over 255 bytes).
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The configuration is unusable (bad URL, empty URL list, ...).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// No broker in the URL list accepted a connection within the reconnect policy.
+    #[error("could not connect to RabbitMQ at {urls} (tried for {waited:?})")]
+    Unavailable {
+        /// The URLs tried, credentials removed.
+        urls: String,
+        /// How long warren kept trying.
+        waited: Duration,
+        /// The last connection error.
+        #[source]
+        source: Option<AmqpError>,
+    },
+    /// The broker refused an operation (a protocol-level error, e.g. a queue declared
+    /// with other arguments, or access refused). Retrying the same call will not help.
+    #[error("RabbitMQ refused {what}")]
+    Refused {
+        /// What warren was doing.
+        what: String,
+        /// The broker's answer.
+        #[source]
+        source: AmqpError,
+    },
+    /// The connection or channel failed while the operation was in flight.
+    #[error("connection to RabbitMQ lost during {what}")]
+    ConnectionLost {
+        /// What warren was doing.
+        what: String,
+        /// The lapin error.
+        #[source]
+        source: AmqpError,
+    },
+    /// The broker negatively acknowledged a publish (it could not store it, e.g. a queue
+    /// with `x-overflow=reject-publish` is full).
+    #[error("RabbitMQ rejected the message published to {exchange:?} with key {routing_key:?}")]
+    Nacked {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+    },
+    /// A mandatory publish could not be routed to any queue (the broker returned it).
+    #[error("no queue is bound for {exchange:?} / {routing_key:?} (returned: {reply_text})")]
+    Unroutable {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+        /// The broker's reply text, e.g. `NO_ROUTE`.
+        reply_text: String,
+    },
+    /// An operation did not finish before its deadline.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        what: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// A JSON body could not be encoded or decoded.
+    #[error("JSON codec error: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The process is shutting down and the operation was abandoned.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl Error {
+    /// `true` when the same call may succeed if tried again later (the connection was lost,
+    /// the broker was unreachable or a deadline passed); `false` for errors that repeat.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::ConnectionLost { .. } | Error::Timeout { .. }
+        )
+    }
+}
+
+/// An error reported by the AMQP library, kept opaque so that lapin's types stay out of
+/// warren's public API. Its `Display` and `source()` carry lapin's description.
+#[derive(Debug, Clone)]
+pub struct AmqpError(pub(crate) lapin::Error);
+
+impl std::fmt::Display for AmqpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for AmqpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+impl AmqpError {
+    /// `true` when the broker closed only the channel (a soft protocol error such as
+    /// `PRECONDITION_FAILED` or `NOT_FOUND`): the call itself was wrong, retrying won't help.
+    pub(crate) fn is_refusal(&self) -> bool {
+        self.0.is_amqp_soft_error()
+    }
+
+    /// The broker's reply code, when the error is a protocol error.
+    #[must_use]
+    pub fn reply_code(&self) -> Option<u16> {
+        match self.0.kind() {
+            lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+            _ => None,
+        }
+    }
+}
+
+/// Classify a lapin error raised while doing `what`.
+pub(crate) fn classify(what: impl Into<String>, err: lapin::Error) -> Error {
+    let source = AmqpError(err);
+    let what = what.into();
+    if source.is_refusal() {
+        Error::Refused { what, source }
+    } else {
+        Error::ConnectionLost { what, source }
+    }
+}

@@ -1,0 +1,34 @@
+//! warren-core: the pieces every warren process shares.
+//!
+//! Most users depend on the `warren` facade crate, or on `warren-client` and `warren-worker`;
+//! this crate is what those two stand on.
+//!
+//! # Layout
+//! - [`names`]: service, method and AMQP name validation ([`Target`], [`NameError`]).
+//! - [`envelope`]: the versioned JSON task envelope and reply ([`Envelope`], [`Reply`]).
+//! - [`topology`]: the exchanges and queues warren declares, and their names.
+//! - [`config`]: broker URLs, heartbeats, reconnect and queue-type settings ([`AmqpConfig`]).
+//! - [`amqp`]: the connection layer over lapin: reconnecting connections, confirmed
+//!   mandatory publishes ([`Publisher`]) and consumers that survive reconnects
+//!   ([`Subscription`]). lapin's own types never appear in this crate's public API, so a lapin
+//!   upgrade is not a breaking change for users.
+//! - [`error`]: the typed [`Error`] every fallible call returns.
+
+pub mod amqp;
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod names;
+pub mod topology;
+
+pub use amqp::{
+    Broker, ConsumerEvent, HeaderValue, Incoming, Outgoing, Publisher, QueueStats, Subscription,
+    SubscriptionSpec,
+};
+pub use config::{AmqpConfig, AmqpUrl, QueueType, ReconnectPolicy};
+pub use envelope::{
+    DecodeError, Envelope, Failure, FailureKind, HookTarget, Hooks, PartDecorator, Reply, Via,
+    ENVELOPE_VERSION,
+};
+pub use error::{Error, Result};
+pub use names::{NameError, Target};
