@@ -37,10 +37,7 @@ impl AmqpUrl {
             )));
         }
         if url.host_str().is_none_or(str::is_empty) {
-            return Err(Error::Config(format!(
-                "{} has no host",
-                redact_str(raw)
-            )));
+            return Err(Error::Config(format!("{} has no host", redact_str(raw))));
         }
         if !url.query_pairs().any(|(k, _)| k == "heartbeat") {
             url.query_pairs_mut().append_pair("heartbeat", "10");
@@ -71,7 +68,9 @@ impl AmqpUrl {
     pub fn host_port(&self) -> String {
         match url::Url::parse(&self.full) {
             Ok(u) => {
-                let port = u.port().unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+                let port = u
+                    .port()
+                    .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
                 format!("{}:{port}", u.host_str().unwrap_or_default())
             }
             Err(_) => String::from("?"),

@@ -124,7 +124,10 @@ impl Target {
         validate_name("service", &svc)?;
         validate_name("method", &method)?;
         // The service queue name must fit too.
-        check_amqp_len("service queue", &crate::topology::service_queue_unchecked(&svc))?;
+        check_amqp_len(
+            "service queue",
+            &crate::topology::service_queue_unchecked(&svc),
+        )?;
         Ok(Self { svc, method })
     }
 
@@ -172,7 +175,11 @@ mod tests {
         );
         assert!(matches!(
             validate_name("method", "Resize"),
-            Err(NameError::BadChar { bad: 'R', at: 0, .. })
+            Err(NameError::BadChar {
+                bad: 'R',
+                at: 0,
+                ..
+            })
         ));
         assert!(matches!(
             validate_name("method", "ré"),
@@ -198,7 +205,10 @@ mod tests {
         let svc = "s".repeat(255);
         assert!(matches!(
             Target::new(svc, "m"),
-            Err(NameError::TooLong { kind: "service queue", .. })
+            Err(NameError::TooLong {
+                kind: "service queue",
+                ..
+            })
         ));
         assert!(validate_queue_name("amq.x").is_err());
     }

@@ -72,8 +72,14 @@ pub struct QueueSpec {
     pub exclusive: bool,
     /// `x-queue-type`, if any.
     pub queue_type: Option<QueueType>,
-    /// `x-dead-letter-exchange`.
+    /// `x-dead-letter-exchange`. On quorum queues warren also sets
+    /// `x-dead-letter-strategy=at-least-once` and `x-overflow=reject-publish`, without which
+    /// quorum dead-lettering silently falls back to at-most-once.
     pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key` (default: the message's own routing key).
+    pub dead_letter_routing_key: Option<String>,
+    /// `x-message-ttl` in ms.
+    pub message_ttl_ms: Option<u64>,
     /// `x-delivery-limit` (quorum only).
     pub delivery_limit: Option<i64>,
     /// `x-expires` in ms: delete when unused this long.
@@ -91,6 +97,8 @@ impl QueueSpec {
             exclusive: false,
             queue_type: Some(queue_type),
             dead_letter_exchange: Some(DEAD_EXCHANGE.to_owned()),
+            dead_letter_routing_key: None,
+            message_ttl_ms: None,
             delivery_limit: (queue_type == QueueType::Quorum).then_some(DELIVERY_LIMIT),
             expires_ms: None,
             bind: Some((TASK_EXCHANGE.to_owned(), svc.to_owned())),
@@ -105,6 +113,8 @@ impl QueueSpec {
             exclusive: false,
             queue_type: Some(queue_type),
             dead_letter_exchange: None,
+            dead_letter_routing_key: None,
+            message_ttl_ms: None,
             delivery_limit: None,
             expires_ms: None,
             bind: Some((DEAD_EXCHANGE.to_owned(), svc.to_owned())),
@@ -120,6 +130,8 @@ impl QueueSpec {
             exclusive: true,
             queue_type: None,
             dead_letter_exchange: None,
+            dead_letter_routing_key: None,
+            message_ttl_ms: None,
             delivery_limit: None,
             expires_ms: None,
             bind: None,

@@ -1,1 +1,56 @@
-//! x
+//! warren-worker: host services and run their tasks.
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//! use warren_worker::{Context, Service, TaskError, Worker};
+//!
+//! #[derive(Deserialize)]
+//! struct Add { a: i64, b: i64 }
+//!
+//! async fn add(_ctx: Context, req: Add) -> Result<i64, TaskError> {
+//!     req.a.checked_add(req.b).ok_or_else(|| TaskError::reject("overflow"))
+//! }
+//!
+//! # async fn run() -> Result<(), warren_worker::WorkerError> {
+//! let worker = Worker::builder()
+//!     .service(Service::new("math")?.method("add", add)?)
+//!     .concurrency(16)
+//!     .build()
+//!     .await?;
+//! // The library installs no signal handler: the binary decides what stops the worker.
+//! worker.run_until(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # What a worker guarantees
+//! - A task is acked only after its outcome (reply, retry, dead letter, hook) was published
+//!   and confirmed; a worker killed at any instant loses nothing (the broker redelivers).
+//! - Bad input (not JSON, wrong envelope version, unknown service or method, a payload that
+//!   does not fit the handler's input type, a panic) is dead-lettered once with the reason,
+//!   answered as an error to a waiting caller, never retried, and never stops the worker.
+//! - A delivery from a connection that has since died is neither executed nor acked.
+//!
+//! # Layout
+//! - `runtime`: [`Worker`], [`WorkerBuilder`]: consume, bound concurrency, drain on shutdown.
+//! - `process`: what happens to one delivery, from decode to ack.
+//! - `service`, `handler`: [`Service`] registration and typed handlers.
+//! - `context`: [`Context`], what a running handler knows and can do.
+//! - `outcome`: [`TaskError`], the explicit "fail / retry after / reject" a handler returns.
+//! - `retry`: [`RetryPolicy`] and the durable delay queues retries wait in.
+
+mod context;
+mod error;
+mod handler;
+mod outcome;
+mod process;
+mod retry;
+mod runtime;
+mod service;
+
+pub use context::Context;
+pub use error::WorkerError;
+pub use outcome::TaskError;
+pub use retry::RetryPolicy;
+pub use runtime::{Worker, WorkerBuilder};
+pub use service::Service;
+pub use warren_core::{AmqpConfig, QueueType, Target};

@@ -4,13 +4,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
 use super::message::short;
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, QueueType};
 use crate::error::{classify, AmqpError, Error, Result};
 use crate::names::check_amqp_len;
 use crate::topology::{QueueSpec, DEAD_EXCHANGE, TASK_EXCHANGE};
@@ -91,7 +93,10 @@ impl Broker {
             if live.conn.status().connected() {
                 return Ok(live.clone());
             }
-            tracing::warn!(generation = live.generation, "connection to RabbitMQ lost; reconnecting");
+            tracing::warn!(
+                generation = live.generation,
+                "connection to RabbitMQ lost; reconnecting"
+            );
         }
         *slot = None;
         let conn = self.reconnect().await?;
@@ -113,8 +118,9 @@ impl Broker {
         let mut last: Option<AmqpError> = None;
         loop {
             for url in cfg.urls() {
-                let props = ConnectionProperties::default()
-                    .with_connection_name(LongString::from(cfg.connection_name.as_bytes().to_vec()));
+                let props = ConnectionProperties::default().with_connection_name(LongString::from(
+                    cfg.connection_name.as_bytes().to_vec(),
+                ));
                 let attempt = Connection::connect(url.secret(), props);
                 match tokio::time::timeout(cfg.connect_timeout, attempt).await {
                     Ok(Ok(conn)) => {
@@ -259,13 +265,39 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
     check_amqp_len("queue", &spec.name)?;
     let mut args = FieldTable::default();
     if let Some(t) = spec.queue_type {
-        args.insert(short("x-queue-type"), AMQPValue::LongString(t.as_str().into()));
+        args.insert(
+            short("x-queue-type"),
+            AMQPValue::LongString(t.as_str().into()),
+        );
     }
     if let Some(dlx) = &spec.dead_letter_exchange {
         check_amqp_len("exchange", dlx)?;
         args.insert(
             short("x-dead-letter-exchange"),
             AMQPValue::LongString(dlx.as_str().into()),
+        );
+    }
+    if let Some(key) = &spec.dead_letter_routing_key {
+        check_amqp_len("routing key", key)?;
+        args.insert(
+            short("x-dead-letter-routing-key"),
+            AMQPValue::LongString(key.as_str().into()),
+        );
+    }
+    if spec.dead_letter_exchange.is_some() && spec.queue_type == Some(QueueType::Quorum) {
+        args.insert(
+            short("x-dead-letter-strategy"),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            short("x-overflow"),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
+    if let Some(ms) = spec.message_ttl_ms {
+        args.insert(
+            short("x-message-ttl"),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
         );
     }
     if let Some(limit) = spec.delivery_limit {

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use tokio_util::sync::CancellationToken;
@@ -96,7 +98,12 @@ impl Subscription {
     async fn open(&self) -> Result<Active> {
         let (channel, generation) = self.broker.channel().await?;
         declare_exchanges_on(&channel).await?;
-        for q in self.spec.also_declare.iter().chain(std::iter::once(&self.spec.queue)) {
+        for q in self
+            .spec
+            .also_declare
+            .iter()
+            .chain(std::iter::once(&self.spec.queue))
+        {
             declare_on(&channel, q).await?;
         }
         if !self.spec.no_ack {

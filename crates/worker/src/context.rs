@@ -1,0 +1,119 @@
+//! [`Context`]: what a running handler knows about its task, and a client to call others.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use uuid::Uuid;
+use warren_client::{Client, Receipt, Task};
+use warren_core::Via;
+
+/// Handed to every handler call.
+///
+/// Tasks enqueued or invoked through the context inherit this task's cid and record it as
+/// their parent, so a whole request can be followed across services by its cid.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) id: Uuid,
+    pub(crate) cid: String,
+    pub(crate) svc: String,
+    pub(crate) method: String,
+    pub(crate) attempt: u32,
+    pub(crate) redelivered: bool,
+    pub(crate) via: Via,
+    pub(crate) client: Client,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.id)
+            .field("cid", &self.cid)
+            .field("target", &format_args!("{}.{}", self.svc, self.method))
+            .field("attempt", &self.attempt)
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// The task id (stable across retries and redeliveries: use it to make effects
+    /// idempotent).
+    #[must_use]
+    pub fn task_id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The correlation id.
+    #[must_use]
+    pub fn cid(&self) -> &str {
+        &self.cid
+    }
+
+    /// The service this task was sent to.
+    #[must_use]
+    pub fn service(&self) -> &str {
+        &self.svc
+    }
+
+    /// The method being run.
+    #[must_use]
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// 1 on the first attempt, +1 per retry.
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// `true` when the broker delivered this message before (a worker died or lost its
+    /// connection while holding it): the task may already have had effects.
+    #[must_use]
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// How the task was sent (enqueue, invoke, hook, retry, ...).
+    #[must_use]
+    pub fn via(&self) -> Via {
+        self.via
+    }
+
+    /// The client this worker uses; tasks sent through it directly do not inherit the cid.
+    #[must_use]
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn child(&self, task: Task) -> Task {
+        task.with_cid(self.cid.clone()).with_parent(self.id)
+    }
+
+    /// Enqueues a child task (same cid, this task as parent).
+    pub async fn enqueue(
+        &self,
+        target: &str,
+        payload: &impl Serialize,
+    ) -> Result<Receipt, warren_client::Error> {
+        self.client
+            .send(self.child(Task::new(target, payload)?))
+            .await
+    }
+
+    /// Invokes another service and waits for its typed result (same cid, this task as
+    /// parent).
+    pub async fn invoke<R: DeserializeOwned>(
+        &self,
+        target: &str,
+        payload: &impl Serialize,
+    ) -> Result<R, warren_client::Error> {
+        self.client
+            .invoke_task(self.child(Task::new(target, payload)?))
+            .await
+    }
+
+    /// Sends a child task built with options; cid and parent are set from this task.
+    pub async fn send(&self, task: Task) -> Result<Receipt, warren_client::Error> {
+        self.client.send(self.child(task)).await
+    }
+}

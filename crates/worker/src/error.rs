@@ -1,0 +1,23 @@
+//! Errors of the worker runtime itself (not of tasks: see [`crate::TaskError`]).
+
+/// Why a worker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// A service or method name is invalid.
+    #[error(transparent)]
+    Name(#[from] warren_core::NameError),
+    /// The same method was registered twice, or a service twice.
+    #[error("{0} is registered twice")]
+    Duplicate(String),
+    /// The worker has no services.
+    #[error("a worker needs at least one service")]
+    NoServices,
+    /// The broker failed in a way retrying does not fix (e.g. a service queue exists with
+    /// another queue type).
+    #[error(transparent)]
+    Broker(#[from] warren_core::Error),
+    /// The embedded client failed.
+    #[error(transparent)]
+    Client(#[from] warren_client::Error),
+}

@@ -1,0 +1,286 @@
+//! [`Worker`]: consume every hosted service's queue, run tasks with bounded concurrency,
+//! and drain gracefully.
+//!
+//! Concurrency comes from RAII: a semaphore permit is taken *before* a delivery is pulled
+//! from the consumer, and released when its task has been acked. Deliveries the broker
+//! prefetched but the worker has not pulled stay unacked on the channel and return to the
+//! queue when the channel closes. Handler tasks are tracked so shutdown can wait for them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warren_client::{Client, ClientBuilder};
+use warren_core::topology::QueueSpec;
+use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
+
+use crate::process::{handle, HostedService, Shared};
+use crate::retry::RetryPolicy;
+use crate::{Service, WorkerError};
+
+/// Builds a [`Worker`]. Defaults: 32 concurrent tasks, prefetch twice that, 3 attempts with
+/// exponential backoff ([`RetryPolicy::default`]), 30 s drain on shutdown.
+#[must_use]
+pub struct WorkerBuilder {
+    amqp: Option<AmqpConfig>,
+    services: Vec<Service>,
+    concurrency: usize,
+    prefetch: Option<u16>,
+    retry: RetryPolicy,
+    drain_timeout: Duration,
+}
+
+impl Default for WorkerBuilder {
+    fn default() -> Self {
+        Self {
+            amqp: None,
+            services: Vec::new(),
+            concurrency: 32,
+            prefetch: None,
+            retry: RetryPolicy::default(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WorkerBuilder {
+    /// Broker settings (default: [`AmqpConfig::from_env`]).
+    pub fn amqp(mut self, config: AmqpConfig) -> Self {
+        self.amqp = Some(config);
+        self
+    }
+
+    /// Hosts a service.
+    pub fn service(mut self, service: Service) -> Self {
+        self.services.push(service);
+        self
+    }
+
+    /// Most tasks running at once, over all services (default 32).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Unacked deliveries the broker may send each service's consumer ahead of time
+    /// (default: twice the concurrency, at most 65535).
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = Some(n.max(1));
+        self
+    }
+
+    /// Default retry policy of every service that sets none.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// How long shutdown waits for running handlers before abandoning them (their tasks are
+    /// then not acked and will run again elsewhere).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Connects (one connection to consume, one to publish), declares every service's
+    /// queues and subscribes. Fails fast when the broker refuses a declaration (a service
+    /// queue that exists with another queue type, say).
+    pub async fn build(self) -> Result<Worker, WorkerError> {
+        if self.services.is_empty() {
+            return Err(WorkerError::NoServices);
+        }
+        let amqp = match self.amqp {
+            Some(c) => c,
+            None => AmqpConfig::from_env()?,
+        };
+        let consume =
+            Broker::connect(amqp.clone().with_connection_name("warren worker (consume)")).await?;
+        let publish =
+            Broker::connect(amqp.clone().with_connection_name("warren worker (publish)")).await?;
+        let client = ClientBuilder::default().with_broker(publish);
+        let prefetch = self.prefetch.unwrap_or_else(|| {
+            u16::try_from(self.concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
+        });
+        let mut services = HashMap::new();
+        let mut subs = Vec::new();
+        for s in self.services {
+            if services.contains_key(&s.name) {
+                return Err(WorkerError::Duplicate(format!("service {}", s.name)));
+            }
+            let spec = SubscriptionSpec {
+                queue: QueueSpec::service(&s.name, amqp.queue_type)?,
+                also_declare: vec![QueueSpec::dead(&s.name, amqp.queue_type)?],
+                prefetch,
+                no_ack: false,
+            };
+            subs.push((
+                Arc::<str>::from(s.name.as_str()),
+                Subscription::start(consume.clone(), spec).await?,
+            ));
+            services.insert(
+                s.name.clone(),
+                HostedService {
+                    methods: s.methods.into_iter().collect(),
+                    retry: s.retry.unwrap_or_else(|| self.retry.clone()),
+                },
+            );
+        }
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                services,
+                client,
+                queue_type: amqp.queue_type,
+            }),
+            consume,
+            subs,
+            concurrency: self.concurrency,
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+/// A running set of services. Build with [`Worker::builder`], then [`Worker::run_until`].
+pub struct Worker {
+    shared: Arc<Shared>,
+    consume: Broker,
+    subs: Vec<(Arc<str>, Subscription)>,
+    concurrency: usize,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field(
+                "services",
+                &self.subs.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A builder with default settings.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// A client sharing the worker's publishing connection.
+    #[must_use]
+    pub fn client(&self) -> Client {
+        self.shared.client.clone()
+    }
+
+    /// Runs until `shutdown` completes, then drains: stops taking deliveries, waits up to
+    /// the drain timeout for running handlers (their outcomes are published and acked), and
+    /// closes the channels so deliveries never started return to their queues.
+    ///
+    /// Returns `Err` only if consuming fails in a way retrying cannot fix; connection losses
+    /// are handled inside (the worker reconnects and resumes by itself).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        let Worker {
+            shared,
+            consume,
+            subs,
+            concurrency,
+            drain_timeout,
+        } = self;
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let mut pumps = JoinSet::new();
+        for (svc, sub) in subs {
+            pumps.spawn(pump(
+                svc,
+                sub,
+                permits.clone(),
+                tracker.clone(),
+                shared.clone(),
+                stop.clone(),
+            ));
+        }
+        tracing::info!(concurrency, "worker running");
+        tokio::pin!(shutdown);
+        let mut result = Ok(());
+        let mut stopped = Vec::new();
+        tokio::select! {
+            () = &mut shutdown => tracing::info!("shutdown requested; draining"),
+            Some(done) = pumps.join_next() => {
+                if let Ok((sub, r)) = done {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, queue = sub.queue(), "consumer failed; stopping the worker");
+                        result = Err(WorkerError::Broker(e));
+                    }
+                    stopped.push(sub);
+                }
+            }
+        }
+        stop.cancel();
+        while let Some(done) = pumps.join_next().await {
+            if let Ok((sub, _)) = done {
+                stopped.push(sub);
+            }
+        }
+        for sub in &mut stopped {
+            sub.stop_consuming().await;
+        }
+        tracker.close();
+        if tokio::time::timeout(drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = tracker.len(),
+                "drain timeout: abandoning running tasks (they will be redelivered)"
+            );
+        }
+        for sub in stopped {
+            sub.close().await;
+        }
+        shared.client.close().await;
+        consume.close().await;
+        tracing::info!("worker stopped");
+        result
+    }
+}
+
+async fn pump(
+    svc: Arc<str>,
+    mut sub: Subscription,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> (Subscription, Result<(), warren_core::Error>) {
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let event = tokio::select! {
+            () = stop.cancelled() => break,
+            ev = sub.next() => ev,
+        };
+        match event {
+            Ok(Some(ConsumerEvent::Delivery(d))) => {
+                let (shared, svc) = (shared.clone(), svc.clone());
+                tracker.spawn(async move {
+                    handle(shared, svc, d).await;
+                    drop(permit);
+                });
+            }
+            Ok(Some(ConsumerEvent::Resubscribed)) => {
+                tracing::info!(service = %svc, "consuming again after a reconnect");
+            }
+            Ok(None) => break,
+            Err(e) => return (sub, Err(e)),
+        }
+    }
+    (sub, Ok(()))
+}

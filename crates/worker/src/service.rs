@@ -1,0 +1,85 @@
+//! [`Service`]: a named set of methods a worker hosts.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use warren_core::names::validate_name;
+use warren_core::topology::service_queue;
+
+use crate::handler::{ErasedHandler, Typed};
+use crate::retry::RetryPolicy;
+use crate::{Context, TaskError, WorkerError};
+
+/// A named service: methods whose handlers are async functions
+/// `async fn(Context, In) -> Result<Out, TaskError>` with `In: Deserialize` and
+/// `Out: Serialize`. warren decodes the payload into `In`; a payload that does not fit is
+/// dead-lettered as `bad_payload` without calling the handler.
+///
+/// ```
+/// use warren_worker::{Context, Service, TaskError};
+/// async fn echo(_: Context, s: String) -> Result<String, TaskError> { Ok(s) }
+/// let svc = Service::new("text").unwrap().method("echo", echo).unwrap();
+/// assert!(Service::new("Text").is_err());
+/// assert!(svc.method("echo", echo).is_err()); // registered twice
+/// ```
+pub struct Service {
+    pub(crate) name: String,
+    pub(crate) methods: BTreeMap<String, Arc<dyn ErasedHandler>>,
+    pub(crate) retry: Option<RetryPolicy>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("methods", &self.methods.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// A service named `name` (`[a-z0-9_.-]`, and its queue name within 255 bytes).
+    pub fn new(name: impl Into<String>) -> Result<Self, WorkerError> {
+        let name = name.into();
+        validate_name("service", &name)?;
+        service_queue(&name)?;
+        Ok(Self {
+            name,
+            methods: BTreeMap::new(),
+            retry: None,
+        })
+    }
+
+    /// Registers a method.
+    pub fn method<F, Fut, In, Out>(mut self, name: &str, handler: F) -> Result<Self, WorkerError>
+    where
+        F: Fn(Context, In) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Out, TaskError>> + Send + 'static,
+        In: DeserializeOwned + 'static,
+        Out: Serialize + 'static,
+    {
+        validate_name("method", name)?;
+        if self.methods.contains_key(name) {
+            return Err(WorkerError::Duplicate(format!("{}.{name}", self.name)));
+        }
+        self.methods
+            .insert(name.to_owned(), Arc::new(Typed::new(handler)));
+        Ok(self)
+    }
+
+    /// The retry policy of this service's methods (overrides the worker's default).
+    #[must_use]
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// The service name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,209 @@
+//! Shared helpers for warren's integration tests: unique names, configs, polling, cleanup.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use warren_core::{AmqpConfig, Broker, QueueType, ReconnectPolicy};
+
+/// The shared broker's URL (WARREN_AMQP_URL or the local default).
+pub fn url() -> String {
+    std::env::var("WARREN_AMQP_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A config for `url` with the queue type and short timeouts suited to tests.
+pub fn config_for(url: &str, qt: QueueType) -> AmqpConfig {
+    AmqpConfig::new(url)
+        .expect("test URL parses")
+        .with_queue_type(qt)
+        .with_reconnect(ReconnectPolicy {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            give_up_after: Some(Duration::from_secs(60)),
+        })
+}
+
+/// A config for the shared broker.
+pub fn config(qt: QueueType) -> AmqpConfig {
+    config_for(&url(), qt)
+}
+
+/// A unique service name for one test.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "t-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `deadline`.
+pub async fn poll<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Deletes the queues of `services` (service, dead-letter and delay queues it knows of).
+pub async fn cleanup(url: &str, services: &[&str]) {
+    let Ok(broker) = Broker::connect(config_for(url, QueueType::Classic)).await else {
+        return;
+    };
+    for svc in services {
+        for q in [format!("warren.svc.{svc}"), format!("warren.dead.{svc}")] {
+            let _ = broker.delete_queue(&q).await;
+        }
+        for ms in [100u64, 200, 300, 500, 1000, 2000, 5000] {
+            let _ = broker
+                .delete_queue(&format!("warren.delay.{svc}.{ms}"))
+                .await;
+        }
+    }
+    broker.close().await;
+}
+
+/// Deletes a test's queues when dropped, even if the test panicked.
+pub struct Cleanup {
+    pub url: String,
+    pub services: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new(services: &[&str]) -> Self {
+        Self::on(&url(), services)
+    }
+    pub fn on(url: &str, services: &[&str]) -> Self {
+        Self {
+            url: url.to_owned(),
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let services = std::mem::take(&mut self.services);
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let names: Vec<&str> = services.iter().map(String::as_str).collect();
+                rt.block_on(cleanup(&url, &names));
+            }
+        })
+        .join();
+    }
+}
+
+/// A fixture worker process (tests/fixtures/worker.rs).
+pub struct FixtureWorker {
+    pub child: Child,
+}
+
+impl FixtureWorker {
+    /// Starts the fixture worker hosting `svc`, appending to `ledger`; returns once it
+    /// printed READY (it is consuming).
+    pub async fn start(
+        url: &str,
+        svc: &str,
+        qt: QueueType,
+        ledger: &Path,
+        concurrency: usize,
+    ) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_warren-fixture-worker"))
+            .env("WARREN_AMQP_URL", url)
+            .env("FIXTURE_SVC", svc)
+            .env("FIXTURE_QUEUE_TYPE", qt.as_str())
+            .env("FIXTURE_LEDGER", ledger)
+            .env("FIXTURE_CONCURRENCY", concurrency.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("fixture worker starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.trim() == "READY" {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(ready, Ok(true)),
+            "fixture worker did not become ready"
+        );
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id().expect("running child has a pid")).expect("pid fits i32")
+    }
+
+    /// SIGKILL, and reap.
+    pub async fn kill9(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit success.
+    pub async fn terminate(mut self) -> bool {
+        let pid = self.pid();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => false,
+        }
+    }
+}
+
+/// A ledger file in a fresh temp dir.
+pub fn ledger_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(format!("{name}.ledger"))
+}
+
+/// Ledger lines `id attempt redelivered`, parsed.
+pub fn read_ledger(path: &Path) -> Vec<(String, u32, bool)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((
+                it.next()?.to_owned(),
+                it.next()?.parse().ok()?,
+                it.next()? == "true",
+            ))
+        })
+        .collect()
+}
