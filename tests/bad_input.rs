@@ -1,6 +1,7 @@
 //! Bad input never stops a worker: every kind of bad message, sent as raw AMQP, is
 //! dead-lettered exactly once with its reason, answered as an error when someone waits, never
 //! retried, and good tasks sent after it are still handled.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -10,7 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{config, unique, Cleanup};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +27,9 @@ async fn bad_input(qt: QueueType) {
     let p = panics.clone();
     let service = Service::new(&svc)
         .unwrap()
-        .method("double", |_: Context, n: i64| async move { Ok::<_, TaskError>(n * 2) })
+        .method("double", |_: Context, n: i64| async move {
+            Ok::<_, TaskError>(n * 2)
+        })
         .unwrap()
         .method("boom", move |_: Context, _: ()| {
             p.fetch_add(1, Ordering::SeqCst);
@@ -35,22 +41,41 @@ async fn bad_input(qt: QueueType) {
             }
         })
         .unwrap();
-    let worker = Worker::builder().amqp(config(qt)).service(service).build().await.unwrap();
+    let worker = Worker::builder()
+        .amqp(config(qt))
+        .service(service)
+        .build()
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
 
-    let conn = Connection::connect(&common::url(), ConnectionProperties::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    // A reply queue of our own, named the way warren names them, to see answers.
-    let reply_q = format!("warren.reply.{}", uuid::Uuid::new_v4());
-    ch.queue_declare(reply_q.as_str().into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+    let conn = Connection::connect(&common::url(), ConnectionProperties::default())
         .await
         .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // A reply queue of our own, named the way warren names them, to see answers.
+    let reply_q = format!("warren.reply.{}", uuid::Uuid::new_v4());
+    ch.queue_declare(
+        reply_q.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
 
     let id = |n: u8| format!("00000000-0000-7000-8000-0000000000{n:02}");
     let env = |n: u8, svc: &str, method: &str, payload: &str| {
-        format!(r#"{{"v":1,"id":"{}","cid":"c{n}","svc":"{svc}","method":"{method}","payload":{payload}}}"#, id(n))
+        format!(
+            r#"{{"v":1,"id":"{}","cid":"c{n}","svc":"{svc}","method":"{method}","payload":{payload}}}"#,
+            id(n)
+        )
     };
     let cases: Vec<(u8, String, &str)> = vec![
         (1, "{not json".into(), "bad_envelope"),
@@ -58,7 +83,11 @@ async fn bad_input(qt: QueueType) {
         (3, r#"{"id":"no version"}"#.into(), "bad_envelope"),
         (4, env(4, &svc, "nope", "1"), "unknown_target"),
         (5, env(5, "other-service", "double", "1"), "unknown_target"),
-        (6, env(6, &svc, "double", r#""not a number""#), "bad_payload"),
+        (
+            6,
+            env(6, &svc, "double", r#""not a number""#),
+            "bad_payload",
+        ),
         (7, env(7, &svc, "boom", "null"), "panic"),
         (8, env(8, "BAD NAME", "double", "1"), "bad_envelope"),
     ];
@@ -68,7 +97,16 @@ async fn bad_input(qt: QueueType) {
             .with_reply_to(reply_q.as_str().into())
             .with_delivery_mode(2);
         let confirm = ch
-            .basic_publish("warren.tasks".into(), svc.as_str().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, body.as_bytes(), props)
+            .basic_publish(
+                "warren.tasks".into(),
+                svc.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body.as_bytes(),
+                props,
+            )
             .await
             .unwrap()
             .await
@@ -86,13 +124,27 @@ async fn bad_input(qt: QueueType) {
     let mut dead: HashMap<String, Vec<String>> = HashMap::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
     while dead.values().map(Vec::len).sum::<usize>() < cases.len() {
-        assert!(tokio::time::Instant::now() < end, "bad messages not all dead-lettered: {dead:?}");
-        match ch.basic_get(dead_q.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "bad messages not all dead-lettered: {dead:?}"
+        );
+        match ch
+            .basic_get(dead_q.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
             Some(msg) => {
-                let mid = msg.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+                let mid = msg
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default();
                 let headers = msg.properties.headers().clone().unwrap_or_default();
                 let reason = match headers.inner().get("x-warren-reason") {
-                    Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    Some(AMQPValue::LongString(s)) => {
+                        String::from_utf8_lossy(s.as_bytes()).into_owned()
+                    }
                     other => format!("{other:?}"),
                 };
                 assert!(headers.inner().contains_key("x-warren-error"));
@@ -102,19 +154,37 @@ async fn bad_input(qt: QueueType) {
         }
     }
     for (n, body, reason) in &cases {
-        assert_eq!(dead.get(&id(*n)), Some(&vec![(*reason).to_owned()]), "case {n}: {body}");
+        assert_eq!(
+            dead.get(&id(*n)),
+            Some(&vec![(*reason).to_owned()]),
+            "case {n}: {body}"
+        );
     }
-    assert_eq!(panics.load(Ordering::SeqCst), 1, "a panicking task is never retried");
+    assert_eq!(
+        panics.load(Ordering::SeqCst),
+        1,
+        "a panicking task is never retried"
+    );
 
     // Every one of them was answered with an error on the reply queue.
     let mut answered = HashMap::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
     while answered.len() < cases.len() {
-        assert!(tokio::time::Instant::now() < end, "not every bad message was answered: {answered:?}");
-        match ch.basic_get(reply_q.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not every bad message was answered: {answered:?}"
+        );
+        match ch
+            .basic_get(reply_q.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
             Some(msg) => {
                 let reply: serde_json::Value = serde_json::from_slice(&msg.data).unwrap();
-                answered.insert(reply["id"].as_str().unwrap().to_owned(), reply["error"]["kind"].as_str().unwrap_or("ok").to_owned());
+                answered.insert(
+                    reply["id"].as_str().unwrap().to_owned(),
+                    reply["error"]["kind"].as_str().unwrap_or("ok").to_owned(),
+                );
             }
             None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -124,12 +194,19 @@ async fn bad_input(qt: QueueType) {
     }
 
     // Nothing is left in the service queue, and the worker is still running.
-    let stats = client.broker().queue_stats(&format!("warren.svc.{svc}")).await.unwrap().unwrap();
+    let stats = client
+        .broker()
+        .queue_stats(&format!("warren.svc.{svc}"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stats.ready, 0);
     assert!(!handle.is_finished());
     stop.cancel();
     handle.await.unwrap().unwrap();
-    let _ = ch.queue_delete(reply_q.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(reply_q.as_str().into(), QueueDeleteOptions::default())
+        .await;
     client.close().await;
 }
 
@@ -147,25 +224,70 @@ async fn bad_input_classic() {
 async fn reply_to_outside_warren_is_not_honoured() {
     let svc = unique("replyto");
     let _cleanup = Cleanup::new(&[&svc]);
-    let service = Service::new(&svc).unwrap().method("double", |_: Context, n: i64| async move { Ok::<_, TaskError>(n * 2) }).unwrap();
-    let worker = Worker::builder().amqp(config(QueueType::Classic)).service(service).build().await.unwrap();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
-    let conn = Connection::connect(&common::url(), ConnectionProperties::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let foreign = format!("victim-{}", uuid::Uuid::new_v4());
-    ch.queue_declare(foreign.as_str().into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
-    let body = format!(r#"{{"v":1,"id":"{}","cid":"c","svc":"{svc}","method":"double","payload":2}}"#, uuid::Uuid::new_v4());
-    ch.basic_publish("warren.tasks".into(), svc.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default().with_reply_to(foreign.as_str().into()))
+    let service = Service::new(&svc)
+        .unwrap()
+        .method("double", |_: Context, n: i64| async move {
+            Ok::<_, TaskError>(n * 2)
+        })
+        .unwrap();
+    let worker = Worker::builder()
+        .amqp(config(QueueType::Classic))
+        .service(service)
+        .build()
         .await
         .unwrap();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    let conn = Connection::connect(&common::url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let foreign = format!("victim-{}", uuid::Uuid::new_v4());
+    ch.queue_declare(
+        foreign.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let body = format!(
+        r#"{{"v":1,"id":"{}","cid":"c","svc":"{svc}","method":"double","payload":2}}"#,
+        uuid::Uuid::new_v4()
+    );
+    ch.basic_publish(
+        "warren.tasks".into(),
+        svc.as_str().into(),
+        BasicPublishOptions::default(),
+        body.as_bytes(),
+        BasicProperties::default().with_reply_to(foreign.as_str().into()),
+    )
+    .await
+    .unwrap();
     // Prove the task ran by running a second one through a real client and waiting for it.
-    let client = Client::builder().amqp(config(QueueType::Classic)).connect().await.unwrap();
+    let client = Client::builder()
+        .amqp(config(QueueType::Classic))
+        .connect()
+        .await
+        .unwrap();
     let _: i64 = client.invoke(&format!("{svc}.double"), &1).await.unwrap();
-    let stats = client.broker().queue_stats(&format!("warren.svc.{svc}")).await.unwrap().unwrap();
+    let stats = client
+        .broker()
+        .queue_stats(&format!("warren.svc.{svc}"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stats.ready, 0);
-    let got = ch.basic_get(foreign.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap();
-    assert!(got.is_none(), "the worker must not publish to a queue warren did not create");
+    let got = ch
+        .basic_get(foreign.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap();
+    assert!(
+        got.is_none(),
+        "the worker must not publish to a queue warren did not create"
+    );
     stop.cancel();
     handle.await.unwrap().unwrap();
     client.close().await;

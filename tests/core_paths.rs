@@ -1,5 +1,6 @@
 //! The core paths against the real broker, on both queue types: enqueue exactly once over
 //! 10k tasks, typed invoke, typed errors, deadlines, retries, name validation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

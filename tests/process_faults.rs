@@ -1,6 +1,7 @@
 //! Fault tests with real worker processes: SIGKILL with tasks in flight, SIGTERM drain.
 //! Each checks a ledger written by the handlers: nothing lost, and duplicates only where the
 //! broker marked a redelivery.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -14,7 +15,10 @@ use warren::{Client, QueueType};
 async fn enqueue_work(client: &Client, svc: &str, n: usize, ms: u64) {
     for i in 0..n {
         client
-            .enqueue(&format!("{svc}.work"), &serde_json::json!({"key": format!("k{i}"), "ms": ms}))
+            .enqueue(
+                &format!("{svc}.work"),
+                &serde_json::json!({"key": format!("k{i}"), "ms": ms}),
+            )
             .await
             .expect("enqueue");
     }
@@ -23,7 +27,10 @@ async fn enqueue_work(client: &Client, svc: &str, n: usize, ms: u64) {
 async fn wait_lines(ledger: &Path, at_least: usize, deadline: Duration) {
     let end = tokio::time::Instant::now() + deadline;
     while read_ledger(ledger).len() < at_least {
-        assert!(tokio::time::Instant::now() < end, "ledger stuck below {at_least} lines");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "ledger stuck below {at_least} lines"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -35,7 +42,11 @@ async fn wait_all_keys(ledger: &Path, n: usize, deadline: Duration) {
         if keys.len() >= n {
             return;
         }
-        assert!(tokio::time::Instant::now() < end, "only {} of {n} tasks ever ran", keys.len());
+        assert!(
+            tokio::time::Instant::now() < end,
+            "only {} of {n} tasks ever ran",
+            keys.len()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -53,7 +64,10 @@ fn check_ledger(ledger: &Path, n: usize) -> usize {
     for (k, r) in &runs {
         if r.len() > 1 {
             dups += r.len() - 1;
-            assert!(r[1..].iter().all(|red| *red), "{k} ran again without being a marked redelivery: {r:?}");
+            assert!(
+                r[1..].iter().all(|red| *red),
+                "{k} ran again without being a marked redelivery: {r:?}"
+            );
         }
     }
     dups
@@ -65,7 +79,11 @@ async fn sigkill_with_tasks_in_flight_loses_nothing() {
     let svc = unique("kill");
     let _cleanup = Cleanup::new(&[&svc]);
     let ledger = ledger_path("kill");
-    let client = Client::builder().amqp(config(QueueType::Quorum)).connect().await.unwrap();
+    let client = Client::builder()
+        .amqp(config(QueueType::Quorum))
+        .connect()
+        .await
+        .unwrap();
     const N: usize = 300;
     enqueue_work(&client, &svc, N, 30).await;
     // Kill two workers in turn while they hold in-flight tasks, then let a third finish.
@@ -77,7 +95,12 @@ async fn sigkill_with_tasks_in_flight_loses_nothing() {
     let w = FixtureWorker::start(&url, &svc, QueueType::Quorum, &ledger, 8).await;
     wait_all_keys(&ledger, N, Duration::from_secs(120)).await;
     let dups = check_ledger(&ledger, N);
-    let stats = client.broker().queue_stats(&format!("warren.svc.{svc}")).await.unwrap().unwrap();
+    let stats = client
+        .broker()
+        .queue_stats(&format!("warren.svc.{svc}"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stats.ready, 0);
     assert!(w.terminate().await, "last worker exits cleanly");
     eprintln!("sigkill: {N} tasks, {dups} re-executions after kills");
@@ -90,14 +113,21 @@ async fn sigterm_drains_in_flight_and_loses_nothing() {
     let svc = unique("term");
     let _cleanup = Cleanup::new(&[&svc]);
     let ledger = ledger_path("term");
-    let client = Client::builder().amqp(config(QueueType::Classic)).connect().await.unwrap();
+    let client = Client::builder()
+        .amqp(config(QueueType::Classic))
+        .connect()
+        .await
+        .unwrap();
     const N: usize = 120;
     enqueue_work(&client, &svc, N, 200).await;
     let w = FixtureWorker::start(&url, &svc, QueueType::Classic, &ledger, 8).await;
     wait_lines(&ledger, 12, Duration::from_secs(60)).await;
     assert!(w.terminate().await, "worker exits cleanly on SIGTERM");
     let after_term = read_ledger(&ledger).len();
-    assert!(after_term < N, "the test needs work left when the worker stopped");
+    assert!(
+        after_term < N,
+        "the test needs work left when the worker stopped"
+    );
     let w = FixtureWorker::start(&url, &svc, QueueType::Classic, &ledger, 8).await;
     wait_all_keys(&ledger, N, Duration::from_secs(120)).await;
     assert!(w.terminate().await);

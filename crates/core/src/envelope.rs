@@ -251,7 +251,7 @@ impl FailureKind {
 
 /// A task's failure as reported to callers and hooks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{kind:?}: {message}")]
+#[error("{}: {message}", kind.as_str())]
 pub struct Failure {
     /// What kind of failure.
     pub kind: FailureKind,

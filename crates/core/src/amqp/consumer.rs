@@ -29,6 +29,9 @@ pub struct SubscriptionSpec {
 }
 
 /// An event from a [`Subscription`].
+// A delivery is moved once, from the consumer to its handler task: boxing would only add
+// an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ConsumerEvent {
     /// A message.

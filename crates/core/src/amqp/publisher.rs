@@ -13,6 +13,9 @@ use super::broker::{jitter, Broker};
 use super::message::{short, Outgoing};
 use crate::error::{classify, Error, Result};
 
+/// One confirm channel and the connection generation it belongs to, opened on first use.
+type Slot = Mutex<Option<(Channel, u64)>>;
+
 /// Publishes messages with the mandatory flag on confirm-mode channels.
 ///
 /// [`Publisher::publish`] returns only when the broker confirmed the message and did not
@@ -23,7 +26,7 @@ use crate::error::{classify, Error, Result};
 #[derive(Clone)]
 pub struct Publisher {
     broker: Broker,
-    slots: Arc<Vec<Mutex<Option<(Channel, u64)>>>>,
+    slots: Arc<Vec<Slot>>,
     next: Arc<AtomicUsize>,
 }
 
