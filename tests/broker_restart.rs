@@ -7,11 +7,12 @@
 mod common;
 mod support;
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::Duration;
 
-use common::{config_for, ledger_path, read_ledger, unique, FixtureWorker};
+use common::{
+    check_ledger, config_for, enqueue_work, ledger_path, read_ledger, unique, wait_keys,
+    FixtureWorker,
+};
 use support::broker_node::BrokerNode;
 use warren::{Client, QueueType};
 
@@ -21,48 +22,6 @@ async fn client_for(url: &str) -> Client {
         .connect()
         .await
         .expect("client connects")
-}
-
-async fn enqueue_range(client: &Client, svc: &str, keys: std::ops::Range<usize>, ms: u64) {
-    for i in keys {
-        client
-            .enqueue(
-                &format!("{svc}.work"),
-                &serde_json::json!({"key": format!("k{i}"), "ms": ms}),
-            )
-            .await
-            .expect("enqueue succeeds, across the restart if need be");
-    }
-}
-
-async fn wait_keys(ledger: &Path, n: usize, deadline: Duration) {
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        let keys: HashSet<String> = read_ledger(ledger).into_iter().map(|(k, _, _)| k).collect();
-        if keys.len() >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "only {} of {n} tasks ran",
-            keys.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn assert_ledger(ledger: &Path, n: usize) {
-    let mut runs: HashMap<String, Vec<bool>> = HashMap::new();
-    for (k, _, redelivered) in read_ledger(ledger) {
-        runs.entry(k).or_default().push(redelivered);
-    }
-    assert_eq!(runs.len(), n, "every task ran");
-    for (k, r) in runs {
-        assert!(
-            r[1..].iter().all(|x| *x),
-            "{k} ran twice without a redelivery mark: {r:?}"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,14 +36,14 @@ async fn broker_restart_idle_and_under_load() {
     let client = client_for(&url).await;
 
     // Idle: some work, a restart with nothing in flight, then more work.
-    enqueue_range(&client, &svc, 0..50, 0).await;
+    enqueue_work(&client, &svc, 0..50, 0).await;
     wait_keys(&ledger, 50, Duration::from_secs(60)).await;
     node.restart().await.expect("node restarts");
-    enqueue_range(&client, &svc, 50..100, 0).await;
+    enqueue_work(&client, &svc, 50..100, 0).await;
     wait_keys(&ledger, 100, Duration::from_secs(120)).await;
 
     // Under load: tasks in flight and queued while the broker goes down and comes back.
-    enqueue_range(&client, &svc, 100..400, 20).await;
+    enqueue_work(&client, &svc, 100..400, 20).await;
     let end = tokio::time::Instant::now() + Duration::from_secs(60);
     while read_ledger(&ledger).len() < 150 {
         assert!(
@@ -95,9 +54,9 @@ async fn broker_restart_idle_and_under_load() {
     }
     node.restart().await.expect("node restarts under load");
     // The client's next calls succeed once the node is back.
-    enqueue_range(&client, &svc, 400..420, 0).await;
+    enqueue_work(&client, &svc, 400..420, 0).await;
     wait_keys(&ledger, 420, Duration::from_secs(180)).await;
-    assert_ledger(&ledger, 420);
+    check_ledger(&ledger, 420);
 
     // The worker is consuming again (one consumer) and the queue is drained.
     let stats = client

@@ -5,74 +5,15 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::Duration;
 
-use common::{config, ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
+use common::{
+    check_ledger, config, enqueue_work, ledger_path, read_ledger, unique, wait_keys, wait_lines,
+    Cleanup, FixtureWorker,
+};
 use warren::{Client, QueueType};
 
-async fn enqueue_work(client: &Client, svc: &str, n: usize, ms: u64) {
-    for i in 0..n {
-        client
-            .enqueue(
-                &format!("{svc}.work"),
-                &serde_json::json!({"key": format!("k{i}"), "ms": ms}),
-            )
-            .await
-            .expect("enqueue");
-    }
-}
-
-async fn wait_lines(ledger: &Path, at_least: usize, deadline: Duration) {
-    let end = tokio::time::Instant::now() + deadline;
-    while read_ledger(ledger).len() < at_least {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "ledger stuck below {at_least} lines"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_all_keys(ledger: &Path, n: usize, deadline: Duration) {
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        let keys: HashSet<String> = read_ledger(ledger).into_iter().map(|(k, _, _)| k).collect();
-        if keys.len() >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "only {} of {n} tasks ever ran",
-            keys.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Every key ran; a key that ran more than once ran again only as a marked redelivery.
-fn check_ledger(ledger: &Path, n: usize) -> usize {
-    let lines = read_ledger(ledger);
-    let mut runs: HashMap<String, Vec<bool>> = HashMap::new();
-    for (k, _, redelivered) in lines {
-        runs.entry(k).or_default().push(redelivered);
-    }
-    assert_eq!(runs.len(), n, "every task ran");
-    assert!((0..n).all(|i| runs.contains_key(&format!("k{i}"))));
-    let mut dups = 0;
-    for (k, r) in &runs {
-        if r.len() > 1 {
-            dups += r.len() - 1;
-            assert!(
-                r[1..].iter().all(|red| *red),
-                "{k} ran again without being a marked redelivery: {r:?}"
-            );
-        }
-    }
-    dups
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_tasks_in_flight_loses_nothing() {
     let url = common::url();
@@ -85,7 +26,7 @@ async fn sigkill_with_tasks_in_flight_loses_nothing() {
         .await
         .unwrap();
     const N: usize = 300;
-    enqueue_work(&client, &svc, N, 30).await;
+    enqueue_work(&client, &svc, 0..N, 30).await;
     // Kill two workers in turn while they hold in-flight tasks, then let a third finish.
     for round in 1..=2 {
         let w = FixtureWorker::start(&url, &svc, QueueType::Quorum, &ledger, 8).await;
@@ -93,7 +34,7 @@ async fn sigkill_with_tasks_in_flight_loses_nothing() {
         w.kill9().await;
     }
     let w = FixtureWorker::start(&url, &svc, QueueType::Quorum, &ledger, 8).await;
-    wait_all_keys(&ledger, N, Duration::from_secs(120)).await;
+    wait_keys(&ledger, N, Duration::from_secs(120)).await;
     let dups = check_ledger(&ledger, N);
     let stats = client
         .broker()
@@ -119,7 +60,7 @@ async fn sigterm_drains_in_flight_and_loses_nothing() {
         .await
         .unwrap();
     const N: usize = 120;
-    enqueue_work(&client, &svc, N, 200).await;
+    enqueue_work(&client, &svc, 0..N, 200).await;
     let w = FixtureWorker::start(&url, &svc, QueueType::Classic, &ledger, 8).await;
     wait_lines(&ledger, 12, Duration::from_secs(60)).await;
     assert!(w.terminate().await, "worker exits cleanly on SIGTERM");
@@ -129,7 +70,7 @@ async fn sigterm_drains_in_flight_and_loses_nothing() {
         "the test needs work left when the worker stopped"
     );
     let w = FixtureWorker::start(&url, &svc, QueueType::Classic, &ledger, 8).await;
-    wait_all_keys(&ledger, N, Duration::from_secs(120)).await;
+    wait_keys(&ledger, N, Duration::from_secs(120)).await;
     assert!(w.terminate().await);
     // Finished tasks were acked before exit: nothing ran twice.
     let dups = check_ledger(&ledger, N);

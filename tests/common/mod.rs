@@ -1,6 +1,7 @@
 //! Shared helpers for warren's integration tests: unique names, configs, polling, cleanup.
 #![allow(dead_code)]
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -206,4 +207,71 @@ pub fn read_ledger(path: &Path) -> Vec<(String, u32, bool)> {
             ))
         })
         .collect()
+}
+
+/// Enqueues `work` tasks with keys `k<i>` for the fixture worker's ledger.
+pub async fn enqueue_work(
+    client: &warren::Client,
+    svc: &str,
+    keys: std::ops::Range<usize>,
+    ms: u64,
+) {
+    for i in keys {
+        client
+            .enqueue(
+                &format!("{svc}.work"),
+                &serde_json::json!({"key": format!("k{i}"), "ms": ms}),
+            )
+            .await
+            .expect("enqueue succeeds (across reconnects if need be)");
+    }
+}
+
+/// Waits until the ledger has at least `at_least` lines.
+pub async fn wait_lines(ledger: &Path, at_least: usize, deadline: Duration) {
+    let end = tokio::time::Instant::now() + deadline;
+    while read_ledger(ledger).len() < at_least {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "ledger stuck below {at_least} lines"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `n` distinct keys are in the ledger.
+pub async fn wait_keys(ledger: &Path, n: usize, deadline: Duration) {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        let keys: HashSet<String> = read_ledger(ledger).into_iter().map(|(k, _, _)| k).collect();
+        if keys.len() >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "only {} of {n} tasks ran",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks that keys `k0..k<n>` all ran and that any second run was a marked redelivery;
+/// returns the number of re-executions.
+pub fn check_ledger(ledger: &Path, n: usize) -> usize {
+    let mut runs: HashMap<String, Vec<bool>> = HashMap::new();
+    for (k, _, redelivered) in read_ledger(ledger) {
+        runs.entry(k).or_default().push(redelivered);
+    }
+    assert_eq!(runs.len(), n, "every task ran");
+    assert!((0..n).all(|i| runs.contains_key(&format!("k{i}"))));
+    let mut dups = 0;
+    for (k, r) in &runs {
+        dups += r.len() - 1;
+        assert!(
+            r[1..].iter().all(|red| *red),
+            "{k} ran again without being a marked redelivery: {r:?}"
+        );
+    }
+    dups
 }
