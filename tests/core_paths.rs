@@ -318,3 +318,35 @@ async fn queue_type_mismatch_is_a_clear_error() {
     q.close().await;
     c.close().await;
 }
+
+#[tokio::test]
+async fn fails_over_to_the_next_url_and_never_shows_the_password() {
+    // Port 1 refuses connections; the second URL is the real broker.
+    let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", common::url());
+    let cfg = warren::AmqpConfig::new(&urls)
+        .unwrap()
+        .with_queue_type(QueueType::Classic);
+    let client = Client::builder().amqp(cfg).connect().await.unwrap();
+    let svc = unique("failover");
+    let _cleanup = Cleanup::new(&[&svc]);
+    client.ensure_service(&svc).await.unwrap();
+    let shown = format!("{client:?}");
+    assert!(
+        shown.contains("127.0.0.1:1") && !shown.contains("guest:guest"),
+        "{shown}"
+    );
+    client.close().await;
+
+    // Nothing answers at all: a clear error after the reconnect policy gives up.
+    let cfg = warren::AmqpConfig::new("amqp://guest:secret@127.0.0.1:1/%2f")
+        .unwrap()
+        .with_reconnect(warren::core::ReconnectPolicy {
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(100),
+            give_up_after: Some(Duration::from_millis(500)),
+        });
+    let err = Client::builder().amqp(cfg).connect().await.unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("could not connect"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+}
