@@ -131,7 +131,20 @@ impl FixtureWorker {
         ledger: &Path,
         concurrency: usize,
     ) -> Self {
+        Self::start_with(url, svc, qt, ledger, concurrency, &[]).await
+    }
+
+    /// Like [`FixtureWorker::start`], with extra environment (FIXTURE_HOOKS, lease, ...).
+    pub async fn start_with(
+        url: &str,
+        svc: &str,
+        qt: QueueType,
+        ledger: &Path,
+        concurrency: usize,
+        env: &[(&str, String)],
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_warren-fixture-worker"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("WARREN_AMQP_URL", url)
             .env("FIXTURE_SVC", svc)
             .env("FIXTURE_QUEUE_TYPE", qt.as_str())

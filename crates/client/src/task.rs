@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use uuid::Uuid;
-use warren_core::{Envelope, HookTarget, Hooks, Target};
+use warren_core::topology::{part_queue, validate_part_queue};
+use warren_core::{Envelope, HookTarget, Hooks, PartDecorator, Target};
 
 use crate::Error;
 
@@ -29,6 +30,7 @@ pub struct Task {
     pub(crate) hooks: Hooks,
     pub(crate) timeout: Option<Duration>,
     pub(crate) parent: Option<Uuid>,
+    pub(crate) part: Option<PartDecorator>,
 }
 
 impl Task {
@@ -46,6 +48,7 @@ impl Task {
             hooks: Hooks::default(),
             timeout: None,
             parent: None,
+            part: None,
         })
     }
 
@@ -85,6 +88,25 @@ impl Task {
         self
     }
 
+    /// Marks this task as part `part_id` of `total_parts` of a job the caller split itself;
+    /// its result goes to `part_queue`, and the job's `oncomplete` hook (set on every part
+    /// with [`Task::on_complete`]) fires once when all parts are in. The queue name is checked
+    /// (at most 255 bytes, not `amq.`) when the task is sent.
+    #[must_use]
+    pub fn with_part(
+        mut self,
+        part_id: u32,
+        total_parts: u32,
+        part_queue: impl Into<String>,
+    ) -> Self {
+        self.part = Some(PartDecorator {
+            part_id,
+            total_parts,
+            part_queue: part_queue.into(),
+        });
+        self
+    }
+
     /// The target.
     #[must_use]
     pub fn target(&self) -> &Target {
@@ -99,9 +121,21 @@ impl Task {
                 )));
             }
         }
+        if let Some(part) = &self.part {
+            validate_part_queue(&part.part_queue)?;
+            if part.part_id >= part.total_parts {
+                return Err(Error::Broker(warren_core::Error::Config(format!(
+                    "part_id {} is not below total_parts {}",
+                    part.part_id, part.total_parts
+                ))));
+            }
+        }
         let mut env = Envelope::new(&self.target, self.payload, self.cid);
+        // Any task may be split by its worker: its part queue name must fit.
+        part_queue(&env.svc, &env.method, &env.id)?;
         env.hooks = self.hooks;
         env.parent = self.parent;
+        env.part = self.part;
         Ok((env, self.timeout))
     }
 }

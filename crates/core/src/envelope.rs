@@ -35,6 +35,8 @@ pub enum Via {
     Publish,
     /// A step of a chain.
     Chain,
+    /// A re-check of a split job's join (scheduled when a join could not finish at once).
+    Join,
     /// A value this build does not know (written by a newer producer).
     #[serde(other)]
     Other,
@@ -228,6 +230,8 @@ pub enum FailureKind {
     BadPayload,
     /// No such service or method on the worker that received it.
     UnknownTarget,
+    /// One or more parts of a split job failed for good.
+    PartsFailed,
     /// A kind this build does not know.
     #[serde(other)]
     Other,
@@ -244,6 +248,7 @@ impl FailureKind {
             Self::BadEnvelope => "bad_envelope",
             Self::BadPayload => "bad_payload",
             Self::UnknownTarget => "unknown_target",
+            Self::PartsFailed => "parts_failed",
             Self::Other => "other",
         }
     }

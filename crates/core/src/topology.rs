@@ -62,7 +62,7 @@ pub fn is_reply_queue(name: &str) -> bool {
 }
 
 /// A queue to declare: name and arguments in warren's own terms.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct QueueSpec {
     /// The queue name.
     pub name: String,
@@ -84,8 +84,13 @@ pub struct QueueSpec {
     pub delivery_limit: Option<i64>,
     /// `x-expires` in ms: delete when unused this long.
     pub expires_ms: Option<u64>,
+    /// `x-max-length` with `x-overflow=reject-publish`: once the queue holds this many
+    /// messages, further publishes are nacked (a broker-side "first one wins").
+    pub max_length_reject: Option<u64>,
     /// Binding to an exchange with a routing key, declared with the queue.
     pub bind: Option<(String, String)>,
+    /// Header arguments of that binding (for headers exchanges; `x-match=all` is added).
+    pub bind_headers: Vec<(String, String)>,
 }
 
 impl QueueSpec {
@@ -94,14 +99,11 @@ impl QueueSpec {
         Ok(Self {
             name: service_queue(svc)?,
             durable: true,
-            exclusive: false,
             queue_type: Some(queue_type),
             dead_letter_exchange: Some(DEAD_EXCHANGE.to_owned()),
-            dead_letter_routing_key: None,
-            message_ttl_ms: None,
             delivery_limit: (queue_type == QueueType::Quorum).then_some(DELIVERY_LIMIT),
-            expires_ms: None,
             bind: Some((TASK_EXCHANGE.to_owned(), svc.to_owned())),
+            ..Self::default()
         })
     }
 
@@ -110,31 +112,98 @@ impl QueueSpec {
         Ok(Self {
             name: dead_queue(svc)?,
             durable: true,
-            exclusive: false,
             queue_type: Some(queue_type),
-            dead_letter_exchange: None,
-            dead_letter_routing_key: None,
-            message_ttl_ms: None,
-            delivery_limit: None,
-            expires_ms: None,
             bind: Some((DEAD_EXCHANGE.to_owned(), svc.to_owned())),
+            ..Self::default()
         })
     }
 
-    /// A client's exclusive reply queue (always classic: quorum queues cannot be exclusive).
+    /// A client's reply queue (always classic: quorum queues cannot be exclusive).
     pub fn reply(name: String) -> Result<Self, NameError> {
         check_amqp_len("reply queue", &name)?;
         Ok(Self {
             name,
-            durable: false,
             exclusive: true,
-            queue_type: None,
-            dead_letter_exchange: None,
-            dead_letter_routing_key: None,
-            message_ttl_ms: None,
-            delivery_limit: None,
-            expires_ms: None,
-            bind: None,
+            ..Self::default()
         })
     }
+
+    /// A split job's part queue: durable classic, deleted after `expires_ms` unused.
+    pub fn part(name: &str, expires_ms: u64) -> Result<Self, NameError> {
+        validate_part_queue(name)?;
+        Ok(Self {
+            name: name.to_owned(),
+            durable: true,
+            queue_type: Some(QueueType::Classic),
+            expires_ms: Some(expires_ms),
+            ..Self::default()
+        })
+    }
+
+    /// A job's lease: holds at most one message, which expires after `lease_ms`.
+    #[must_use]
+    pub fn claim(job: &JobKey, lease_ms: u64, expires_ms: u64) -> Self {
+        Self {
+            name: format!("{PREFIX}claim.{}", job.0),
+            durable: true,
+            queue_type: Some(QueueType::Classic),
+            message_ttl_ms: Some(lease_ms),
+            expires_ms: Some(expires_ms),
+            max_length_reject: Some(1),
+            ..Self::default()
+        }
+    }
+
+    /// A job's done marker, bound to [`JOIN_EXCHANGE`] by the job's header.
+    #[must_use]
+    pub fn done(job: &JobKey, expires_ms: u64) -> Self {
+        Self {
+            name: format!("{PREFIX}done.{}", job.0),
+            durable: true,
+            queue_type: Some(QueueType::Classic),
+            expires_ms: Some(expires_ms),
+            bind: Some((JOIN_EXCHANGE.to_owned(), String::new())),
+            bind_headers: vec![(H_JOB.to_owned(), job.0.to_string())],
+            ..Self::default()
+        }
+    }
+}
+
+/// The headers exchange a join's hook is published through: bound to [`TASK_EXCHANGE`]
+/// (exchange-to-exchange, matching every message) so the hook reaches its service, and to
+/// the job's done-marker queue by the [`H_JOB`] header, in one confirmed publish.
+pub const JOIN_EXCHANGE: &str = "warren.join";
+/// Header: the job a hook or done marker belongs to. (Not `x-`: RabbitMQ's headers
+/// exchange ignores `x-` keys when matching, so such a binding would match every message.)
+pub const H_JOB: &str = "warren-job";
+
+/// The identity of a split job, derived from its part queue name (fixed length, so the
+/// claim and done queue names always fit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JobKey(pub uuid::Uuid);
+
+impl JobKey {
+    /// The key of the job whose part queue is `part_queue`.
+    #[must_use]
+    pub fn of(part_queue: &str) -> Self {
+        Self(uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_URL,
+            part_queue.as_bytes(),
+        ))
+    }
+}
+
+/// Prefix of part queues (fixed by the spec, outside the `warren.` namespace).
+pub const PART_PREFIX: &str = "part.";
+
+/// `part.<svc>-<method>-<id>`, checked against the 255-byte limit.
+pub fn part_queue(svc: &str, method: &str, id: &uuid::Uuid) -> Result<String, NameError> {
+    let q = format!("{PART_PREFIX}{svc}-{method}-{id}");
+    check_amqp_len("part queue", &q)?;
+    Ok(q)
+}
+
+/// Checks a part queue name given by a caller: non-empty, at most 255 bytes, not reserved.
+pub fn validate_part_queue(name: &str) -> Result<(), NameError> {
+    crate::names::validate_queue_name(name)
 }

@@ -4,7 +4,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 use warren_client::{Client, Receipt, Task};
-use warren_core::Via;
+use warren_core::{PartDecorator, Via};
 
 /// Handed to every handler call.
 ///
@@ -19,6 +19,7 @@ pub struct Context {
     pub(crate) attempt: u32,
     pub(crate) redelivered: bool,
     pub(crate) via: Via,
+    pub(crate) part: Option<PartDecorator>,
     pub(crate) client: Client,
 }
 
@@ -77,6 +78,12 @@ impl Context {
     #[must_use]
     pub fn via(&self) -> Via {
         self.via
+    }
+
+    /// For a part of a split job: which part (`part_id`), of how many, and its part queue.
+    #[must_use]
+    pub fn part(&self) -> Option<&PartDecorator> {
+        self.part.as_ref()
     }
 
     /// The client this worker uses; tasks sent through it directly do not inherit the cid.

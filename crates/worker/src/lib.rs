@@ -41,11 +41,14 @@
 mod context;
 mod error;
 mod handler;
+mod join;
 mod outcome;
 mod process;
+mod publish;
 mod retry;
 mod runtime;
 mod service;
+mod split;
 
 pub use context::Context;
 pub use error::WorkerError;
@@ -53,4 +56,4 @@ pub use outcome::TaskError;
 pub use retry::RetryPolicy;
 pub use runtime::{Worker, WorkerBuilder};
 pub use service::Service;
-pub use warren_core::{AmqpConfig, QueueType, Target};
+pub use warren_core::{AmqpConfig, PartDecorator, QueueType, Target};

@@ -100,15 +100,13 @@ pub(crate) fn delay_queue(svc: &str, ms: u64, qt: QueueType) -> Result<QueueSpec
     Ok(QueueSpec {
         name,
         durable: true,
-        exclusive: false,
         queue_type: Some(qt),
         dead_letter_exchange: Some(TASK_EXCHANGE.to_owned()),
         dead_letter_routing_key: Some(svc.to_owned()),
         message_ttl_ms: Some(ms),
-        delivery_limit: None,
         // Redeclared before every publish, so it outlives its last message by far.
         expires_ms: Some(ms.saturating_mul(2).saturating_add(60_000)),
-        bind: None,
+        ..QueueSpec::default()
     })
 }
 

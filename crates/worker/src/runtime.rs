@@ -19,7 +19,7 @@ use warren_client::{Client, ClientBuilder};
 use warren_core::topology::QueueSpec;
 use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
 
-use crate::process::{handle, HostedService, Shared};
+use crate::process::{handle, HostedService, JoinSettings, Shared};
 use crate::retry::RetryPolicy;
 use crate::{Service, WorkerError};
 
@@ -33,6 +33,7 @@ pub struct WorkerBuilder {
     prefetch: Option<u16>,
     retry: RetryPolicy,
     drain_timeout: Duration,
+    joins: JoinSettings,
 }
 
 impl Default for WorkerBuilder {
@@ -44,6 +45,10 @@ impl Default for WorkerBuilder {
             prefetch: None,
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(30),
+            joins: JoinSettings {
+                lease: Duration::from_secs(15),
+                expiry: Duration::from_secs(24 * 3600),
+            },
         }
     }
 }
@@ -84,6 +89,22 @@ impl WorkerBuilder {
     /// then not acked and will run again elsewhere).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
+        self
+    }
+
+    /// How long a split job's part queue (and its claim and done-marker queues) may stay
+    /// unused before RabbitMQ deletes it (default 24 h). A job whose parts stop arriving is
+    /// abandoned after this long; a job's done marker, which stops a late duplicate from
+    /// firing its hook again, lives this long after its join.
+    pub fn part_queue_expiry(mut self, expiry: Duration) -> Self {
+        self.joins.expiry = expiry.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How long a joiner's lease lasts (default 15 s). A joiner that dies mid-join delays its
+    /// job by up to this long; a join that takes longer than 80% of it gives up and retries.
+    pub fn join_lease(mut self, lease: Duration) -> Self {
+        self.joins.lease = lease.max(Duration::from_millis(500));
         self
     }
 
@@ -135,6 +156,7 @@ impl WorkerBuilder {
                 services,
                 client,
                 queue_type: amqp.queue_type,
+                joins: self.joins,
             }),
             consume,
             subs,

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -15,7 +16,7 @@ use super::message::short;
 use crate::config::{AmqpConfig, QueueType};
 use crate::error::{classify, AmqpError, Error, Result};
 use crate::names::check_amqp_len;
-use crate::topology::{QueueSpec, DEAD_EXCHANGE, TASK_EXCHANGE};
+use crate::topology::{QueueSpec, DEAD_EXCHANGE, JOIN_EXCHANGE, TASK_EXCHANGE};
 
 /// A connection to RabbitMQ that reconnects itself.
 ///
@@ -161,6 +162,7 @@ impl Broker {
     /// Opens a new channel on the live connection.
     pub(crate) async fn channel(&self) -> Result<(Channel, u64)> {
         let live = self.live().await?;
+        tracing::trace!(generation = live.generation, "opening a channel");
         match live.conn.create_channel().await {
             Ok(ch) => Ok((ch, live.generation)),
             Err(e) => {
@@ -193,6 +195,7 @@ impl Broker {
     pub async fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>> {
         check_amqp_len("queue", queue)?;
         let (ch, _) = self.channel().await?;
+        tracing::trace!(queue, channel = ch.id(), "queue_stats: channel open");
         let res = ch
             .queue_declare(
                 short(queue),
@@ -203,9 +206,16 @@ impl Broker {
                 FieldTable::default(),
             )
             .await;
+        tracing::trace!(
+            queue,
+            channel = ch.id(),
+            ok = res.is_ok(),
+            "queue_stats: declared"
+        );
         match res {
             Ok(q) => {
                 let _ = ch.close(200, short("ok")).await;
+                tracing::trace!(queue, "queue_stats: closed");
                 Ok(Some(QueueStats {
                     ready: q.message_count(),
                     consumers: q.consumer_count(),
@@ -228,6 +238,18 @@ impl Broker {
         Ok(n)
     }
 
+    /// Removes every ready message from a queue; returns how many.
+    pub async fn purge_queue(&self, queue: &str) -> Result<u32> {
+        check_amqp_len("queue", queue)?;
+        let (ch, _) = self.channel().await?;
+        let n = ch
+            .queue_purge(short(queue), QueuePurgeOptions::default())
+            .await
+            .map_err(|e| classify(format!("purging queue {queue}"), e))?;
+        let _ = ch.close(200, short("ok")).await;
+        Ok(n)
+    }
+
     /// The vhost and user name of the live connection (never the password).
     pub async fn identity(&self) -> Result<(String, String)> {
         let live = self.live().await?;
@@ -245,10 +267,14 @@ impl Broker {
 }
 
 pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
-    for name in [TASK_EXCHANGE, DEAD_EXCHANGE] {
+    for (name, kind) in [
+        (TASK_EXCHANGE, ExchangeKind::Direct),
+        (DEAD_EXCHANGE, ExchangeKind::Direct),
+        (JOIN_EXCHANGE, ExchangeKind::Headers),
+    ] {
         ch.exchange_declare(
             short(name),
-            ExchangeKind::Direct,
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
@@ -258,6 +284,19 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
         .await
         .map_err(|e| classify(format!("declaring exchange {name}"), e))?;
     }
+    // Everything published to the join exchange also goes on to the task exchange (routed
+    // there by its routing key): an empty `x-match=all` binding matches every message.
+    let mut all = FieldTable::default();
+    all.insert(short("x-match"), AMQPValue::LongString("all".into()));
+    ch.exchange_bind(
+        short(TASK_EXCHANGE),
+        short(JOIN_EXCHANGE),
+        short(""),
+        ExchangeBindOptions::default(),
+        all,
+    )
+    .await
+    .map_err(|e| classify("binding the join exchange", e))?;
     Ok(())
 }
 
@@ -303,6 +342,16 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
     if let Some(limit) = spec.delivery_limit {
         args.insert(short("x-delivery-limit"), AMQPValue::LongLongInt(limit));
     }
+    if let Some(max) = spec.max_length_reject {
+        args.insert(
+            short("x-max-length"),
+            AMQPValue::LongLongInt(i64::try_from(max).unwrap_or(i64::MAX)),
+        );
+        args.insert(
+            short("x-overflow"),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
     if let Some(ms) = spec.expires_ms {
         args.insert(
             short("x-expires"),
@@ -323,12 +372,20 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
     .map_err(|e| classify(format!("declaring queue {}", spec.name), e))?;
     if let Some((exchange, key)) = &spec.bind {
         check_amqp_len("routing key", key)?;
+        let mut bind_args = FieldTable::default();
+        if !spec.bind_headers.is_empty() {
+            bind_args.insert(short("x-match"), AMQPValue::LongString("all".into()));
+            for (k, v) in &spec.bind_headers {
+                check_amqp_len("header key", k)?;
+                bind_args.insert(short(k), AMQPValue::LongString(v.as_str().into()));
+            }
+        }
         ch.queue_bind(
             short(&spec.name),
             short(exchange),
             short(key),
             QueueBindOptions::default(),
-            FieldTable::default(),
+            bind_args,
         )
         .await
         .map_err(|e| classify(format!("binding queue {}", spec.name), e))?;

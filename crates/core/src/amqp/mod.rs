@@ -10,11 +10,13 @@
 //!   reconnect is sent again until its deadline.
 //! - [`Subscription`] consumes a queue and re-subscribes by itself after a reconnect.
 
+mod batch;
 mod broker;
 mod consumer;
 mod message;
 mod publisher;
 
+pub use batch::Batch;
 pub use broker::{Broker, QueueStats};
 pub use consumer::{ConsumerEvent, Incoming, Subscription, SubscriptionSpec};
 pub use message::{HeaderValue, Outgoing};

@@ -1,0 +1,109 @@
+//! [`Batch`]: messages taken from a queue and held unacked on a private channel.
+//!
+//! The joiner of a split job uses it to read every part result at once: while it holds them
+//! nobody else sees them, and if it dies they return to the queue with its channel.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::Channel;
+
+use super::broker::Broker;
+use super::message::short;
+use crate::error::{classify, Error, Result};
+use crate::names::check_amqp_len;
+
+/// Messages held unacked. Dropping the batch without [`Batch::delete_queue`] releases them
+/// when the channel closes; [`Batch::release`] does it at once.
+pub struct Batch {
+    channel: Channel,
+    /// The bodies, in delivery order.
+    pub bodies: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("messages", &self.bodies.len())
+            .finish()
+    }
+}
+
+impl Broker {
+    /// Takes messages from `queue` and holds them unacked, until `done(bodies)` returns
+    /// `true`, `max` were taken, or no message came for `idle`. `Ok(None)` when the queue
+    /// does not exist.
+    pub async fn take(
+        &self,
+        queue: &str,
+        max: usize,
+        idle: Duration,
+        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> Result<Option<Batch>> {
+        check_amqp_len("queue", queue)?;
+        let (channel, _) = self.channel().await?;
+        tracing::debug!(queue, channel = channel.id(), "take: channel open");
+        let prefetch = u16::try_from(max.max(1)).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| classify("setting prefetch", e))?;
+        let consumer = channel
+            .basic_consume(
+                short(queue),
+                short(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => {
+                let err = classify(format!("reading queue {queue}"), e);
+                if let Error::Refused { source, .. } = &err {
+                    if source.reply_code() == Some(404) {
+                        return Ok(None);
+                    }
+                }
+                return Err(err);
+            }
+        };
+        tracing::debug!(queue, "take: consuming");
+        let mut bodies = Vec::new();
+        while bodies.len() < max && !done(&bodies) {
+            match tokio::time::timeout(idle, consumer.next()).await {
+                Ok(Some(Ok(d))) => bodies.push(d.data),
+                Ok(Some(Err(e))) => return Err(classify(format!("reading queue {queue}"), e)),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tracing::debug!(queue, taken = bodies.len(), "take: cancelling consumer");
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        Ok(Some(Batch { channel, bodies }))
+    }
+}
+
+impl Batch {
+    /// Puts every message back in the queue.
+    pub async fn release(self) {
+        let _ = self.channel.close(200, short("released")).await;
+    }
+
+    /// Deletes the queue (with the held messages) and closes the channel.
+    pub async fn delete_queue(self, queue: &str) -> Result<()> {
+        check_amqp_len("queue", queue)?;
+        let res = self
+            .channel
+            .queue_delete(short(queue), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| classify(format!("deleting queue {queue}"), e));
+        let _ = self.channel.close(200, short("ok")).await;
+        res.map(|_| ())
+    }
+}

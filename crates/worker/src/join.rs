@@ -1,0 +1,345 @@
+//! The exactly-once join of a split job. `docs/joins.md` explains the protocol and walks
+//! through every crash point; in short:
+//!
+//! 1. Every finished part publishes its result (ok or error) to the job's part queue, then,
+//!    while its own part task is still unacked, tries to join.
+//! 2. A join starts only when the part queue holds at least `total_parts` ready messages.
+//! 3. **Lease**: the joiner publishes into `warren.claim.<job>`, a queue that holds at most one
+//!    message (`x-overflow=reject-publish`): exactly one publish is acked; the others are
+//!    nacked. The lease message expires (`x-message-ttl`), so a dead joiner's lease frees
+//!    itself. A contender that lost schedules a delayed re-check of the join.
+//! 4. **Done marker**: if `warren.done.<job>` holds a message, the hook already fired: the
+//!    joiner only removes the part queue.
+//! 5. The joiner takes every result, unacked, and de-duplicates them by `part_id`. Missing
+//!    parts (duplicates filled the count): it puts them back, frees the lease, and starts over.
+//! 6. **Fire**: one publish to the `warren.join` headers exchange reaches both the hook's
+//!    service (through the exchange-to-exchange binding to `warren.tasks`) and the done
+//!    marker queue, so "the hook was sent" and "the job is done" are one broker event.
+//! 7. The part queue is deleted; the joiner's part task is acked.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+use warren_core::envelope::ReplyOutcome;
+use warren_core::topology::{JobKey, QueueSpec, H_JOB, JOIN_EXCHANGE};
+use warren_core::{
+    Envelope, Failure, FailureKind, HeaderValue, Hooks, Outgoing, PartDecorator, Target, Via,
+};
+
+use crate::process::Shared;
+use crate::publish::send_later;
+
+type Res<T = ()> = Result<T, warren_client::Error>;
+
+/// How many times one join attempt starts over after finding parts missing.
+const MAX_ROUNDS: u32 = 5;
+
+/// Everything a joiner needs to know about a job; carried by each part task.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    pub(crate) part_queue: String,
+    pub(crate) total: u32,
+    pub(crate) key: JobKey,
+    pub(crate) hooks: Hooks,
+    pub(crate) cid: String,
+    /// The split task's id (or, for hand-attached parts without a parent, the job key).
+    pub(crate) id: Uuid,
+    pub(crate) svc: String,
+    pub(crate) method: String,
+}
+
+impl Job {
+    pub(crate) fn of(env: &Envelope, part: &PartDecorator) -> Self {
+        let key = JobKey::of(&part.part_queue);
+        Self {
+            part_queue: part.part_queue.clone(),
+            total: part.total_parts,
+            key,
+            hooks: env.hooks.clone(),
+            cid: env.cid.clone(),
+            id: env.parent.unwrap_or(key.0),
+            svc: env.svc.clone(),
+            method: env.method.clone(),
+        }
+    }
+
+    fn claim(&self, shared: &Shared) -> QueueSpec {
+        QueueSpec::claim(&self.key, ms(shared.joins.lease), ms(shared.joins.expiry))
+    }
+
+    pub(crate) fn done(&self, shared: &Shared) -> QueueSpec {
+        QueueSpec::done(&self.key, ms(shared.joins.expiry))
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A part's result as stored in the part queue.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartResult {
+    part_id: u32,
+    task: Uuid,
+    #[serde(flatten)]
+    outcome: ReplyOutcome,
+}
+
+/// `true` when the job's hook has already fired.
+pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
+    let done = job.done(shared);
+    Ok(shared
+        .client
+        .broker()
+        .queue_stats(&done.name)
+        .await?
+        .is_some_and(|s| s.ready > 0))
+}
+
+/// Publishes a part's result to the job's part queue (declaring it if a hand-split job's
+/// queue does not exist yet). A result for a job that already joined is dropped.
+pub(crate) async fn record_part(
+    shared: &Shared,
+    job: &Job,
+    task: Uuid,
+    part_id: u32,
+    outcome: ReplyOutcome,
+) -> Res {
+    let body = serde_json::to_vec(&PartResult {
+        part_id,
+        task,
+        outcome,
+    })
+    .map_err(warren_client::Error::Encode)?;
+    let mut msg = Outgoing::new("", job.part_queue.clone(), body);
+    msg.message_id = Some(task.to_string());
+    msg.correlation_id = Some(job.cid.clone());
+    match shared.client.publish_raw(&msg).await {
+        Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) => {
+            if is_done(shared, job).await? {
+                tracing::debug!(part_id, "late part result for a job that already joined");
+                return Ok(());
+            }
+            let spec = QueueSpec::part(&job.part_queue, ms(shared.joins.expiry))?;
+            shared.client.broker().declare(&[spec]).await?;
+            shared.client.publish_raw(&msg).await
+        }
+        other => other,
+    }
+}
+
+/// Tries to finish the job's join; returns when it fired, when it is not this caller's to
+/// fire (not all parts in, already done, another joiner holds the lease), or after
+/// scheduling a re-check.
+///
+/// Every joiner runs inside an unacked delivery (a part task, a split task or a join check),
+/// so a joiner that dies is redelivered and tries again. A first-time contender that loses
+/// the lease therefore just stops: the holder is alive, or its redelivery will follow. Only
+/// a `redelivered` contender (possibly the dead holder's own retry, facing its own lease)
+/// schedules a re-check for after the lease runs out.
+pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> Res {
+    let broker = shared.client.broker();
+    for _ in 0..MAX_ROUNDS {
+        let ready = if job.total == 0 {
+            0
+        } else {
+            match broker.queue_stats(&job.part_queue).await? {
+                None => return Ok(()), // joined (and deleted) or expired
+                Some(s) if s.ready < job.total => return Ok(()),
+                Some(s) => s.ready,
+            }
+        };
+        // The lease: only one contender's publish is acked.
+        let claim = job.claim(shared);
+        broker.declare(std::slice::from_ref(&claim)).await?;
+        let leased_at = Instant::now();
+        let mut lease = Outgoing::new("", claim.name.clone(), b"{}".to_vec());
+        lease.persistent = false;
+        match shared.client.publish_raw(&lease).await {
+            Err(warren_client::Error::Broker(warren_core::Error::Nacked { .. })) => {
+                tracing::debug!(job = %job.key.0, redelivered, "another joiner holds the lease");
+                if redelivered {
+                    let after = shared.joins.lease + Duration::from_millis(500);
+                    return schedule_check(shared, job, after).await;
+                }
+                return Ok(());
+            }
+            other => other?,
+        }
+        tracing::debug!(job = %job.key.0, ready, "lease won");
+        if is_done(shared, job).await? {
+            let _ = broker.delete_queue(&job.part_queue).await?;
+            return Ok(());
+        }
+        if job.total == 0 {
+            return fire(shared, job, true, Value::Array(Vec::new())).await;
+        }
+        tracing::debug!(job = %job.key.0, "not done yet; taking results");
+        let total = job.total as usize;
+        let mut seen = BTreeMap::<u32, ()>::new();
+        let batch = broker
+            .take(
+                &job.part_queue,
+                ready as usize,
+                Duration::from_secs(2),
+                |bodies| {
+                    if let Some(last) = bodies.last() {
+                        if let Ok(r) = serde_json::from_slice::<PartResult>(last) {
+                            seen.insert(r.part_id, ());
+                        }
+                    }
+                    seen.len() >= total
+                },
+            )
+            .await?;
+        let Some(batch) = batch else { return Ok(()) };
+        tracing::debug!(job = %job.key.0, taken = batch.bodies.len(), "part results taken");
+        let results = distinct(&batch.bodies, job.total);
+        if results.len() < total {
+            tracing::debug!(job = %job.key.0, have = results.len(), total, "parts missing; releasing");
+            batch.release().await;
+            if !release_lease(shared, &claim.name, leased_at).await {
+                // Our lease still blocks everyone until it expires: re-check after that.
+                let after = shared.joins.lease + Duration::from_millis(500);
+                return schedule_check(shared, job, after).await;
+            }
+            continue;
+        }
+        if leased_at.elapsed() > shared.joins.lease.mul_f64(0.8) {
+            // Our lease may have run out: another joiner could be firing. Let the check decide.
+            batch.release().await;
+            return schedule_check(shared, job, shared.joins.lease + Duration::from_millis(500))
+                .await;
+        }
+        let (ok, payload) = hook_payload(job, results);
+        fire(shared, job, ok, payload).await?;
+        tracing::debug!(job = %job.key.0, "hook fired");
+        batch.delete_queue(&job.part_queue).await?;
+        tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
+        return Ok(());
+    }
+    schedule_check(shared, job, shared.joins.lease + Duration::from_millis(500)).await
+}
+
+/// One result per part id; a success wins over a failure of the same part (a part that
+/// failed, then ran again after a crash and succeeded).
+fn distinct(bodies: &[Vec<u8>], total: u32) -> BTreeMap<u32, ReplyOutcome> {
+    let mut out = BTreeMap::new();
+    for b in bodies {
+        let Ok(r) = serde_json::from_slice::<PartResult>(b) else {
+            tracing::warn!("ignoring a message in a part queue that is not a part result");
+            continue;
+        };
+        if r.part_id >= total {
+            continue;
+        }
+        let better = matches!(r.outcome, ReplyOutcome::Ok(_));
+        match out.get(&r.part_id) {
+            Some(ReplyOutcome::Ok(_)) => {}
+            Some(ReplyOutcome::Error(_)) if !better => {}
+            _ => {
+                out.insert(r.part_id, r.outcome);
+            }
+        }
+    }
+    out
+}
+
+/// The oncomplete payload (results ordered by part id) or the onerror payload.
+fn hook_payload(job: &Job, results: BTreeMap<u32, ReplyOutcome>) -> (bool, Value) {
+    let failed: Vec<Value> = results
+        .iter()
+        .filter_map(|(id, o)| match o {
+            ReplyOutcome::Error(f) => Some(json!({"part_id": id, "error": f})),
+            ReplyOutcome::Ok(_) => None,
+        })
+        .collect();
+    if failed.is_empty() {
+        let ordered = results
+            .into_values()
+            .map(|o| match o {
+                ReplyOutcome::Ok(v) => v,
+                ReplyOutcome::Error(_) => Value::Null,
+            })
+            .collect();
+        return (true, Value::Array(ordered));
+    }
+    let error = Failure {
+        kind: FailureKind::PartsFailed,
+        message: format!("{} of {} parts failed", failed.len(), job.total),
+    };
+    (
+        false,
+        json!({
+            "id": job.id, "cid": job.cid, "svc": job.svc, "method": job.method,
+            "error": error, "failed_parts": failed,
+        }),
+    )
+}
+
+/// Fires the job's hook and writes its done marker in one publish.
+async fn fire(shared: &Shared, job: &Job, ok: bool, payload: Value) -> Res {
+    let done = job.done(shared);
+    shared
+        .client
+        .broker()
+        .declare(std::slice::from_ref(&done))
+        .await?;
+    let target = if ok {
+        job.hooks.oncomplete.as_ref()
+    } else {
+        job.hooks.onerror.as_ref()
+    };
+    let msg = match target {
+        Some(t) => {
+            // The hook's queue must exist, or the publish would reach only the done marker.
+            shared.client.ensure_service(&t.svc).await?;
+            let mut env = Envelope::new(
+                &Target::new(&t.svc, &t.method)?,
+                payload,
+                Some(job.cid.clone()),
+            );
+            env.channel = Via::Hook;
+            env.parent = Some(job.id);
+            let mut msg = Outgoing::new(
+                JOIN_EXCHANGE,
+                t.svc.clone(),
+                env.to_bytes().map_err(warren_client::Error::Encode)?,
+            );
+            msg.message_id = Some(env.id.to_string());
+            msg.correlation_id = Some(env.cid);
+            msg.headers = vec![(H_JOB.to_owned(), HeaderValue::Str(job.key.0.to_string()))];
+            msg
+        }
+        None => Outgoing::new("", done.name.clone(), b"{}".to_vec()),
+    };
+    shared.client.publish_raw(&msg).await
+}
+
+/// Frees our lease early if it cannot have expired yet (purging later could remove the
+/// lease of the next holder); `false` when it was left to expire.
+async fn release_lease(shared: &Shared, claim: &str, leased_at: Instant) -> bool {
+    leased_at.elapsed() < shared.joins.lease / 2
+        && shared.client.broker().purge_queue(claim).await.is_ok()
+}
+
+/// Sends a join re-check for `job` after `delay` (a task on the job's own service).
+pub(crate) async fn schedule_check(shared: &Shared, job: &Job, delay: Duration) -> Res {
+    let mut env = Envelope::new(
+        &Target::new(&job.svc, &job.method)?,
+        Value::Null,
+        Some(job.cid.clone()),
+    );
+    env.channel = Via::Join;
+    env.hooks = job.hooks.clone();
+    env.parent = Some(job.id);
+    env.part = Some(PartDecorator {
+        part_id: 0,
+        total_parts: job.total,
+        part_queue: job.part_queue.clone(),
+    });
+    send_later(shared, &env, delay, None).await
+}

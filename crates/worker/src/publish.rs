@@ -1,0 +1,178 @@
+//! Publishing what a task's outcome implies: replies, hooks, retries, dead letters.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use uuid::Uuid;
+use warren_core::envelope::{now_ms, ReplyOutcome};
+use warren_core::topology::{
+    is_reply_queue, service_queue, DEAD_EXCHANGE, H_DEAD_AT, H_ERROR, H_REASON, H_SOURCE_QUEUE,
+};
+use warren_core::{
+    Envelope, Failure, HeaderValue, Incoming, Outgoing, Reply, Via, ENVELOPE_VERSION,
+};
+
+use crate::process::Shared;
+use crate::retry::{delay_queue, delay_step_ms};
+
+/// Answers a waiting invoker, if the message names a warren reply queue.
+pub(crate) async fn reply(
+    shared: &Shared,
+    d: &Incoming,
+    env: Option<&Envelope>,
+    outcome: ReplyOutcome,
+) -> Result<(), warren_client::Error> {
+    let Some(reply_to) = d.reply_to().filter(|r| !r.is_empty()) else {
+        return Ok(());
+    };
+    if !is_reply_queue(reply_to) {
+        tracing::warn!(
+            reply_to,
+            "reply_to is not a warren reply queue; not answering"
+        );
+        return Ok(());
+    }
+    let id = match env {
+        Some(e) => e.id,
+        None => match d.message_id().and_then(|m| Uuid::parse_str(m).ok()) {
+            Some(id) => id,
+            None => return Ok(()),
+        },
+    };
+    let cid = env
+        .map(|e| e.cid.clone())
+        .or_else(|| d.correlation_id().map(str::to_owned))
+        .unwrap_or_default();
+    let body = serde_json::to_vec(&Reply {
+        v: ENVELOPE_VERSION,
+        id,
+        cid: cid.clone(),
+        outcome,
+    })
+    .map_err(warren_client::Error::Encode)?;
+    let mut msg = Outgoing::new("", reply_to, body);
+    msg.persistent = false;
+    msg.message_id = Some(id.to_string());
+    msg.correlation_id = Some(cid).filter(|c| !c.is_empty() && c.len() <= 255);
+    match shared.client.publish_raw(&msg).await {
+        Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) => {
+            tracing::debug!("caller's reply queue is gone; reply dropped");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Fires the oncomplete (`ok`) or onerror hook, if the task has one.
+pub(crate) async fn hook(
+    shared: &Shared,
+    env: Option<&Envelope>,
+    ok: bool,
+    payload: Value,
+) -> Result<(), warren_client::Error> {
+    let Some(env) = env else { return Ok(()) };
+    let target = if ok {
+        env.hooks.oncomplete.as_ref()
+    } else {
+        env.hooks.onerror.as_ref()
+    };
+    let Some(target) = target else { return Ok(()) };
+    let t = warren_core::Target::new(&target.svc, &target.method)?;
+    let mut hook = Envelope::new(&t, payload, Some(env.cid.clone()));
+    hook.channel = Via::Hook;
+    hook.parent = Some(env.id);
+    shared.client.send_envelope(&hook, None).await
+}
+
+/// Publishes the next attempt, to the service queue or through a delay queue.
+///
+/// The next attempt keeps the caller's `reply_to`, so an invoker waiting on a retried task
+/// gets the final outcome.
+pub(crate) async fn retry(
+    shared: &Shared,
+    d: &Incoming,
+    env: &Envelope,
+    delay: Duration,
+) -> Result<(), warren_client::Error> {
+    let mut next = env.clone();
+    next.attempt = env.attempt.saturating_add(1);
+    next.channel = Via::Retry;
+    let reply_to = d.reply_to().filter(|r| is_reply_queue(r));
+    send_later(shared, &next, delay, reply_to).await
+}
+
+/// Sends `env` to its service queue now (`delay` zero) or after `delay`, through the
+/// durable wait queue of that delay step.
+pub(crate) async fn send_later(
+    shared: &Shared,
+    env: &Envelope,
+    delay: Duration,
+    reply_to: Option<&str>,
+) -> Result<(), warren_client::Error> {
+    if delay.is_zero() {
+        return shared.client.send_envelope(env, reply_to).await;
+    }
+    let spec = delay_queue(&env.svc, delay_step_ms(delay), shared.queue_type)?;
+    // Redeclared before every publish: the wait queue expires when unused.
+    shared
+        .client
+        .broker()
+        .declare(std::slice::from_ref(&spec))
+        .await?;
+    let body = env.to_bytes().map_err(warren_client::Error::Encode)?;
+    let mut msg = Outgoing::new("", spec.name, body);
+    msg.message_id = Some(env.id.to_string());
+    msg.correlation_id = Some(env.cid.clone());
+    msg.reply_to = reply_to.map(str::to_owned);
+    // A quorum wait queue that was just created may nack publishes until its leader is
+    // elected: a nack here is transient (unlike a lease's), so try a few more times.
+    let mut pause = Duration::from_millis(20);
+    for _ in 0..6 {
+        match shared.client.publish_raw(&msg).await {
+            Err(warren_client::Error::Broker(warren_core::Error::Nacked { .. })) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+    shared.client.publish_raw(&msg).await
+}
+
+/// Publishes the original message, byte for byte, to the service's dead-letter queue with
+/// the reason in its headers.
+pub(crate) async fn dead_letter(
+    shared: &Shared,
+    queue_svc: &str,
+    d: &Incoming,
+    f: &Failure,
+) -> Result<(), warren_client::Error> {
+    tracing::warn!(reason = f.kind.as_str(), error = %f.message, "dead-lettered");
+    // Make sure the dead-letter queue exists (the worker declared it at start; it may have
+    // been deleted since).
+    shared.client.ensure_service(queue_svc).await?;
+    let mut msg = Outgoing::new(DEAD_EXCHANGE, queue_svc, d.body.clone());
+    msg.message_id = d.message_id().map(str::to_owned);
+    msg.correlation_id = d.correlation_id().map(str::to_owned);
+    let mut error = f.message.clone();
+    if error.len() > 4000 {
+        let mut cut = 4000;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+    }
+    msg.headers = vec![
+        (H_REASON.into(), HeaderValue::Str(f.kind.as_str().into())),
+        (H_ERROR.into(), HeaderValue::Str(error)),
+        (
+            H_SOURCE_QUEUE.into(),
+            HeaderValue::Str(service_queue(queue_svc).unwrap_or_default()),
+        ),
+        (
+            H_DEAD_AT.into(),
+            HeaderValue::Int(i64::try_from(now_ms()).unwrap_or(0)),
+        ),
+    ];
+    shared.client.publish_raw(&msg).await
+}

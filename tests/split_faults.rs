@@ -1,0 +1,219 @@
+//! Split jobs across real worker processes: 1, 7 and 500 parts over three workers, and a
+//! 200-part job whose workers are SIGKILLed at random points at least 20 times (some at the
+//! moment the join runs). The hook ledger must show exactly one oncomplete per job, with
+//! every result in `part_id` order, and no part queue may be left behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{config, ledger_path, unique, Cleanup, FixtureWorker};
+use rand::Rng;
+use serde_json::Value;
+use warren::{Client, QueueType, Target, Task};
+
+struct Setup {
+    url: String,
+    svc: String,
+    ledger: PathBuf,
+    hooks: PathBuf,
+    client: Client,
+    _cleanup: Cleanup,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let url = common::url();
+        let svc = unique("splitp");
+        let ledger = ledger_path("parts");
+        let hooks = ledger.with_extension("hooks");
+        let client = Client::builder()
+            .amqp(config(QueueType::Quorum))
+            .connect()
+            .await
+            .unwrap();
+        let cleanup = Cleanup::new(&[&svc]);
+        Self {
+            url,
+            svc,
+            ledger,
+            hooks,
+            client,
+            _cleanup: cleanup,
+        }
+    }
+
+    async fn worker(&self, concurrency: usize) -> FixtureWorker {
+        let env = [
+            ("FIXTURE_HOOKS", self.hooks.display().to_string()),
+            ("FIXTURE_JOIN_LEASE_MS", "1500".to_owned()),
+        ];
+        FixtureWorker::start_with(
+            &self.url,
+            &self.svc,
+            QueueType::Quorum,
+            &self.ledger,
+            concurrency,
+            &env,
+        )
+        .await
+    }
+
+    /// Enqueues a split job; returns (cid, part queue name).
+    async fn job(&self, n: u64, ms: u64) -> (String, String) {
+        let cid = unique("job");
+        let task = Task::new(
+            &format!("{}.sum", self.svc),
+            &serde_json::json!({"n": n, "ms": ms}),
+        )
+        .unwrap()
+        .with_cid(&cid)
+        .on_complete(&Target::new(&self.svc, "done").unwrap())
+        .on_error(&Target::new(&self.svc, "failed").unwrap());
+        let r = self.client.send(task).await.unwrap();
+        (cid, format!("part.{}-sum-{}", self.svc, r.id))
+    }
+
+    /// Waits for the job's hook, the part queue's removal and an idle service queue, then
+    /// returns every hook line for `cid`.
+    async fn settle(
+        &self,
+        cid: &str,
+        part_queue: &str,
+        deadline: Duration,
+    ) -> Vec<(String, Value)> {
+        let end = tokio::time::Instant::now() + deadline;
+        let broker = self.client.broker();
+        loop {
+            let fired = !hook_lines(&self.hooks, cid).is_empty();
+            let gone = broker.queue_stats(part_queue).await.unwrap().is_none();
+            let idle = broker
+                .queue_stats(&format!("warren.svc.{}", self.svc))
+                .await
+                .unwrap()
+                .is_some_and(|s| s.ready == 0);
+            if fired && gone && idle {
+                return hook_lines(&self.hooks, cid);
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "job {cid} did not finish (hook {fired}, part queue gone {gone}, idle {idle})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn hook_lines(path: &Path, cid: &str) -> Vec<(String, Value)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ' ');
+            let (m, c, p) = (it.next()?, it.next()?, it.next()?);
+            if c != cid {
+                return None;
+            }
+            Some((m.to_owned(), serde_json::from_str(p).ok()?))
+        })
+        .collect()
+}
+
+fn squares(n: u64) -> Value {
+    Value::Array((0..n).map(|i| Value::from(i * i)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_jobs_across_three_worker_processes() {
+    let s = Setup::new().await;
+    let workers = [s.worker(8).await, s.worker(8).await, s.worker(8).await];
+    for n in [1u64, 7, 500] {
+        let (cid, pq) = s.job(n, 0).await;
+        let hooks = s.settle(&cid, &pq, Duration::from_secs(120)).await;
+        assert_eq!(
+            hooks.len(),
+            1,
+            "{n} parts: exactly one hook, got {}",
+            hooks.len()
+        );
+        assert_eq!(hooks[0].0, "done");
+        assert_eq!(
+            hooks[0].1,
+            squares(n),
+            "{n} parts: every result, in part order"
+        );
+    }
+    for w in workers {
+        assert!(w.terminate().await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_twenty_times_during_a_200_part_job() {
+    const N: u64 = 200;
+    let s = Setup::new().await;
+    let mut workers = vec![s.worker(3).await, s.worker(3).await];
+    let (cid, pq) = s.job(N, 250).await;
+    let broker = s.client.broker().clone();
+    let mut kills = 0;
+    let mut kills_near_join = 0;
+    let mut rng = rand::rng();
+    // Kill a random worker at random moments while parts run, restarting it each time.
+    while kills < 20 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..250))).await;
+        let victim = workers.swap_remove(rng.random_range(0..workers.len()));
+        victim.kill9().await;
+        kills += 1;
+        workers.push(s.worker(3).await);
+        if !hook_lines(&s.hooks, &cid).is_empty() {
+            break;
+        }
+    }
+    // Then kill both workers the moment (nearly) all results are in: the join is running.
+    for _ in 0..3 {
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = broker
+                .queue_stats(&pq)
+                .await
+                .unwrap()
+                .map_or(0, |q| q.ready);
+            if ready as u64 >= N - 2
+                || !hook_lines(&s.hooks, &cid).is_empty()
+                || tokio::time::Instant::now() > end
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !hook_lines(&s.hooks, &cid).is_empty() {
+            break;
+        }
+        for w in workers.drain(..) {
+            w.kill9().await;
+            kills += 1;
+            kills_near_join += 1;
+        }
+        workers.push(s.worker(3).await);
+        workers.push(s.worker(3).await);
+    }
+    let hooks = s.settle(&cid, &pq, Duration::from_secs(180)).await;
+    eprintln!("{kills} kills ({kills_near_join} with the join due)");
+    assert!(kills >= 20);
+    assert_eq!(hooks.len(), 1, "exactly one oncomplete: {hooks:?}");
+    assert_eq!(hooks[0].0, "done");
+    assert_eq!(hooks[0].1, squares(N));
+    // Every part ran (at least once) and no part queue is left.
+    let ran: std::collections::HashSet<String> = common::read_ledger(&s.ledger)
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    assert!((0..N).all(|i| ran.contains(&format!("{cid}/{i}"))));
+    assert!(broker.queue_stats(&pq).await.unwrap().is_none());
+    for w in workers {
+        assert!(w.terminate().await);
+    }
+}
