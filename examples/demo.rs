@@ -4,15 +4,108 @@
 //! Run it with `./scripts/demo` (which makes sure RabbitMQ is up) or
 //! `cargo run --example demo`. It prints what happens: an enqueued task, typed invokes, a
 //! handler error coming back typed, a task retried after a delay, bad input dead-lettered,
-//! an oncomplete hook, and a graceful shutdown.
+//! an oncomplete hook, a split job counting words over chunks of a text on two worker
+//! processes (the demo starts itself twice as `demo worker ...`), and a graceful shutdown.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use warren::{Client, Context, Service, Target, Task, TaskError, Worker};
+
+const TEXT: &str = "the quick brown fox jumps over the lazy dog and the dog sleeps while \
+the fox runs far over the hills where the wind blows and the grass grows tall and green";
+
+#[derive(Serialize, Deserialize)]
+struct CountJob {
+    text: String,
+    chunks: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Chunk {
+    words: Vec<String>,
+}
+
+/// `demo worker <service> <n>`: a worker process hosting the word-count service.
+async fn worker_process(svc: String, n: String) -> anyhow::Result<()> {
+    let who = format!("[worker process {n}]");
+    let who2 = who.clone();
+    let service = Service::new(&svc)?
+        // The splitter: one part per chunk of words.
+        .method("count_part", move |_: Context, job: CountJob| {
+            let who = who.clone();
+            async move {
+                let words: Vec<String> = job.text.split_whitespace().map(str::to_owned).collect();
+                let size = words.len().div_ceil(job.chunks.max(1)).max(1);
+                let parts: Vec<Chunk> = words
+                    .chunks(size)
+                    .map(|c| Chunk { words: c.to_vec() })
+                    .collect();
+                println!("  {who} split the text into {} parts", parts.len());
+                Ok::<_, TaskError>(parts)
+            }
+        })?
+        // Each part counts the words of its chunk.
+        .method("count", move |ctx: Context, chunk: Chunk| {
+            let who = who2.clone();
+            async move {
+                let mut counts = std::collections::BTreeMap::<String, u32>::new();
+                for w in chunk.words {
+                    *counts.entry(w).or_default() += 1;
+                }
+                let part = ctx.part().map_or(0, |p| p.part_id);
+                println!("  {who} part {part} done: {} distinct words", counts.len());
+                Ok::<_, TaskError>(counts)
+            }
+        })?;
+    let worker = Worker::builder()
+        .service(service)
+        .concurrency(2)
+        .build()
+        .await?;
+    println!("READY");
+    // Runs until the demo closes our stdin.
+    worker
+        .run_until(async {
+            let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(_)) = stdin.next_line().await {}
+        })
+        .await?;
+    Ok(())
+}
+
+/// Starts `demo worker <svc> <n>`, relays its output, returns once it is consuming.
+async fn spawn_worker(svc: &str, n: usize) -> anyhow::Result<tokio::process::Child> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["worker", svc, &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .lines();
+    while let Some(line) = lines.next_line().await? {
+        if line == "READY" {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            println!("{line}");
+        }
+    });
+    Ok(child)
+}
 
 #[derive(Serialize, Deserialize)]
 struct Greeting {
@@ -27,6 +120,14 @@ struct Invoice {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("worker") {
+        return worker_process(
+            args.get(2).cloned().unwrap_or_default(),
+            args.get(3).cloned().unwrap_or_default(),
+        )
+        .await;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -35,10 +136,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
     // Unique service names per run, so demo runs never see each other's tasks.
     let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let (greeter, billing, audit) = (
+    let (greeter, billing, audit, words) = (
         format!("demo-greeter-{run}"),
         format!("demo-billing-{run}"),
         format!("demo-audit-{run}"),
+        format!("demo-words-{run}"),
     );
     let (events, mut seen) = mpsc::unbounded_channel::<String>();
 
@@ -79,7 +181,25 @@ async fn main() -> anyhow::Result<()> {
                         }
                     })?,
             )
-            .service(Service::new(&audit)?.method("record", move |ctx: Context, cents: u64| {
+            .service(Service::new(&audit)?.method("words", {
+                let ev = events.clone();
+                move |ctx: Context, counts: Vec<std::collections::BTreeMap<String, u32>>| {
+                    let ev = ev.clone();
+                    async move {
+                        let mut total = std::collections::BTreeMap::<String, u32>::new();
+                        for part in &counts {
+                            for (w, n) in part {
+                                *total.entry(w.clone()).or_default() += n;
+                            }
+                        }
+                        let mut top: Vec<_> = total.into_iter().collect();
+                        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                        top.truncate(3);
+                        let _ = ev.send(format!("[worker] oncomplete hook, once, with {} part results in order (cid {}): top words {top:?}", counts.len(), ctx.cid()));
+                        Ok::<_, TaskError>(())
+                    }
+                }
+            })?.method("record", move |ctx: Context, cents: u64| {
                 let ev = ev2.clone();
                 async move {
                     let _ = ev.send(format!("[worker] oncomplete hook: audit recorded {cents} cents (same cid {})", ctx.cid()));
@@ -167,11 +287,38 @@ async fn main() -> anyhow::Result<()> {
         dead.map_or(0, |s| s.ready)
     );
 
-    // 6. Graceful shutdown, then remove the demo's queues.
+    // 6. A split job on two worker processes: words.count_part splits the text, the parts
+    //    run on either process, and the oncomplete hook fires once with every part's result.
+    let mut procs = vec![
+        spawn_worker(&words, 1).await?,
+        spawn_worker(&words, 2).await?,
+    ];
+    println!("6. two worker processes host {words}; enqueueing a word count split into 6 parts");
+    let job = Task::new(
+        &format!("{words}.count"),
+        &CountJob {
+            text: TEXT.into(),
+            chunks: 6,
+        },
+    )?
+    .with_cid("word-count-1")
+    .on_complete(&Target::new(&audit, "words")?);
+    client.send(job).await?;
+    if let Some(line) = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await? {
+        println!("   {line}");
+    }
+    for p in &mut procs {
+        drop(p.stdin.take()); // closing stdin stops the worker gracefully
+    }
+    for mut p in procs {
+        let _ = tokio::time::timeout(Duration::from_secs(30), p.wait()).await;
+    }
+
+    // 7. Graceful shutdown, then remove the demo's queues.
     let _ = stop_tx.send(());
     running.await??;
-    println!("6. worker drained and stopped");
-    for svc in [&greeter, &billing, &audit] {
+    println!("7. workers drained and stopped");
+    for svc in [&greeter, &billing, &audit, &words] {
         for q in [
             format!("warren.svc.{svc}"),
             format!("warren.dead.{svc}"),
