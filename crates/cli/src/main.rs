@@ -1,1 +1,122 @@
-fn main() {}
+//! `warren`: the operator's command line for a warren deployment.
+//!
+//! # Layout
+//! - `opts`: the options every command shares (`--url`, `--queue-type`, `--connect-timeout`)
+//!   and how they become an [`warren_core::AmqpConfig`].
+//! - `check`: `warren check`, is the broker reachable, what is it, who are we.
+//! - `enqueue`: `warren enqueue` and `warren invoke`.
+//! - `queues`: `warren queues`, warren's queues and their counts.
+//! - `bench`: `warren bench`, the same workloads through raw lapin and through warren, and
+//!   the hidden `warren bench-worker` the bench starts as a separate process.
+
+mod bench;
+mod check;
+mod enqueue;
+mod opts;
+mod queues;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// The warren command line: check the broker, send tasks, look at queues, measure.
+///
+/// Every command reads the broker URL from `--url` or `WARREN_AMQP_URL` (default: a local
+/// RabbitMQ as guest). Passwords are never printed.
+#[derive(Debug, Parser)]
+#[command(
+    name = "warren",
+    version,
+    about = "Operate warren, the distributed worker framework on RabbitMQ",
+    long_about = "Operate warren, the distributed worker framework on RabbitMQ.\n\n\
+        Every command reads the broker URL from --url or WARREN_AMQP_URL (default: a local \
+        RabbitMQ, amqp://guest:guest@127.0.0.1:5672/%2f). Passwords are never printed.\n\
+        Log verbosity follows RUST_LOG (default: warn, lapin's own logs off).",
+    after_help = "Examples:\n  \
+        warren check\n  \
+        warren enqueue images.resize '{\"w\": 64}'\n  \
+        warren invoke math.add '{\"a\": 1, \"b\": 2}' --timeout 5s\n  \
+        warren queues --json\n  \
+        cargo run --release -p warren-cli -- bench --only noop"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: opts::Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that the broker answers; show its version and what the URL resolves to.
+    Check(check::CheckArgs),
+    /// Enqueue a task (fire and forget) and print its id and cid.
+    Enqueue(enqueue::EnqueueArgs),
+    /// Invoke a service method, wait for its reply and print it.
+    Invoke(enqueue::InvokeArgs),
+    /// List warren's queues with their ready, unacked and consumer counts.
+    Queues(queues::QueuesArgs),
+    /// Measure warren against raw lapin on the same broker, in one run.
+    Bench(bench::BenchArgs),
+    /// (internal) The worker process `warren bench` starts to measure its memory.
+    #[command(hide = true)]
+    BenchWorker(bench::worker_proc::BenchWorkerArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            // lapin logs every broker refusal at ERROR; warren reports them itself.
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,lapin=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause whose text the line
+/// already holds (lapin's errors include their source in their own message).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let global = cli.global;
+    match cli.command {
+        Command::Check(args) => check::run(&global, &args).await,
+        Command::Enqueue(args) => enqueue::run_enqueue(&global, args).await,
+        Command::Invoke(args) => enqueue::run_invoke(&global, args).await,
+        Command::Queues(args) => queues::run(&global, &args).await,
+        Command::Bench(args) => bench::run(&global, args).await,
+        Command::BenchWorker(args) => bench::worker_proc::run(&global, &args).await,
+    }
+}

@@ -276,9 +276,13 @@ impl Client {
             .map_err(Error::from)
     }
 
-    /// Stops the reply listener and closes the connection.
+    /// Stops the reply listener, deletes the client's reply queue (a crashed client's queue
+    /// expires by itself after 60 s) and closes the connection.
     pub async fn close(&self) {
         self.inner.shutdown.cancel();
+        if let Some(replies) = self.inner.replies.get() {
+            let _ = self.inner.broker.delete_queue(&replies.queue).await;
+        }
         self.inner.broker.close().await;
     }
 }

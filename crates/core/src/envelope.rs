@@ -175,15 +175,17 @@ impl Envelope {
     }
 
     /// Decodes a body: JSON, then version, then fields, then names.
+    ///
+    /// The common case (a valid version-1 envelope) is decoded in one pass; only a body that
+    /// fails is parsed again, to say precisely why.
     pub fn from_bytes(body: &[u8]) -> Result<Self, DecodeError> {
-        let value: Value = serde_json::from_slice(body).map_err(DecodeError::Malformed)?;
-        let v = value.get("v").ok_or(DecodeError::MissingVersion)?;
-        match v.as_u64() {
-            Some(ENVELOPE_VERSION) => {}
-            _ => return Err(DecodeError::UnsupportedVersion(v.to_string())),
+        let env: Envelope = match serde_json::from_slice(body) {
+            Ok(env) => env,
+            Err(_) => return Err(Self::diagnose(body)),
+        };
+        if env.v != ENVELOPE_VERSION {
+            return Err(DecodeError::UnsupportedVersion(env.v.to_string()));
         }
-        let env: Envelope =
-            serde_json::from_value(value).map_err(|e| DecodeError::Invalid(e.to_string()))?;
         validate_name("service", &env.svc).map_err(|e| DecodeError::Invalid(e.to_string()))?;
         validate_name("method", &env.method).map_err(|e| DecodeError::Invalid(e.to_string()))?;
         if env.cid.is_empty() || env.cid.len() > 255 {
@@ -192,6 +194,24 @@ impl Envelope {
             ));
         }
         Ok(env)
+    }
+
+    /// Why `body` is not a version-1 envelope.
+    fn diagnose(body: &[u8]) -> DecodeError {
+        let value: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return DecodeError::Malformed(e),
+        };
+        let Some(v) = value.get("v") else {
+            return DecodeError::MissingVersion;
+        };
+        if v.as_u64() != Some(ENVELOPE_VERSION) {
+            return DecodeError::UnsupportedVersion(v.to_string());
+        }
+        match serde_json::from_value::<Envelope>(value) {
+            Err(e) => DecodeError::Invalid(e.to_string()),
+            Ok(_) => DecodeError::Invalid("unreadable envelope".to_owned()),
+        }
     }
 }
 

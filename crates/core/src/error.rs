@@ -21,7 +21,7 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// No broker in the URL list accepted a connection within the reconnect policy.
-    #[error("could not connect to RabbitMQ at {urls} (tried for {waited:?})")]
+    #[error("could not connect to RabbitMQ at {urls} (tried for {waited:.1?})")]
     Unavailable {
         /// The URLs tried, credentials removed.
         urls: String,
@@ -108,11 +108,9 @@ impl std::fmt::Display for AmqpError {
     }
 }
 
-impl std::error::Error for AmqpError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&self.0)
-    }
-}
+/// lapin's message already includes its cause, so the chain ends here (a `source()` would
+/// print the same text twice).
+impl std::error::Error for AmqpError {}
 
 impl AmqpError {
     /// `true` when the broker closed only the channel (a soft protocol error such as

@@ -45,6 +45,9 @@ struct Active {
     channel: Channel,
     consumer: Consumer,
     generation: u64,
+    /// Checks the channel once a second, for the life of the channel (not per delivery:
+    /// a timer per `next` costs about a millisecond each, tokio rounds deadlines up).
+    watchdog: tokio::time::Interval,
 }
 
 /// A consumer on one queue that survives reconnects.
@@ -127,10 +130,14 @@ impl Subscription {
             )
             .await
             .map_err(|e| classify(format!("consuming {}", self.spec.queue.name), e))?;
+        let period = Duration::from_secs(1);
+        let mut watchdog = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Active {
             channel,
             consumer,
             generation,
+            watchdog,
         })
     }
 
@@ -165,8 +172,6 @@ impl Subscription {
                     }
                 }
             };
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
             let lost = loop {
                 tokio::select! {
                     () = self.cancel.cancelled() => return Ok(None),
@@ -186,7 +191,7 @@ impl Subscription {
                         Some(Err(e)) => break Some(e.to_string()),
                         None => break None,
                     },
-                    _ = tick.tick() => {
+                    _ = active.watchdog.tick() => {
                         if !active.channel.status().connected() {
                             break Some(String::from("channel closed"));
                         }

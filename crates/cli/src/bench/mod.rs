@@ -1,0 +1,424 @@
+//! `warren bench`: the same workloads through raw lapin and through warren, against the same
+//! broker, in one process and one run, one line per figure: `name value unit ratio_to_raw`.
+//!
+//! # Adding a group
+//! A group is a [`Group`] in [`GROUPS`]: a name for `--only`, a one-line description, and an
+//! async function that runs both sides of its workload and returns its [`Figure`]s. Name
+//! queues and services through [`Bench::raw_queue`] and [`Bench::service`] (unique per run,
+//! deleted at the end, also on error or Ctrl-C) and start in-process workers with
+//! [`Bench::spawn_worker`] (stopped before the queues are deleted).
+//!
+//! # Layout
+//! - `noop`: `noop_throughput` and `worker_rss_peak`.
+//! - `invoke`: `invoke_seq_p50`, `invoke_seq_p99`, `invoke_c64_throughput`, `invoke_c64_p99`.
+//! - `split`: `split1000_ms`, `fanin100_ms` (split jobs, enqueue to oncomplete).
+//! - `raw`: the raw-lapin building blocks the groups share.
+//! - `stats`: percentiles.
+//! - `procfs`: CPU time and peak memory from `/proc`.
+//! - `worker_proc`: the worker process the bench starts (`warren bench-worker`) and how its
+//!   peak memory is read.
+
+mod invoke;
+mod noop;
+mod procfs;
+mod raw;
+mod split;
+mod stats;
+pub mod worker_proc;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::{oneshot, watch};
+use warren_core::topology::{dead_queue, service_queue};
+use warren_core::{AmqpConfig, Broker, QueueType};
+use warren_worker::Worker;
+
+use crate::opts::Global;
+
+/// A figure of the bench: warren's value and, when raw lapin has a counterpart, raw's.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// `noop_throughput`, ...
+    pub name: &'static str,
+    /// warren's value.
+    pub value: f64,
+    /// `tasks/s`, `us`, `MiB`, ...
+    pub unit: &'static str,
+    /// raw lapin's value for the same workload, if there is one.
+    pub raw: Option<f64>,
+    /// Decimals to print.
+    pub decimals: usize,
+}
+
+impl Figure {
+    /// warren's value divided by raw's (above 1 is better for throughputs, worse for
+    /// latencies and sizes).
+    pub fn ratio(&self) -> Option<f64> {
+        self.raw.filter(|r| *r > 0.0).map(|r| self.value / r)
+    }
+
+    fn line(&self) -> String {
+        let ratio = self
+            .ratio()
+            .map_or_else(|| String::from("-"), |r| format!("{r:.2}"));
+        format!(
+            "{:<22} {:>10.*} {:<8} {ratio}",
+            self.name, self.decimals, self.value, self.unit
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct JsonFigure {
+    name: &'static str,
+    value: f64,
+    unit: &'static str,
+    ratio: Option<f64>,
+    raw: Option<f64>,
+}
+
+fn round(v: f64, decimals: usize) -> f64 {
+    let scale = 10f64.powi(i32::try_from(decimals).unwrap_or(0));
+    (v * scale).round() / scale
+}
+
+/// The future a group's run function returns.
+pub type GroupRun<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Figure>>> + Send + 'a>>;
+
+/// A bench group: one workload, run through raw lapin and through warren.
+pub struct Group {
+    /// The name `--only` takes.
+    pub name: &'static str,
+    /// What it measures (shown in `--help`).
+    pub about: &'static str,
+    /// Runs it.
+    pub run: for<'a> fn(&'a Bench) -> GroupRun<'a>,
+}
+
+/// Every group, in the order they run. Later issues add theirs here (split, fanout, retry,
+/// pubsub, chain).
+pub const GROUPS: &[Group] = &[noop::GROUP, invoke::GROUP, split::GROUP];
+
+fn group_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        GROUPS
+            .iter()
+            .map(|g| PossibleValue::new(g.name).help(g.about)),
+    )
+}
+
+/// `warren bench` options.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Prints `# ...` comment lines (broker, queue type, counts, raw lapin's \
+    own values) and one line per figure: `name value unit ratio_to_raw`, where the ratio is \
+    warren's value over raw lapin's for the same workload in the same run (`-` when raw has no \
+    counterpart). Build with --release: a debug build measures the compiler, not warren."
+)]
+pub struct BenchArgs {
+    /// Run only these groups (repeatable or comma-separated)
+    #[arg(long, value_delimiter = ',', value_parser = group_parser(), value_name = "GROUP")]
+    only: Vec<String>,
+    /// Print a JSON array of {name, value, unit, ratio, raw} instead of lines
+    #[arg(long)]
+    json: bool,
+    /// Tasks in the no-op throughput runs
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    count: u64,
+    /// Enqueues (and raw publishes) in flight at once in the no-op runs
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    in_flight: usize,
+    /// Prefetch of every consumer, raw and warren
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    prefetch: u16,
+    /// Concurrency of the warren workers
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    concurrency: usize,
+    /// Sequential invokes measured (after the warm-up)
+    #[arg(long, default_value_t = 2_000, value_name = "N")]
+    calls: u64,
+    /// Invokes made with 64 in flight
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    c64_calls: u64,
+    /// Warm-up invokes before the sequential ones (not measured)
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    warmup: u64,
+}
+
+/// What every group gets: options, naming, and the list of things to clean up.
+pub struct Bench {
+    /// The shared command-line options.
+    pub global: Global,
+    /// The bench options.
+    pub args: BenchArgs,
+    /// The queue type raw and warren both use.
+    pub queue_type: QueueType,
+    /// A short id unique to this run, in every name the run creates.
+    pub run_id: String,
+    /// The first URL of the list, with its password: for raw lapin connections only.
+    raw_url: String,
+    queues: Mutex<Vec<String>>,
+    workers: Mutex<Vec<watch::Receiver<bool>>>,
+}
+
+/// Stops an in-process worker when told to, or when dropped.
+pub struct WorkerGuard {
+    stop: Option<oneshot::Sender<()>>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl WorkerGuard {
+    /// Stops the worker and waits until it has drained.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.stopped.wait_for(|done| *done))
+            .await;
+    }
+}
+
+impl Bench {
+    /// warren's configuration (the run's queue type), with a connection name.
+    pub fn amqp(&self, name: &str) -> anyhow::Result<AmqpConfig> {
+        self.global.amqp(name)
+    }
+
+    /// The URL raw lapin connects to.
+    pub fn raw_url(&self) -> &str {
+        &self.raw_url
+    }
+
+    /// A queue name for a raw-lapin workload, deleted at the end of the run.
+    pub fn raw_queue(&self, what: &str) -> String {
+        let q = format!("warren.bench.{}.raw-{what}", self.run_id);
+        self.track(q.clone());
+        q
+    }
+
+    /// A service name for a warren workload; its queues are deleted at the end of the run.
+    pub fn service(&self, what: &str) -> anyhow::Result<String> {
+        let svc = format!("bench-{}-{what}", self.run_id);
+        self.track(service_queue(&svc)?);
+        self.track(dead_queue(&svc)?);
+        Ok(svc)
+    }
+
+    /// Deletes `queue` at the end of the run too.
+    pub fn track(&self, queue: String) {
+        if let Ok(mut q) = self.queues.lock() {
+            q.push(queue);
+        }
+    }
+
+    /// Runs `worker` in the background until the guard is stopped or dropped.
+    pub fn spawn_worker(&self, worker: Worker) -> WorkerGuard {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_rx.await;
+            };
+            if let Err(e) = worker.run_until(shutdown).await {
+                tracing::error!(error = %e, "bench worker failed");
+            }
+            let _ = done_tx.send(true);
+        });
+        if let Ok(mut w) = self.workers.lock() {
+            w.push(done_rx.clone());
+        }
+        WorkerGuard {
+            stop: Some(stop_tx),
+            stopped: done_rx,
+        }
+    }
+
+    /// Waits for in-process workers to stop (so none re-declares a queue), then deletes
+    /// every queue the run created.
+    async fn cleanup(&self, broker: Option<&Broker>) {
+        let workers = self.workers.lock().map(|w| w.clone()).unwrap_or_default();
+        for mut w in workers {
+            let _ = tokio::time::timeout(Duration::from_secs(30), w.wait_for(|d| *d)).await;
+        }
+        let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
+        let fresh;
+        let broker = match broker {
+            Some(b) => b,
+            None => match self.amqp("warren bench cleanup") {
+                Ok(cfg) => match Broker::connect(cfg).await {
+                    Ok(b) => {
+                        fresh = b;
+                        &fresh
+                    }
+                    Err(e) => {
+                        eprintln!("# cleanup: cannot connect ({e}); left behind: {queues:?}");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    eprintln!("# cleanup: {e:#}; left behind: {queues:?}");
+                    return;
+                }
+            },
+        };
+        let mut failed = Vec::new();
+        for q in &queues {
+            if let Err(e) = broker.delete_queue(q).await {
+                failed.push(format!("{q} ({e})"));
+            }
+        }
+        if !failed.is_empty() {
+            eprintln!("# cleanup: could not delete {}", failed.join(", "));
+        }
+    }
+}
+
+/// A progress note on stderr (stdout stays for figures).
+pub fn note(msg: impl std::fmt::Display) {
+    eprintln!("# {msg}");
+}
+
+/// `warren bench`.
+pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let groups: Vec<&Group> = if args.only.is_empty() {
+        GROUPS.iter().collect()
+    } else {
+        GROUPS
+            .iter()
+            .filter(|g| args.only.iter().any(|o| o == g.name))
+            .collect()
+    };
+    let raw_url = global
+        .each_url()
+        .first()
+        .map(|s| (*s).to_owned())
+        .context("no URL given")?;
+    let bench = Bench {
+        global: global.clone(),
+        queue_type: global.queue_type(),
+        run_id: uuid::Uuid::new_v4().simple().to_string()[..10].to_owned(),
+        raw_url,
+        args,
+        queues: Mutex::default(),
+        workers: Mutex::default(),
+    };
+    let broker = Broker::connect(bench.amqp("warren bench")?)
+        .await
+        .context("cannot connect to the broker")?;
+    let header = header(&bench, &broker).await;
+    if bench.args.json {
+        eprintln!("{header}");
+    } else {
+        println!("{header}");
+        println!("# name value unit ratio_to_raw");
+    }
+
+    let mut figures = Vec::new();
+    let mut failed = Vec::new();
+    let all = async {
+        for g in &groups {
+            match (g.run)(&bench).await {
+                Ok(fs) => {
+                    if !bench.args.json {
+                        for f in &fs {
+                            println!("{}", f.line());
+                        }
+                        for f in fs.iter().filter(|f| f.raw.is_some()) {
+                            println!(
+                                "# raw lapin {} {:.*} {}",
+                                f.name,
+                                f.decimals,
+                                f.raw.unwrap_or_default(),
+                                f.unit
+                            );
+                        }
+                    }
+                    figures.extend(fs);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: bench group {} failed: {}",
+                        g.name,
+                        crate::describe(&e)
+                    );
+                    failed.push(g.name);
+                }
+            }
+        }
+    };
+    let interrupted = tokio::select! {
+        () = all => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if interrupted {
+        note("interrupted; cleaning up");
+    }
+    bench.cleanup(Some(&broker)).await;
+    broker.close().await;
+    if bench.args.json {
+        let out: Vec<JsonFigure> = figures
+            .iter()
+            .map(|f| JsonFigure {
+                name: f.name,
+                value: round(f.value, f.decimals),
+                unit: f.unit,
+                ratio: f.ratio().map(|r| round(r, 3)),
+                raw: f.raw.map(|r| round(r, f.decimals)),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    if interrupted {
+        return Err(anyhow!("interrupted"));
+    }
+    if !failed.is_empty() {
+        return Err(anyhow!("bench groups failed: {}", failed.join(", ")));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn header(bench: &Bench, broker: &Broker) -> String {
+    let url = bench.global.amqp("warren bench").ok();
+    let first = url.as_ref().and_then(|c| c.urls().first().cloned());
+    let endpoint = first.as_ref().map_or_else(String::new, |u| u.host_port());
+    let product = match &first {
+        Some(u) if u.redacted().starts_with("amqps:") => String::from("broker (TLS, not probed)"),
+        _ => match crate::check::probe(&endpoint, Duration::from_secs(5)).await {
+            Ok(info) => info.product_version(),
+            Err(_) => String::from("unknown broker"),
+        },
+    };
+    let vhost = broker
+        .identity()
+        .await
+        .map_or_else(|_| String::from("?"), |(v, _)| v);
+    let a = &bench.args;
+    let build = if cfg!(debug_assertions) {
+        "DEBUG build: figures are meaningless, use --release"
+    } else {
+        "release build"
+    };
+    format!(
+        "# warren bench: {product} at {endpoint} (vhost {vhost}); queue type {qt}; \
+         noop {count} tasks, {in_flight} in flight, prefetch {prefetch}, worker concurrency \
+         {conc}; invoke {calls} sequential after {warmup} warm-up, {c64} with 64 in flight; \
+         run {run}; {build}",
+        qt = bench.queue_type.as_str(),
+        count = a.count,
+        in_flight = a.in_flight,
+        prefetch = a.prefetch,
+        conc = a.concurrency,
+        calls = a.calls,
+        warmup = a.warmup,
+        c64 = a.c64_calls,
+        run = bench.run_id,
+    )
+}

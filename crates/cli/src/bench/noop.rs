@@ -1,0 +1,322 @@
+//! The `noop` group: persistent, confirmed, acked no-op tasks, end to end.
+//!
+//! - raw lapin: one confirm channel pipelines persistent mandatory publishes (at most
+//!   `--in-flight` unconfirmed) into a durable queue of the run's queue type, while a consumer
+//!   on its own connection, with the same prefetch, acks each delivery (acks in flight
+//!   concurrently, not one frame write at a time).
+//! - warren: `--in-flight` tasks call `Client::enqueue` concurrently while a `Worker` in the
+//!   same process runs a no-op handler.
+//!
+//! Both are timed from the first publish to the last delivery handled (acked, for raw). The
+//! bodies weigh the same: raw messages are padded to the size of warren's envelope.
+//!
+//! `worker_rss_peak` runs the warren side again with the worker in its own process
+//! (`warren bench-worker`), and reads that process's peak resident memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use warren_client::Client;
+use warren_core::{Envelope, Target};
+use warren_worker::{Context, Service, TaskError, Worker};
+
+use super::raw::{self, short};
+use super::{note, procfs, worker_proc, Bench, Figure, Group, GroupRun};
+
+/// The group.
+pub const GROUP: Group = Group {
+    name: "noop",
+    about: "no-op task throughput (persistent, confirmed, acked) and worker peak memory",
+    run,
+};
+
+/// How long one side of the workload may take before the bench gives up.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn run(b: &Bench) -> GroupRun<'_> {
+    Box::pin(async move {
+        let n = b.args.count;
+        note(format!("noop: raw lapin, {n} messages"));
+        let raw = raw_noop(b).await.context("raw lapin side")?;
+        note(format!("noop: warren, {n} tasks"));
+        let warren = warren_noop(b).await.context("warren side")?;
+        note(format!(
+            "noop: warren with the worker in its own process, {n} tasks (memory)"
+        ));
+        let rss = worker_proc::rss_run(b)
+            .await
+            .context("worker process run")?;
+        note(format!(
+            "noop: worker process handled {n} tasks at {:.0} tasks/s, {} CPU per task",
+            rss.throughput,
+            cpu_text(rss.cpu_us_per_task)
+        ));
+        let mut figures = vec![Figure {
+            name: "noop_throughput",
+            value: warren,
+            unit: "tasks/s",
+            raw: Some(raw),
+            decimals: 0,
+        }];
+        if let Some(mib) = rss.peak_mib {
+            figures.push(Figure {
+                name: "worker_rss_peak",
+                value: mib,
+                unit: "MiB",
+                raw: None,
+                decimals: 1,
+            });
+        }
+        Ok(figures)
+    })
+}
+
+/// The payload of task `i`.
+pub fn payload(i: u64) -> Value {
+    json!({ "i": i })
+}
+
+/// The size of a warren envelope carrying a no-op payload.
+fn envelope_len() -> anyhow::Result<usize> {
+    let target: Target = "bench-0123456789-noop.noop".parse()?;
+    Ok(Envelope::new(&target, payload(12345), None)
+        .to_bytes()?
+        .len())
+}
+
+/// Raw lapin: returns messages per second.
+async fn raw_noop(b: &Bench) -> anyhow::Result<f64> {
+    let n = b.args.count;
+    let queue = b.raw_queue("noop");
+    let pub_conn = raw::connect(b.raw_url(), "warren bench raw publisher").await?;
+    let con_conn = raw::connect(b.raw_url(), "warren bench raw consumer").await?;
+    let result = async {
+        let pch = raw::confirm_channel(&pub_conn).await?;
+        raw::declare_queue(&pch, &queue, b.queue_type).await?;
+        let cch = con_conn.create_channel().await?;
+        cch.basic_qos(b.args.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = cch
+            .basic_consume(
+                short(&queue),
+                short(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let body = raw::body_of_len(envelope_len()?);
+        let props = BasicProperties::default()
+            .with_content_type(short("application/json"))
+            .with_delivery_mode(2);
+        let acked = Arc::new(AtomicU64::new(0));
+        let cpu_before = procfs::cpu_time(None);
+        let started = Instant::now();
+        let counter = acked.clone();
+        // Acks are sent concurrently (each delivery acked on its own, as warren does), so
+        // the consumer does not wait for one ack frame to be written before the next.
+        let consume = tokio::spawn(async move {
+            let mut received = 0u64;
+            let mut acks = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    d = consumer.next(), if received < n => {
+                        let d = d.context("the consumer stream ended")??;
+                        received += 1;
+                        acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
+                    }
+                    Some(r) = acks.next() => {
+                        if !r? {
+                            bail!("ack not delivered");
+                        }
+                        if counter.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                            return Ok::<_, anyhow::Error>(Instant::now());
+                        }
+                    }
+                }
+            }
+        });
+        // Up to `in_flight` publishes pipelined: each sends its frames and awaits its confirm.
+        let publish = async {
+            let (pch, queue, body, props) = (&pch, queue.as_str(), body.as_slice(), &props);
+            let one = || async move {
+                let confirm = pch
+                    .basic_publish(
+                        short(""),
+                        short(queue),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        body,
+                        props.clone(),
+                    )
+                    .await?;
+                raw::check_confirm(confirm.await)
+            };
+            let mut pending = FuturesUnordered::new();
+            for _ in 0..n {
+                pending.push(one());
+                while pending.len() >= b.args.in_flight.max(1) {
+                    if let Some(r) = pending.next().await {
+                        r?;
+                    }
+                }
+            }
+            while let Some(r) = pending.next().await {
+                r?;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let finished = tokio::time::timeout(DEADLINE, async {
+            publish.await?;
+            let sent = started.elapsed();
+            note(format!(
+                "noop: raw published {n} in {:.2} s ({:.0}/s), {} acked by then",
+                sent.as_secs_f64(),
+                throughput(n, sent),
+                acked.load(Ordering::Relaxed)
+            ));
+            consume.await?
+        })
+        .await;
+        match finished {
+            Ok(end) => {
+                let took = end? - started;
+                note(format!(
+                    "noop: raw lapin used {} CPU per message (publisher and consumer)",
+                    cpu_text(procfs::us_per(cpu_before, procfs::cpu_time(None), n))
+                ));
+                Ok(throughput(n, took))
+            }
+            Err(_) => bail!("timed out: {} of {n} acked", acked.load(Ordering::Relaxed)),
+        }
+    }
+    .await;
+    let _ = pub_conn.close(200, short("bye")).await;
+    let _ = con_conn.close(200, short("bye")).await;
+    result
+}
+
+/// `12.3 us` or `? us`.
+pub fn cpu_text(us: Option<f64>) -> String {
+    us.map_or_else(|| String::from("? us"), |u| format!("{u:.1} us"))
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn throughput(n: u64, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+/// A no-op service counting its calls; `done` is notified when `count` were handled.
+pub fn noop_service(
+    name: &str,
+    count: u64,
+    handled: Arc<AtomicU64>,
+    done: Arc<Notify>,
+) -> anyhow::Result<Service> {
+    Ok(
+        Service::new(name)?.method("noop", move |_ctx: Context, _p: Value| {
+            let (handled, done) = (handled.clone(), done.clone());
+            async move {
+                if handled.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                    done.notify_one();
+                }
+                Ok::<(), TaskError>(())
+            }
+        })?,
+    )
+}
+
+/// warren, worker in this process: returns tasks per second.
+async fn warren_noop(b: &Bench) -> anyhow::Result<f64> {
+    let n = b.args.count;
+    let svc = b.service("noop")?;
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let worker = Worker::builder()
+        .amqp(b.amqp("warren bench worker")?)
+        .service(noop_service(&svc, n, handled.clone(), done.clone())?)
+        .concurrency(b.args.concurrency)
+        .prefetch(b.args.prefetch)
+        .drain_timeout(Duration::from_secs(5))
+        .build()
+        .await?;
+    let guard = b.spawn_worker(worker);
+    let client = Client::builder()
+        .amqp(b.amqp("warren bench client")?)
+        .connect()
+        .await?;
+    let result = async {
+        client.ensure_service(&svc).await?;
+        let cpu_before = procfs::cpu_time(None);
+        let started = Instant::now();
+        let run = async {
+            enqueue_all(&client, &format!("{svc}.noop"), n, b.args.in_flight).await?;
+            let sent = started.elapsed();
+            note(format!(
+                "noop: warren enqueued {n} in {:.2} s ({:.0}/s), {} handled by then",
+                sent.as_secs_f64(),
+                throughput(n, sent),
+                handled.load(Ordering::Relaxed)
+            ));
+            done.notified().await;
+            Ok::<_, anyhow::Error>(())
+        };
+        match tokio::time::timeout(DEADLINE, run).await {
+            Ok(r) => r.map(|()| {
+                let took = started.elapsed();
+                note(format!(
+                    "noop: warren used {} CPU per task (client and worker)",
+                    cpu_text(procfs::us_per(cpu_before, procfs::cpu_time(None), n))
+                ));
+                throughput(n, took)
+            }),
+            Err(_) => bail!(
+                "timed out: {} of {n} handled",
+                handled.load(Ordering::Relaxed)
+            ),
+        }
+    }
+    .await;
+    client.close().await;
+    guard.stop().await;
+    result
+}
+
+/// Enqueues `n` no-op tasks for `target` from `in_flight` concurrent tasks.
+pub async fn enqueue_all(
+    client: &Client,
+    target: &str,
+    n: u64,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let target: Arc<str> = Arc::from(target);
+    let mut tasks = JoinSet::new();
+    for _ in 0..in_flight.max(1) {
+        let (client, next, target) = (client.clone(), next.clone(), target.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                client.enqueue(&target, &payload(i)).await?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! `split`: a split job from enqueue to oncomplete (`split1000_ms`, `fanin100_ms`), beside
+//! the raw-lapin floor for the same message count: N part publishes, N result publishes (each
+//! published by the consumer of a part, confirmed, before that part's ack) and 1 hook
+//! publish, all persistent and confirmed, timed from the first publish to the hook's receipt.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use tokio::sync::mpsc;
+use warren_client::{Client, Task};
+use warren_core::topology::{JobKey, QueueSpec};
+use warren_core::Target;
+use warren_worker::{Context, Service, TaskError, Worker};
+
+use super::raw::{self, short};
+use super::{note, Bench, Figure, Group, GroupRun};
+
+/// The group.
+pub const GROUP: Group = Group {
+    name: "split",
+    about: "split job of 1,000 parts and fan-in of 100, enqueue to oncomplete, vs the raw floor",
+    run,
+};
+
+const RUNS_1000: usize = 5;
+const RUNS_100: usize = 9;
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn run(b: &Bench) -> GroupRun<'_> {
+    Box::pin(async move {
+        note("split: raw lapin floor, 1000 and 100 parts");
+        let raw1000 = median(
+            raw_floor(b, 1000, RUNS_1000)
+                .await
+                .context("raw floor 1000")?,
+        );
+        let raw100 = median(raw_floor(b, 100, RUNS_100).await.context("raw floor 100")?);
+        note(format!(
+            "split: raw floor 1000 parts {raw1000:.1} ms, 100 parts {raw100:.1} ms"
+        ));
+        note("split: warren split jobs");
+        let (w1000, w100) = warren_split(b).await.context("warren side")?;
+        Ok(vec![
+            Figure {
+                name: "split1000_ms",
+                value: median(w1000),
+                unit: "ms",
+                raw: Some(raw1000),
+                decimals: 1,
+            },
+            Figure {
+                name: "fanin100_ms",
+                value: median(w100),
+                unit: "ms",
+                raw: Some(raw100),
+                decimals: 1,
+            },
+        ])
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Raw lapin: parts queue → a consumer that publishes each result (confirmed) then acks →
+/// results queue → when all are in, one hook publish → hook queue. Returns ms per run.
+async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Result<Vec<f64>> {
+    let (parts_q, results_q, hook_q) = (
+        b.raw_queue(&format!("split{n}-parts")),
+        b.raw_queue(&format!("split{n}-results")),
+        b.raw_queue(&format!("split{n}-hook")),
+    );
+    let driver = raw::connect(b.raw_url(), "warren bench raw split driver").await?;
+    let worker = raw::connect(b.raw_url(), "warren bench raw split worker").await?;
+    let pch = raw::confirm_channel(&driver).await?;
+    for q in [&parts_q, &results_q, &hook_q] {
+        raw::declare_queue(&pch, q, b.queue_type).await?;
+    }
+    let props = BasicProperties::default()
+        .with_content_type(short("application/json"))
+        .with_delivery_mode(2);
+    // The worker: consume parts, publish a result per part (confirmed), then ack.
+    let wch = raw::confirm_channel(&worker).await?;
+    wch.basic_qos(b.args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut parts = wch
+        .basic_consume(
+            short(&parts_q),
+            short("raw-split-worker"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (wres, wprops) = (results_q.clone(), props.clone());
+    let worker_task = tokio::spawn(async move {
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                d = parts.next() => {
+                    let Some(d) = d else { break };
+                    let d = d?;
+                    let (ch, q, p) = (wch.clone(), wres.clone(), wprops.clone());
+                    inflight.push(async move {
+                        let c = ch.basic_publish(short(""), short(&q), BasicPublishOptions { mandatory: true, immediate: false }, &d.data, p).await?.await;
+                        raw::check_confirm(c)?;
+                        if !d.acker.ack(BasicAckOptions::default()).await? {
+                            bail!("ack not delivered");
+                        }
+                        Ok::<_, anyhow::Error>(())
+                    });
+                }
+                Some(r) = inflight.next() => r?,
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let cch = driver.create_channel().await?;
+    cch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut results = cch
+        .basic_consume(
+            short(&results_q),
+            short("raw-split-results"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut hooks = cch
+        .basic_consume(
+            short(&hook_q),
+            short("raw-split-hook"),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let body = raw::body_of_len(300);
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let round = async {
+            let mut confirms = FuturesUnordered::new();
+            for _ in 0..n {
+                confirms.push(
+                    pch.basic_publish(
+                        short(""),
+                        short(&parts_q),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        &body,
+                        props.clone(),
+                    )
+                    .await?,
+                );
+            }
+            while let Some(c) = confirms.next().await {
+                raw::check_confirm(c)?;
+            }
+            for _ in 0..n {
+                let d = results.next().await.context("results stream ended")??;
+                d.acker.ack(BasicAckOptions::default()).await?;
+            }
+            let c = pch
+                .basic_publish(
+                    short(""),
+                    short(&hook_q),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &body,
+                    props.clone(),
+                )
+                .await?
+                .await;
+            raw::check_confirm(c)?;
+            hooks.next().await.context("hook stream ended")??;
+            Ok::<_, anyhow::Error>(())
+        };
+        tokio::time::timeout(DEADLINE, round)
+            .await
+            .context("raw split timed out")??;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    worker_task.abort();
+    let _ = driver.close(200, short("done")).await;
+    let _ = worker.close(200, short("done")).await;
+    Ok(times)
+}
+
+/// warren: a service with a splitter, parts and a hook; returns ms per job for 1000 and 100.
+async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let svc = b.service("split")?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let service = Service::new(&svc)?
+        .method("job_part", |_: Context, n: u32| async move {
+            Ok::<_, TaskError>((0..n).collect::<Vec<u32>>())
+        })?
+        .method(
+            "job",
+            |_: Context, i: u32| async move { Ok::<_, TaskError>(i) },
+        )?
+        .method("done", move |ctx: Context, results: Vec<u32>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(format!("{} {}", ctx.cid(), results.len()));
+                Ok::<_, TaskError>(())
+            }
+        })?;
+    let worker = Worker::builder()
+        .amqp(b.amqp("warren bench split worker")?)
+        .service(service)
+        .concurrency(b.args.concurrency)
+        .prefetch(b.args.prefetch)
+        .part_queue_expiry(Duration::from_secs(120))
+        .build()
+        .await?;
+    let guard = b.spawn_worker(worker);
+    let client = Client::builder()
+        .amqp(b.amqp("warren bench split client")?)
+        .connect()
+        .await?;
+    let hook = Target::new(&svc, "done")?;
+    let one = |n: u32, k: usize| {
+        let (client, hook, svc) = (client.clone(), hook.clone(), svc.clone());
+        let cid = format!("bench-split-{n}-{k}");
+        async move {
+            let started = Instant::now();
+            let r = client
+                .send(
+                    Task::new(&format!("{svc}.job"), &n)?
+                        .with_cid(&cid)
+                        .on_complete(&hook),
+                )
+                .await?;
+            Ok::<_, anyhow::Error>((started, cid, r.id))
+        }
+    };
+    let mut out = (Vec::new(), Vec::new());
+    for (n, runs) in [(1000u32, RUNS_1000), (100, RUNS_100)] {
+        for k in 0..runs {
+            let (started, cid, id) = one(n, k).await?;
+            let pq = format!("part.{svc}-job-{id}");
+            let key = JobKey::of(&pq);
+            b.track(QueueSpec::claim(&key, 0, 0).name);
+            b.track(QueueSpec::done(&key, 0).name);
+            let line = tokio::time::timeout(DEADLINE, rx.recv())
+                .await
+                .context("split job timed out")?
+                .context("hook channel closed")?;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            if line != format!("{cid} {n}") {
+                bail!("unexpected hook {line:?} for {cid}");
+            }
+            if n == 1000 {
+                out.0.push(ms)
+            } else {
+                out.1.push(ms)
+            }
+        }
+    }
+    client.close().await;
+    guard.stop().await;
+    Ok(out)
+}

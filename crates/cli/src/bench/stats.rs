@@ -1,0 +1,38 @@
+//! Percentiles over a sorted list of latencies (nearest-rank: the value below which `p`% of
+//! the samples fall).
+
+use std::time::Duration;
+
+/// The `p`-th percentile (0 < p <= 100) of `samples`, in microseconds; sorts them first.
+pub fn percentile_us(samples: &mut [Duration], p: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_unstable();
+    let n = samples.len();
+    // nearest rank: ceil(p/100 * n), 1-based
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    let idx = rank.clamp(1, n) - 1;
+    samples[idx].as_secs_f64() * 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        assert!((percentile_us(&mut v, 50.0) - 50.0).abs() < 1e-6);
+        assert!((percentile_us(&mut v, 99.0) - 99.0).abs() < 1e-6);
+        assert!((percentile_us(&mut v, 100.0) - 100.0).abs() < 1e-6);
+        assert!((percentile_us(&mut [], 50.0)).abs() < 1e-6);
+        let mut one = [Duration::from_micros(7)];
+        assert!((percentile_us(&mut one, 99.0) - 7.0).abs() < 1e-6);
+    }
+}
