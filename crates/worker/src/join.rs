@@ -66,7 +66,7 @@ impl Job {
         }
     }
 
-    fn claim(&self, shared: &Shared) -> QueueSpec {
+    pub(crate) fn claim(&self, shared: &Shared) -> QueueSpec {
         QueueSpec::claim(&self.key, ms(shared.joins.lease), ms(shared.joins.expiry))
     }
 
@@ -152,13 +152,19 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
                 Some(s) => s.ready,
             }
         };
-        // The lease: only one contender's publish is acked.
+        // The lease: only one contender's publish is acked. The claim queue is declared when
+        // the job is split (or here, on first use, for a job split by its caller).
         let claim = job.claim(shared);
-        broker.declare(std::slice::from_ref(&claim)).await?;
         let leased_at = Instant::now();
         let mut lease = Outgoing::new("", claim.name.clone(), b"{}".to_vec());
         lease.persistent = false;
-        match shared.client.publish_raw(&lease).await {
+        let mut published = shared.client.publish_raw(&lease).await;
+        if let Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) = published
+        {
+            broker.declare(std::slice::from_ref(&claim)).await?;
+            published = shared.client.publish_raw(&lease).await;
+        }
+        match published {
             Err(warren_client::Error::Broker(warren_core::Error::Nacked { .. })) => {
                 tracing::debug!(job = %job.key.0, redelivered, "another joiner holds the lease");
                 if redelivered {

@@ -47,11 +47,19 @@ pub(crate) async fn split(
         return Ok(());
     }
     let expiry = u64::try_from(shared.joins.expiry.as_millis()).unwrap_or(u64::MAX);
-    shared
-        .client
-        .broker()
-        .declare(&[QueueSpec::part(&queue, expiry)?, job.done(shared)])
-        .await?;
+    // The part queue, the lease queue and the done marker, declared side by side.
+    let broker = shared.client.broker();
+    let (part, claim, done) = (
+        QueueSpec::part(&queue, expiry)?,
+        job.claim(shared),
+        job.done(shared),
+    );
+    let (a, b, c) = tokio::join!(
+        broker.declare(std::slice::from_ref(&part)),
+        broker.declare(std::slice::from_ref(&claim)),
+        broker.declare(std::slice::from_ref(&done)),
+    );
+    a.and(b).and(c)?;
     tracing::info!(parts = total, part_queue = %queue, "split");
     if total == 0 {
         return join::try_join(shared, &job, d.redelivered).await;

@@ -34,6 +34,30 @@ struct Inner {
     config: AmqpConfig,
     live: Mutex<Option<Live>>,
     generation: AtomicU64,
+    /// Long-lived channels for declarations and passive declares, so that checking a queue
+    /// costs one round trip instead of three (open, declare, close).
+    ops: Vec<Arc<Mutex<Option<(Channel, u64)>>>>,
+    next_op: std::sync::atomic::AtomicUsize,
+    /// The connection generation whose exchanges are known to be declared.
+    exchanges_at: AtomicU64,
+}
+
+/// Channels kept for declarations and checks.
+const OPS_CHANNELS: usize = 8;
+
+/// An ops channel, held exclusively until dropped.
+struct OpsChannel {
+    slot: tokio::sync::OwnedMutexGuard<Option<(Channel, u64)>>,
+    channel: Channel,
+}
+
+impl OpsChannel {
+    /// Forgets the channel if an error closed it (a soft error such as NOT_FOUND closes it).
+    fn done(mut self) {
+        if !self.channel.status().connected() {
+            *self.slot = None;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -69,6 +93,11 @@ impl Broker {
                 config,
                 live: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                ops: (0..OPS_CHANNELS)
+                    .map(|_| Arc::new(Mutex::new(None)))
+                    .collect(),
+                next_op: std::sync::atomic::AtomicUsize::new(0),
+                exchanges_at: AtomicU64::new(0),
             }),
         };
         broker.live().await?;
@@ -172,31 +201,61 @@ impl Broker {
         }
     }
 
-    /// Declares warren's two exchanges (idempotent).
+    /// An ops channel of the live connection (opened if needed).
+    async fn ops(&self) -> Result<OpsChannel> {
+        let i = self.inner.next_op.fetch_add(1, Ordering::Relaxed) % self.inner.ops.len();
+        let mut slot = self.inner.ops[i].clone().lock_owned().await;
+        let current = self.generation();
+        let reusable = slot
+            .as_ref()
+            .filter(|(ch, g)| *g == current && ch.status().connected())
+            .map(|(ch, _)| ch.clone());
+        let channel = match reusable {
+            Some(ch) => ch,
+            None => {
+                let (ch, g) = self.channel().await?;
+                *slot = Some((ch.clone(), g));
+                ch
+            }
+        };
+        Ok(OpsChannel { slot, channel })
+    }
+
+    /// Declares warren's exchanges (idempotent; once per connection).
     pub async fn declare_exchanges(&self) -> Result<()> {
-        let (ch, _) = self.channel().await?;
-        declare_exchanges_on(&ch).await?;
-        let _ = ch.close(200, short("ok")).await;
+        let generation = self.generation();
+        if self.inner.exchanges_at.load(Ordering::Acquire) == generation {
+            return Ok(());
+        }
+        let ops = self.ops().await?;
+        let res = declare_exchanges_on(&ops.channel).await;
+        ops.done();
+        res?;
+        self.inner.exchanges_at.store(generation, Ordering::Release);
         Ok(())
     }
 
-    /// Declares queues (with their bindings), in order, on one channel.
+    /// Declares queues (with their bindings), in order.
     pub async fn declare(&self, specs: &[QueueSpec]) -> Result<()> {
-        let (ch, _) = self.channel().await?;
-        declare_exchanges_on(&ch).await?;
+        self.declare_exchanges().await?;
+        let ops = self.ops().await?;
+        let mut res = Ok(());
         for spec in specs {
-            declare_on(&ch, spec).await?;
+            res = declare_on(&ops.channel, spec).await;
+            if res.is_err() {
+                break;
+            }
         }
-        let _ = ch.close(200, short("ok")).await;
-        Ok(())
+        ops.done();
+        res
     }
 
     /// Ready and consumer counts of a queue, or `None` if it does not exist.
     pub async fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>> {
         check_amqp_len("queue", queue)?;
-        let (ch, _) = self.channel().await?;
-        tracing::trace!(queue, channel = ch.id(), "queue_stats: channel open");
-        let res = ch
+        let ops = self.ops().await?;
+        let res = ops
+            .channel
             .queue_declare(
                 short(queue),
                 QueueDeclareOptions {
@@ -206,21 +265,12 @@ impl Broker {
                 FieldTable::default(),
             )
             .await;
-        tracing::trace!(
-            queue,
-            channel = ch.id(),
-            ok = res.is_ok(),
-            "queue_stats: declared"
-        );
+        ops.done();
         match res {
-            Ok(q) => {
-                let _ = ch.close(200, short("ok")).await;
-                tracing::trace!(queue, "queue_stats: closed");
-                Ok(Some(QueueStats {
-                    ready: q.message_count(),
-                    consumers: q.consumer_count(),
-                }))
-            }
+            Ok(q) => Ok(Some(QueueStats {
+                ready: q.message_count(),
+                consumers: q.consumer_count(),
+            })),
             Err(e) if AmqpError(e.clone()).reply_code() == Some(404) => Ok(None),
             Err(e) => Err(classify(format!("checking queue {queue}"), e)),
         }
@@ -229,25 +279,25 @@ impl Broker {
     /// Deletes a queue (no error if it does not exist); returns how many messages it held.
     pub async fn delete_queue(&self, queue: &str) -> Result<u32> {
         check_amqp_len("queue", queue)?;
-        let (ch, _) = self.channel().await?;
-        let n = ch
+        let ops = self.ops().await?;
+        let res = ops
+            .channel
             .queue_delete(short(queue), QueueDeleteOptions::default())
-            .await
-            .map_err(|e| classify(format!("deleting queue {queue}"), e))?;
-        let _ = ch.close(200, short("ok")).await;
-        Ok(n)
+            .await;
+        ops.done();
+        res.map_err(|e| classify(format!("deleting queue {queue}"), e))
     }
 
     /// Removes every ready message from a queue; returns how many.
     pub async fn purge_queue(&self, queue: &str) -> Result<u32> {
         check_amqp_len("queue", queue)?;
-        let (ch, _) = self.channel().await?;
-        let n = ch
+        let ops = self.ops().await?;
+        let res = ops
+            .channel
             .queue_purge(short(queue), QueuePurgeOptions::default())
-            .await
-            .map_err(|e| classify(format!("purging queue {queue}"), e))?;
-        let _ = ch.close(200, short("ok")).await;
-        Ok(n)
+            .await;
+        ops.done();
+        res.map_err(|e| classify(format!("purging queue {queue}"), e))
     }
 
     /// The vhost and user name of the live connection (never the password).
