@@ -36,18 +36,21 @@ struct Inner {
     generation: AtomicU64,
     /// Long-lived channels for declarations and passive declares, so that checking a queue
     /// costs one round trip instead of three (open, declare, close).
-    ops: Vec<Arc<Mutex<Option<(Channel, u64)>>>>,
+    ops: Vec<Arc<Mutex<ChannelSlot>>>,
     next_op: std::sync::atomic::AtomicUsize,
     /// The connection generation whose exchanges are known to be declared.
     exchanges_at: AtomicU64,
 }
+
+/// A channel kept for reuse, with the connection generation it belongs to.
+pub(crate) type ChannelSlot = Option<(Channel, u64)>;
 
 /// Channels kept for declarations and checks.
 const OPS_CHANNELS: usize = 8;
 
 /// An ops channel, held exclusively until dropped.
 struct OpsChannel {
-    slot: tokio::sync::OwnedMutexGuard<Option<(Channel, u64)>>,
+    slot: tokio::sync::OwnedMutexGuard<ChannelSlot>,
     channel: Channel,
 }
 

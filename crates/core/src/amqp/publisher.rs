@@ -9,12 +9,12 @@ use lapin::{Channel, Confirmation};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::broker::{jitter, Broker};
+use super::broker::{jitter, Broker, ChannelSlot};
 use super::message::{short, Outgoing};
 use crate::error::{classify, Error, Result};
 
 /// One confirm channel and the connection generation it belongs to, opened on first use.
-type Slot = Mutex<Option<(Channel, u64)>>;
+type Slot = Mutex<ChannelSlot>;
 
 /// Publishes messages with the mandatory flag on confirm-mode channels.
 ///
