@@ -21,6 +21,7 @@ struct Setup {
     ledger: PathBuf,
     hooks: PathBuf,
     client: Client,
+    jobs: std::sync::Mutex<Vec<String>>,
     _cleanup: Cleanup,
 }
 
@@ -42,6 +43,7 @@ impl Setup {
             ledger,
             hooks,
             client,
+            jobs: std::sync::Mutex::default(),
             _cleanup: cleanup,
         }
     }
@@ -60,6 +62,19 @@ impl Setup {
             &env,
         )
         .await
+    }
+
+    /// Stops the workers (they drain: late duplicates of parts finish first), then removes
+    /// the jobs' queues, done markers included.
+    async fn finish(self, workers: Vec<FixtureWorker>) {
+        for w in workers {
+            assert!(w.terminate().await, "worker exits cleanly");
+        }
+        let jobs = std::mem::take(&mut *self.jobs.lock().unwrap());
+        for pq in jobs {
+            common::cleanup_job(&self.url, &pq).await;
+        }
+        self.client.close().await;
     }
 
     /// Enqueues a split job; returns (cid, part queue name).
@@ -96,6 +111,7 @@ impl Setup {
                 .unwrap()
                 .is_some_and(|s| s.ready == 0);
             if fired && gone && idle {
+                self.jobs.lock().unwrap().push(part_queue.to_owned());
                 return hook_lines(&self.hooks, cid);
             }
             assert!(
@@ -146,9 +162,7 @@ async fn split_jobs_across_three_worker_processes() {
             "{n} parts: every result, in part order"
         );
     }
-    for w in workers {
-        assert!(w.terminate().await);
-    }
+    s.finish(workers.into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +227,5 @@ async fn sigkill_twenty_times_during_a_200_part_job() {
         .collect();
     assert!((0..N).all(|i| ran.contains(&format!("{cid}/{i}"))));
     assert!(broker.queue_stats(&pq).await.unwrap().is_none());
-    for w in workers {
-        assert!(w.terminate().await);
-    }
+    s.finish(workers).await;
 }

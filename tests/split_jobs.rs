@@ -148,8 +148,14 @@ impl Fixture {
         (cid, calls)
     }
 
-    /// Waits for a hook for `cid`, the part queue's removal and an empty service queue.
+    /// Waits for a hook for `cid`, the part queue's removal and an empty service queue, then
+    /// removes the job's lease and done-marker queues.
     async fn settle(&self, cid: &str, part_queue: &str) {
+        self.wait_settled(cid, part_queue).await;
+        common::cleanup_job(&common::url(), part_queue).await;
+    }
+
+    async fn wait_settled(&self, cid: &str, part_queue: &str) {
         poll("the job's hook", Duration::from_secs(60), || {
             let hooks = self.hooks.clone();
             let cid = cid.to_owned();
@@ -181,9 +187,15 @@ impl Fixture {
     }
 
     async fn stop(self) {
+        let client = self.client.clone();
+        self.stop_worker().await;
+        client.close().await;
+    }
+
+    /// Stops the worker (draining in-flight tasks); the client stays usable.
+    async fn stop_worker(self) {
         self.stop.cancel();
         self.handle.await.unwrap().unwrap();
-        self.client.close().await;
     }
 }
 
@@ -215,7 +227,8 @@ async fn split_sizes(qt: QueueType) {
     .unwrap()
     .with_cid(&cid)
     .on_complete(&f.target("done"));
-    f.client.send(task).await.unwrap();
+    let receipt = f.client.send(task).await.unwrap();
+    let zero_queue = format!("part.{}-square-{}", f.svc, receipt.id);
     poll("zero-part hook", Duration::from_secs(30), || {
         let hooks = f.hooks.clone();
         let cid = cid.clone();
@@ -241,6 +254,16 @@ async fn split_sizes(qt: QueueType) {
         calls,
         vec![("done".to_owned(), cid.clone(), Value::Array(vec![]))]
     );
+    assert!(
+        f.client
+            .broker()
+            .queue_stats(&zero_queue)
+            .await
+            .unwrap()
+            .is_none(),
+        "no part queue for a job without parts"
+    );
+    common::cleanup_job(&common::url(), &zero_queue).await;
     f.stop().await;
 }
 
@@ -317,7 +340,7 @@ async fn hand_attached_parts_with_a_duplicate_join_once() {
     for i in [0, 1, 2, 3, 2, 4, 5] {
         f.client.send(part(i)).await.unwrap();
     }
-    f.settle(&cid, &part_queue).await;
+    f.wait_settled(&cid, &part_queue).await;
     let calls: Vec<_> = f
         .hooks
         .lock()
@@ -328,32 +351,29 @@ async fn hand_attached_parts_with_a_duplicate_join_once() {
         .collect();
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].2, squares(6));
-    // A late duplicate after the join neither recreates the queue for good nor fires again.
+    // A late duplicate after the join neither recreates the part queue nor fires again.
     f.client.send(part(4)).await.unwrap();
     let broker = f.client.broker().clone();
     let sq = format!("warren.svc.{}", f.svc);
-    poll("late duplicate handled", Duration::from_secs(30), || {
+    poll("late duplicate taken", Duration::from_secs(30), || {
         let (broker, sq) = (broker.clone(), sq.clone());
         async move { (broker.queue_stats(&sq).await.ok()??.ready == 0).then_some(()) }
     })
     .await;
-    assert!(f
-        .client
+    let (client, hooks) = (f.client.clone(), f.hooks.clone());
+    f.stop_worker().await; // drains: the duplicate is fully handled after this
+    assert!(client
         .broker()
         .queue_stats(&part_queue)
         .await
         .unwrap()
         .is_none());
     assert_eq!(
-        f.hooks
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|h| h.1 == cid)
-            .count(),
+        hooks.lock().unwrap().iter().filter(|h| h.1 == cid).count(),
         1
     );
-    f.stop().await;
+    common::cleanup_job(&common::url(), &part_queue).await;
+    client.close().await;
 }
 
 #[tokio::test]

@@ -47,15 +47,20 @@ pub(crate) async fn split(
         return Ok(());
     }
     let expiry = u64::try_from(shared.joins.expiry.as_millis()).unwrap_or(u64::MAX);
-    // The part queue, the lease queue and the done marker, declared side by side.
+    // The part queue, the lease queue and the done marker, declared side by side (a job
+    // without parts needs no part queue).
     let broker = shared.client.broker();
-    let (part, claim, done) = (
-        QueueSpec::part(&queue, expiry)?,
-        job.claim(shared),
-        job.done(shared),
-    );
+    let (claim, done) = (job.claim(shared), job.done(shared));
+    let part = QueueSpec::part(&queue, expiry)?;
+    let declare_part = async {
+        if total == 0 {
+            Ok(())
+        } else {
+            broker.declare(std::slice::from_ref(&part)).await
+        }
+    };
     let (a, b, c) = tokio::join!(
-        broker.declare(std::slice::from_ref(&part)),
+        declare_part,
         broker.declare(std::slice::from_ref(&claim)),
         broker.declare(std::slice::from_ref(&done)),
     );
