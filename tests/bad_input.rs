@@ -194,12 +194,7 @@ async fn bad_input(qt: QueueType) {
     }
 
     // Nothing is left in the service queue, and the worker is still running.
-    let stats = client
-        .broker()
-        .queue_stats(&format!("warren.svc.{svc}"))
-        .await
-        .unwrap()
-        .unwrap();
+    let stats = common::service_stats(client.broker(), &svc).await;
     assert_eq!(stats.ready, 0);
     assert!(!handle.is_finished());
     stop.cancel();
@@ -273,12 +268,7 @@ async fn reply_to_outside_warren_is_not_honoured() {
         .await
         .unwrap();
     let _: i64 = client.invoke(&format!("{svc}.double"), &1).await.unwrap();
-    let stats = client
-        .broker()
-        .queue_stats(&format!("warren.svc.{svc}"))
-        .await
-        .unwrap()
-        .unwrap();
+    let stats = common::service_stats(client.broker(), &svc).await;
     assert_eq!(stats.ready, 0);
     let got = ch
         .basic_get(foreign.as_str().into(), BasicGetOptions { no_ack: true })

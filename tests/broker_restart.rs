@@ -59,12 +59,7 @@ async fn broker_restart_idle_and_under_load() {
     check_ledger(&ledger, 420);
 
     // The worker is consuming again (one consumer) and the queue is drained.
-    let stats = client
-        .broker()
-        .queue_stats(&format!("warren.svc.{svc}"))
-        .await
-        .unwrap()
-        .unwrap();
+    let stats = common::service_stats(client.broker(), &svc).await;
     assert_eq!(stats.consumers, 1);
     assert_eq!(stats.ready, 0);
     assert!(

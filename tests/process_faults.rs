@@ -36,12 +36,7 @@ async fn sigkill_with_tasks_in_flight_loses_nothing() {
     let w = FixtureWorker::start(&url, &svc, QueueType::Quorum, &ledger, 8).await;
     wait_keys(&ledger, N, Duration::from_secs(120)).await;
     let dups = check_ledger(&ledger, N);
-    let stats = client
-        .broker()
-        .queue_stats(&format!("warren.svc.{svc}"))
-        .await
-        .unwrap()
-        .unwrap();
+    let stats = common::service_stats(client.broker(), &svc).await;
     assert_eq!(stats.ready, 0);
     assert!(w.terminate().await, "last worker exits cleanly");
     eprintln!("sigkill: {N} tasks, {dups} re-executions after kills");

@@ -155,7 +155,8 @@ impl Fixture {
         common::cleanup_job(&common::url(), part_queue).await;
     }
 
-    async fn wait_settled(&self, cid: &str, part_queue: &str) {
+    /// Waits until a hook for `cid` ran.
+    async fn wait_hook(&self, cid: &str) {
         poll("the job's hook", Duration::from_secs(60), || {
             let hooks = self.hooks.clone();
             let cid = cid.to_owned();
@@ -169,6 +170,21 @@ impl Fixture {
             }
         })
         .await;
+    }
+
+    /// Every hook call for `cid` so far.
+    fn calls(&self, cid: &str) -> Vec<(String, String, Value)> {
+        self.hooks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.1 == cid)
+            .cloned()
+            .collect()
+    }
+
+    async fn wait_settled(&self, cid: &str, part_queue: &str) {
+        self.wait_hook(cid).await;
         let broker = self.client.broker().clone();
         let (pq, sq) = (part_queue.to_owned(), format!("warren.svc.{}", self.svc));
         poll(
@@ -229,27 +245,8 @@ async fn split_sizes(qt: QueueType) {
     .on_complete(&f.target("done"));
     let receipt = f.client.send(task).await.unwrap();
     let zero_queue = format!("part.{}-square-{}", f.svc, receipt.id);
-    poll("zero-part hook", Duration::from_secs(30), || {
-        let hooks = f.hooks.clone();
-        let cid = cid.clone();
-        async move {
-            hooks
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|h| h.1 == cid)
-                .then_some(())
-        }
-    })
-    .await;
-    let calls: Vec<_> = f
-        .hooks
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|h| h.1 == cid)
-        .cloned()
-        .collect();
+    f.wait_hook(&cid).await;
+    let calls = f.calls(&cid);
     assert_eq!(
         calls,
         vec![("done".to_owned(), cid.clone(), Value::Array(vec![]))]
@@ -341,14 +338,7 @@ async fn hand_attached_parts_with_a_duplicate_join_once() {
         f.client.send(part(i)).await.unwrap();
     }
     f.wait_settled(&cid, &part_queue).await;
-    let calls: Vec<_> = f
-        .hooks
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|h| h.1 == cid)
-        .cloned()
-        .collect();
+    let calls = f.calls(&cid);
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].2, squares(6));
     // A late duplicate after the join neither recreates the part queue nor fires again.
@@ -398,12 +388,7 @@ async fn part_queue_name_limit_is_checked_at_enqueue() {
         .unwrap_err();
     assert!(matches!(err, ClientError::Name(_)), "{err:?}");
     assert!(err.to_string().contains("part queue"), "{err}");
-    let stats = client
-        .broker()
-        .queue_stats(&format!("warren.svc.{svc}"))
-        .await
-        .unwrap()
-        .unwrap();
+    let stats = common::service_stats(client.broker(), &svc).await;
     assert_eq!(stats.ready, 1, "only the task that fits was published");
     // A hand-attached part queue over the limit is refused too.
     let err = client

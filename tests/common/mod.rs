@@ -305,3 +305,12 @@ pub async fn cleanup_job(url: &str, part_queue: &str) {
     let _ = broker.delete_queue(part_queue).await;
     broker.close().await;
 }
+
+/// Ready and consumer counts of a service's queue (which must exist).
+pub async fn service_stats(broker: &Broker, svc: &str) -> warren_core::QueueStats {
+    broker
+        .queue_stats(&format!("warren.svc.{svc}"))
+        .await
+        .expect("queue check")
+        .expect("the service queue exists")
+}

@@ -17,7 +17,7 @@
 //!    marker queue, so "the hook was sent" and "the job is done" are one broker event.
 //! 7. The part queue is deleted; the joiner's part task is acked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -142,6 +142,8 @@ pub(crate) async fn record_part(
 /// schedules a re-check for after the lease runs out.
 pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> Res {
     let broker = shared.client.broker();
+    // When a re-check runs: after any lease that may block the join has expired.
+    let recheck_after = shared.joins.lease + Duration::from_millis(500);
     for _ in 0..MAX_ROUNDS {
         let ready = if job.total == 0 {
             0
@@ -168,8 +170,7 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
             Err(warren_client::Error::Broker(warren_core::Error::Nacked { .. })) => {
                 tracing::debug!(job = %job.key.0, redelivered, "another joiner holds the lease");
                 if redelivered {
-                    let after = shared.joins.lease + Duration::from_millis(500);
-                    return schedule_check(shared, job, after).await;
+                    return schedule_check(shared, job, recheck_after).await;
                 }
                 return Ok(());
             }
@@ -185,7 +186,7 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
         }
         tracing::debug!(job = %job.key.0, "not done yet; taking results");
         let total = job.total as usize;
-        let mut seen = BTreeMap::<u32, ()>::new();
+        let mut seen = BTreeSet::<u32>::new();
         let batch = broker
             .take(
                 &job.part_queue,
@@ -194,7 +195,7 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
                 |bodies| {
                     if let Some(last) = bodies.last() {
                         if let Ok(r) = serde_json::from_slice::<PartResult>(last) {
-                            seen.insert(r.part_id, ());
+                            seen.insert(r.part_id);
                         }
                     }
                     seen.len() >= total
@@ -209,16 +210,14 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
             batch.release().await;
             if !release_lease(shared, &claim.name, leased_at).await {
                 // Our lease still blocks everyone until it expires: re-check after that.
-                let after = shared.joins.lease + Duration::from_millis(500);
-                return schedule_check(shared, job, after).await;
+                return schedule_check(shared, job, recheck_after).await;
             }
             continue;
         }
         if leased_at.elapsed() > shared.joins.lease.mul_f64(0.8) {
             // Our lease may have run out: another joiner could be firing. Let the check decide.
             batch.release().await;
-            return schedule_check(shared, job, shared.joins.lease + Duration::from_millis(500))
-                .await;
+            return schedule_check(shared, job, recheck_after).await;
         }
         let (ok, payload) = hook_payload(job, results);
         fire(shared, job, ok, payload).await?;
@@ -227,7 +226,7 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
         tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
         return Ok(());
     }
-    schedule_check(shared, job, shared.joins.lease + Duration::from_millis(500)).await
+    schedule_check(shared, job, recheck_after).await
 }
 
 /// One result per part id; a success wins over a failure of the same part (a part that
