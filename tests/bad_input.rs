@@ -17,7 +17,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use tokio_util::sync::CancellationToken;
 use warren::{Client, Context, QueueType, Service, TaskError, Worker};
 
 async fn bad_input(qt: QueueType) {
@@ -47,8 +46,7 @@ async fn bad_input(qt: QueueType) {
         .build()
         .await
         .unwrap();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    let common::Running { stop, handle } = common::run_in_background(worker);
 
     let conn = Connection::connect(&common::url(), ConnectionProperties::default())
         .await
@@ -231,8 +229,7 @@ async fn reply_to_outside_warren_is_not_honoured() {
         .build()
         .await
         .unwrap();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    let common::Running { stop, handle } = common::run_in_background(worker);
     let conn = Connection::connect(&common::url(), ConnectionProperties::default())
         .await
         .unwrap();

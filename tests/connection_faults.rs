@@ -48,8 +48,7 @@ async fn worker_via(
         .build()
         .await
         .unwrap();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    let common::Running { stop, handle } = common::run_in_background(worker);
     (stop, handle)
 }
 

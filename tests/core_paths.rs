@@ -95,8 +95,7 @@ async fn start(svc: &str, qt: QueueType, seen: Seen) -> Running {
         .connect()
         .await
         .expect("client connects");
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    let common::Running { stop, handle } = common::run_in_background(worker);
     Running {
         stop,
         handle,

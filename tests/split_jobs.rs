@@ -108,8 +108,7 @@ async fn fixture(qt: QueueType, barrier: Option<Arc<Barrier>>) -> Fixture {
         .build()
         .await
         .unwrap();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    let common::Running { stop, handle } = common::run_in_background(worker);
     let client = Client::builder().amqp(config(qt)).connect().await.unwrap();
     Fixture {
         svc,

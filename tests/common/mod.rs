@@ -314,3 +314,16 @@ pub async fn service_stats(broker: &Broker, svc: &str) -> warren_core::QueueStat
         .expect("queue check")
         .expect("the service queue exists")
 }
+
+/// A worker running in the background of a test: cancel `stop`, then await `handle`.
+pub struct Running {
+    pub stop: tokio_util::sync::CancellationToken,
+    pub handle: tokio::task::JoinHandle<Result<(), warren::WorkerError>>,
+}
+
+/// Runs `worker` until the returned token is cancelled.
+pub fn run_in_background(worker: warren::Worker) -> Running {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    Running { stop, handle }
+}

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use warren_client::Client;
 use warren_core::{Envelope, Target};
-use warren_worker::{Context, Service, TaskError, Worker};
+use warren_worker::{Context, Service, TaskError};
 
 use super::noop::cpu_text;
 use super::raw::{self, short};
@@ -346,16 +346,13 @@ async fn start_raw_caller(queue: &str, conn: &Connection) -> anyhow::Result<RawC
 
 async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let svc = b.service("echo")?;
-    let worker = Worker::builder()
-        .amqp(b.amqp("warren bench worker")?)
+    let worker = b
+        .worker_builder("warren bench worker")?
         .service(
             Service::new(&svc)?.method("echo", |_ctx: Context, v: Value| async move {
                 Ok::<Value, TaskError>(v)
             })?,
         )
-        .concurrency(b.args.concurrency)
-        .prefetch(b.args.prefetch)
-        .drain_timeout(Duration::from_secs(5))
         .build()
         .await?;
     let guard = b.spawn_worker(worker);

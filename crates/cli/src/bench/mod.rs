@@ -219,6 +219,16 @@ impl Bench {
         }
     }
 
+    /// A worker builder with the bench's settings (URL, queue type, concurrency, prefetch,
+    /// a short drain), so every group's warren worker is configured alike.
+    pub fn worker_builder(&self, name: &str) -> anyhow::Result<warren_worker::WorkerBuilder> {
+        Ok(Worker::builder()
+            .amqp(self.amqp(name)?)
+            .concurrency(self.args.concurrency)
+            .prefetch(self.args.prefetch)
+            .drain_timeout(Duration::from_secs(5)))
+    }
+
     /// Runs `worker` in the background until the guard is stopped or dropped.
     pub fn spawn_worker(&self, worker: Worker) -> WorkerGuard {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use warren_client::Client;
 use warren_core::{Envelope, Target};
-use warren_worker::{Context, Service, TaskError, Worker};
+use warren_worker::{Context, Service, TaskError};
 
 use super::raw::{self, short};
 use super::{note, procfs, worker_proc, Bench, Figure, Group, GroupRun};
@@ -243,12 +243,9 @@ async fn warren_noop(b: &Bench) -> anyhow::Result<f64> {
     let svc = b.service("noop")?;
     let handled = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
-    let worker = Worker::builder()
-        .amqp(b.amqp("warren bench worker")?)
+    let worker = b
+        .worker_builder("warren bench worker")?
         .service(noop_service(&svc, n, handled.clone(), done.clone())?)
-        .concurrency(b.args.concurrency)
-        .prefetch(b.args.prefetch)
-        .drain_timeout(Duration::from_secs(5))
         .build()
         .await?;
     let guard = b.spawn_worker(worker);

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use warren_client::{Client, Task};
 use warren_core::topology::{JobKey, QueueSpec};
 use warren_core::Target;
-use warren_worker::{Context, Service, TaskError, Worker};
+use warren_worker::{Context, Service, TaskError};
 
 use super::raw::{self, short};
 use super::{note, Bench, Figure, Group, GroupRun};
@@ -216,11 +216,9 @@ async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
                 Ok::<_, TaskError>(())
             }
         })?;
-    let worker = Worker::builder()
-        .amqp(b.amqp("warren bench split worker")?)
+    let worker = b
+        .worker_builder("warren bench split worker")?
         .service(service)
-        .concurrency(b.args.concurrency)
-        .prefetch(b.args.prefetch)
         .part_queue_expiry(Duration::from_secs(120))
         .build()
         .await?;
