@@ -3,7 +3,8 @@
 //! Worker processes host named services; any process enqueues or invokes work through a
 //! client. This facade re-exports the three crates:
 //!
-//! - [`client`] (`warren-client`): [`Client`], [`Task`]: enqueue, invoke.
+//! - [`client`] (`warren-client`): [`Client`], [`Task`]: enqueue, invoke; [`Parallel`]
+//!   (parallel execution, fan-out/fan-in) and [`InvokeRetry`].
 //! - [`worker`] (`warren-worker`): [`Worker`], [`Service`], [`Context`], [`TaskError`].
 //! - [`core`] (`warren-core`): the envelope, names, topology, configuration and AMQP layer.
 //!
@@ -14,8 +15,14 @@ pub use warren_client as client;
 pub use warren_core as core;
 pub use warren_worker as worker;
 
-pub use warren_client::{Client, ClientBuilder, Error as ClientError, Receipt, Task};
-pub use warren_core::{AmqpConfig, Failure, FailureKind, QueueType, Target};
+pub use warren_client::{
+    Client, ClientBuilder, Error as ClientError, InvokeRetry, Parallel, ParallelReceipt, Receipt,
+    Retried, Task,
+};
+pub use warren_core::{
+    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, Target,
+    TargetOutcome, Via,
+};
 pub use warren_worker::{
     Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError,
 };

@@ -10,6 +10,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_core::envelope::ReplyOutcome;
+use warren_core::retry::{delay_queue, delay_step_ms};
 use warren_core::topology::{QueueSpec, TASK_EXCHANGE};
 use warren_core::{AmqpConfig, Broker, Envelope, Outgoing, Publisher, Via};
 
@@ -232,6 +233,48 @@ impl Client {
         }
         tracing::debug!(id = %env.id, cid = %env.cid, svc = %env.svc, method = %env.method, "task sent");
         Ok(())
+    }
+
+    /// Sends a prepared envelope to its service queue after `delay`, through the durable
+    /// wait queue of that delay step (`warren.delay.<svc>.<ms>`, see
+    /// [`warren_core::retry`]); at once when `delay` is zero. The wait survives worker and
+    /// broker restarts, and different delays never hold each other back.
+    pub async fn send_later(
+        &self,
+        env: &Envelope,
+        delay: Duration,
+        reply_to: Option<&str>,
+    ) -> Result<(), Error> {
+        if delay.is_zero() {
+            return self.send_envelope(env, reply_to).await;
+        }
+        let qt = self.inner.broker.config().queue_type;
+        let spec = delay_queue(&env.svc, delay_step_ms(delay), qt)?;
+        // The service queue the wait queue dead-letters into must exist.
+        self.ensure_service(&env.svc).await?;
+        // Redeclared before every publish: the wait queue expires when unused.
+        self.inner
+            .broker
+            .declare(std::slice::from_ref(&spec))
+            .await?;
+        let body = env.to_bytes().map_err(Error::Encode)?;
+        let mut msg = Outgoing::new("", spec.name, body);
+        msg.message_id = Some(env.id.to_string());
+        msg.correlation_id = Some(env.cid.clone());
+        msg.reply_to = reply_to.map(str::to_owned);
+        // A quorum wait queue that was just created may nack publishes until its leader is
+        // elected: a nack here is transient, so try a few more times.
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..6 {
+            match self.inner.publisher.publish(&msg).await {
+                Err(warren_core::Error::Nacked { .. }) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                other => return Ok(other?),
+            }
+        }
+        Ok(self.inner.publisher.publish(&msg).await?)
     }
 
     /// Publishes a raw message through the client's confirmed publisher.

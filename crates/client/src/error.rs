@@ -48,6 +48,27 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// A parallel invoke was given no targets; nothing was sent.
+    #[error("a parallel invoke needs at least one target")]
+    NoTargets,
+    /// An invoke/retry was given zero repeats; nothing was sent.
+    #[error("invoke/retry needs repeats >= 1 (the number of attempts in all)")]
+    ZeroRepeats,
+    /// An invoke/retry was given no interval; nothing was sent.
+    #[error("invoke/retry needs an interval: call .seconds(..), .minutes(..) or .interval(..)")]
+    MissingInterval,
+    /// A blocking invoke/retry failed on every attempt; `failure` is the last one.
+    #[error("{target} failed on all {attempts} attempts (cid {cid}); last: {failure}")]
+    RetriesExhausted {
+        /// The target, `svc.method`.
+        target: String,
+        /// The call's correlation id.
+        cid: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's failure.
+        failure: Failure,
+    },
     /// The client's reply listener stopped (the client is shutting down or the broker
     /// refused the reply queue).
     #[error("the reply listener stopped: {0}")]
@@ -59,7 +80,9 @@ impl Error {
     #[must_use]
     pub fn failure_kind(&self) -> Option<FailureKind> {
         match self {
-            Error::Failed { failure, .. } => Some(failure.kind),
+            Error::Failed { failure, .. } | Error::RetriesExhausted { failure, .. } => {
+                Some(failure.kind)
+            }
             _ => None,
         }
     }

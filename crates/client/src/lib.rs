@@ -19,15 +19,24 @@
 //! - `client`: [`Client`] and [`ClientBuilder`]: connection, enqueue, invoke.
 //! - `task`: [`Task`], a task to send (target, payload, cid, hooks, deadline), and
 //!   [`Receipt`].
+//! - `parallel`: [`Parallel`], parallel execution and fan-out/fan-in ([`Client::parallel`]).
+//! - `invoke_retry`: [`InvokeRetry`], calls repeated on failure, blocking or in background.
 //! - `reply`: the reply queue and the table of calls waiting for an answer.
 //! - `error`: [`Error`].
 
 mod client;
 mod error;
+mod invoke_retry;
+mod parallel;
 mod reply;
 mod task;
 
 pub use client::{Client, ClientBuilder};
 pub use error::Error;
+pub use invoke_retry::{InvokeRetry, Retried};
+pub use parallel::{Parallel, ParallelReceipt};
 pub use task::{Receipt, Task};
-pub use warren_core::{AmqpConfig, Failure, FailureKind, QueueType, Target};
+pub use warren_core::{
+    AmqpConfig, FailureKind, Failure, FanInOutcome, QueueType, RetryOutcome, RetryPolicy, Target,
+    TargetOutcome,
+};

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 use warren_core::topology::{part_queue, validate_part_queue};
-use warren_core::{Envelope, HookTarget, Hooks, PartDecorator, Target};
+use warren_core::{Envelope, HookTarget, Hooks, PartDecorator, RetryPolicy, Target};
 
 use crate::Error;
 
@@ -31,6 +31,8 @@ pub struct Task {
     pub(crate) timeout: Option<Duration>,
     pub(crate) parent: Option<Uuid>,
     pub(crate) part: Option<PartDecorator>,
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) attempt: u32,
 }
 
 impl Task {
@@ -49,6 +51,8 @@ impl Task {
             timeout: None,
             parent: None,
             part: None,
+            retry: None,
+            attempt: 1,
         })
     }
 
@@ -78,6 +82,14 @@ impl Task {
     #[must_use]
     pub fn on_error(mut self, target: &Target) -> Self {
         self.hooks.onerror = Some(HookTarget::from(target));
+        self
+    }
+
+    /// This task's own retry policy: it overrides the method's, the service's and the
+    /// worker's (see [`RetryPolicy`] for the precedence). Travels in the envelope.
+    #[must_use]
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
         self
     }
 
@@ -115,11 +127,7 @@ impl Task {
 
     pub(crate) fn into_envelope(self) -> Result<(Envelope, Option<Duration>), Error> {
         if let Some(cid) = &self.cid {
-            if cid.is_empty() || cid.len() > 255 {
-                return Err(Error::Broker(warren_core::Error::Config(
-                    "a cid must be 1 to 255 bytes".into(),
-                )));
-            }
+            check_cid(cid)?;
         }
         if let Some(part) = &self.part {
             validate_part_queue(&part.part_queue)?;
@@ -136,8 +144,20 @@ impl Task {
         env.hooks = self.hooks;
         env.parent = self.parent;
         env.part = self.part;
+        env.retry = self.retry;
+        env.attempt = self.attempt.max(1);
         Ok((env, self.timeout))
     }
+}
+
+/// A cid must be 1 to 255 bytes (it is also the AMQP `correlation_id`).
+pub(crate) fn check_cid(cid: &str) -> Result<(), Error> {
+    if cid.is_empty() || cid.len() > 255 {
+        return Err(Error::Broker(warren_core::Error::Config(
+            "a cid must be 1 to 255 bytes".into(),
+        )));
+    }
+    Ok(())
 }
 
 /// What [`crate::Client::enqueue`] returns: the task's id and correlation id.

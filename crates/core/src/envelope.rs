@@ -9,6 +9,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::names::{validate_name, Target};
+use crate::patterns::FanOut;
+use crate::retry::RetryPolicy;
 
 /// The envelope version this build writes and reads.
 pub const ENVELOPE_VERSION: u64 = 1;
@@ -27,8 +29,15 @@ pub enum Via {
     Hook,
     /// One part of a split job.
     Part,
-    /// A target or callback of a parallel invoke.
+    /// A target of a parallel invoke (or fan-out, or background invoke/retry).
     Parallel,
+    /// A callback run after one target of a parallel invoke finished (the seed's
+    /// `PARALLEL_EXEC_ON_TARGET`).
+    OnTarget,
+    /// A fan-in callback, run once after all targets of a parallel invoke finished.
+    OnFinal,
+    /// The callback of a background invoke/retry, run once at its end.
+    RetryCallback,
     /// A retry of an earlier attempt.
     Retry,
     /// A delivery from a pub/sub topic.
@@ -128,6 +137,12 @@ pub struct Envelope {
     /// When the task was created, milliseconds since the Unix epoch.
     #[serde(default)]
     pub created_ms: u64,
+    /// The task's own retry policy; overrides the method's, service's and worker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Set on the targets of a parallel invoke: its callbacks and position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<FanOut>,
 }
 
 fn first_attempt() -> u32 {
@@ -161,6 +176,8 @@ impl Envelope {
             chain: None,
             part: None,
             created_ms: now_ms(),
+            retry: None,
+            fanout: None,
         }
     }
 

@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`names`]: service, method and AMQP name validation ([`Target`], [`NameError`]).
 //! - [`envelope`]: the versioned JSON task envelope and reply ([`Envelope`], [`Reply`]).
+//! - [`retry`]: [`RetryPolicy`] and the durable per-step delay queues retries wait in.
+//! - [`patterns`]: the wire types of parallel execution, fan-in and invoke/retry callbacks.
 //! - [`topology`]: the exchanges and queues warren declares, and their names.
 //! - [`config`]: broker URLs, heartbeats, reconnect and queue-type settings ([`AmqpConfig`]).
 //! - [`amqp`]: the connection layer over lapin: reconnecting connections, confirmed
@@ -19,6 +21,8 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod names;
+pub mod patterns;
+pub mod retry;
 pub mod topology;
 
 pub use amqp::{
@@ -32,3 +36,5 @@ pub use envelope::{
 };
 pub use error::{Error, Result};
 pub use names::{NameError, Target};
+pub use patterns::{FanInOutcome, FanOut, RetryCall, RetryOutcome, TargetOutcome};
+pub use retry::RetryPolicy;

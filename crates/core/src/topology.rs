@@ -196,6 +196,13 @@ impl JobKey {
 /// Prefix of part queues (fixed by the spec, outside the `warren.` namespace).
 pub const PART_PREFIX: &str = "part.";
 
+/// `part.fanout-<job>`: the part queue of a fan-out/fan-in (or a background invoke/retry
+/// with a callback), whose targets report to it like the parts of a split job.
+#[must_use]
+pub fn fanout_queue(job: &uuid::Uuid) -> String {
+    format!("{PART_PREFIX}fanout-{job}")
+}
+
 /// `part.<svc>-<method>-<id>`, checked against the 255-byte limit.
 pub fn part_queue(svc: &str, method: &str, id: &uuid::Uuid) -> Result<String, NameError> {
     let q = format!("{PART_PREFIX}{svc}-{method}-{id}");

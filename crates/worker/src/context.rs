@@ -3,7 +3,9 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
-use warren_client::{Client, Receipt, Task};
+use warren_client::{
+    Client, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task,
+};
 use warren_core::{PartDecorator, Via};
 
 /// Handed to every handler call.
@@ -122,5 +124,43 @@ impl Context {
     /// Sends a child task built with options; cid and parent are set from this task.
     pub async fn send(&self, task: Task) -> Result<Receipt, warren_client::Error> {
         self.client.send(self.child(task)).await
+    }
+
+    fn source(&self) -> String {
+        format!("{}.{}", self.svc, self.method)
+    }
+
+    /// Starts a parallel invoke (or fan-out/fan-in) from this handler; its callbacks see
+    /// this handler as `source`. See [`Parallel`].
+    pub async fn parallel(&self, p: Parallel) -> Result<ParallelReceipt, warren_client::Error> {
+        self.client
+            .parallel(p.with_origin(self.source(), self.id))
+            .await
+    }
+
+    /// Sync + sync invoke/retry from this handler (see [`InvokeRetry`]).
+    pub async fn invoke_retry<R: DeserializeOwned>(
+        &self,
+        r: InvokeRetry,
+    ) -> Result<R, warren_client::Error> {
+        self.client.invoke_retry(self.origin(r)).await
+    }
+
+    /// Sync + async invoke/retry from this handler (see [`InvokeRetry`]).
+    pub async fn invoke_retry_fallback<R: DeserializeOwned>(
+        &self,
+        r: InvokeRetry,
+    ) -> Result<Retried<R>, warren_client::Error> {
+        self.client.invoke_retry_fallback(self.origin(r)).await
+    }
+
+    /// Async + async invoke/retry from this handler (see [`InvokeRetry`]); returns the
+    /// call's cid. The callback's `orig_cid` is this task's cid.
+    pub async fn invoke_retry_async(&self, r: InvokeRetry) -> Result<String, warren_client::Error> {
+        self.client.invoke_retry_async(self.origin(r)).await
+    }
+
+    fn origin(&self, r: InvokeRetry) -> InvokeRetry {
+        r.with_origin(self.source(), self.id, self.cid.clone())
     }
 }

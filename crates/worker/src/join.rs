@@ -26,8 +26,11 @@ use uuid::Uuid;
 use warren_core::envelope::ReplyOutcome;
 use warren_core::topology::{JobKey, QueueSpec, H_JOB, JOIN_EXCHANGE};
 use warren_core::{
-    Envelope, Failure, FailureKind, HeaderValue, Hooks, Outgoing, PartDecorator, Target, Via,
+    Envelope, Failure, FailureKind, FanOut, HeaderValue, HookTarget, Hooks, Outgoing,
+    PartDecorator, Target, Via,
 };
+
+use crate::fanout;
 
 use crate::process::Shared;
 use crate::publish::send_later;
@@ -49,6 +52,9 @@ pub(crate) struct Job {
     pub(crate) id: Uuid,
     pub(crate) svc: String,
     pub(crate) method: String,
+    /// Set for a fan-in (or a background invoke/retry): the final callbacks fire instead of
+    /// the hooks.
+    pub(crate) fanout: Option<FanOut>,
 }
 
 impl Job {
@@ -63,6 +69,33 @@ impl Job {
             id: env.parent.unwrap_or(key.0),
             svc: env.svc.clone(),
             method: env.method.clone(),
+            fanout: env.fanout.clone(),
+        }
+    }
+
+    /// What the join fires: a fan-in's final callbacks (all of them, whatever the outcome),
+    /// or a split job's `oncomplete` or `onerror` hook.
+    fn fire_targets(&self, ok: bool) -> Vec<HookTarget> {
+        match &self.fanout {
+            Some(f) => f.on_final.clone(),
+            None if ok => self.hooks.oncomplete.iter().cloned().collect(),
+            None => self.hooks.onerror.iter().cloned().collect(),
+        }
+    }
+
+    /// How many done markers a finished join leaves: one per fired callback (at least one).
+    fn markers_when_done(&self) -> u32 {
+        match &self.fanout {
+            Some(f) => u32::try_from(f.on_final.len()).unwrap_or(u32::MAX).max(1),
+            None => 1,
+        }
+    }
+
+    fn via(&self) -> Via {
+        match &self.fanout {
+            Some(f) if f.retry_call.is_some() => Via::RetryCallback,
+            Some(_) => Via::OnFinal,
+            None => Via::Hook,
         }
     }
 
@@ -81,22 +114,38 @@ fn ms(d: Duration) -> u64 {
 
 /// A part's result as stored in the part queue.
 #[derive(Debug, Serialize, Deserialize)]
-struct PartResult {
-    part_id: u32,
-    task: Uuid,
+pub(crate) struct PartResult {
+    pub(crate) part_id: u32,
+    pub(crate) task: Uuid,
     #[serde(flatten)]
-    outcome: ReplyOutcome,
+    pub(crate) outcome: ReplyOutcome,
+    /// `svc.method` of the part (read by fan-in callbacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) target: Option<String>,
+    /// When the part's task was first sent, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) req_ms: Option<u64>,
+    /// The attempt that produced this result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) attempt: Option<u32>,
 }
 
-/// `true` when the job's hook has already fired.
-pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
+/// How many of the job's done markers exist: one per callback fired so far. Callbacks are
+/// fired one at a time, in a fixed order, each in the same publish as its marker, so a
+/// joiner that resumes after a crash knows exactly which ones are left.
+async fn markers(shared: &Shared, job: &Job) -> Res<u32> {
     let done = job.done(shared);
     Ok(shared
         .client
         .broker()
         .queue_stats(&done.name)
         .await?
-        .is_some_and(|s| s.ready > 0))
+        .map_or(0, |s| s.ready))
+}
+
+/// `true` when the job's join has fired (or started firing) its hook or callbacks.
+pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
+    Ok(markers(shared, job).await? > 0)
 }
 
 /// Publishes a part's result to the job's part queue (declaring it if a hand-split job's
@@ -104,18 +153,21 @@ pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
 pub(crate) async fn record_part(
     shared: &Shared,
     job: &Job,
-    task: Uuid,
+    env: &Envelope,
     part_id: u32,
     outcome: ReplyOutcome,
 ) -> Res {
     let body = serde_json::to_vec(&PartResult {
         part_id,
-        task,
+        task: env.id,
         outcome,
+        target: Some(format!("{}.{}", env.svc, env.method)),
+        req_ms: Some(env.created_ms),
+        attempt: Some(env.attempt),
     })
     .map_err(warren_client::Error::Encode)?;
     let mut msg = Outgoing::new("", job.part_queue.clone(), body);
-    msg.message_id = Some(task.to_string());
+    msg.message_id = Some(env.id.to_string());
     msg.correlation_id = Some(job.cid.clone());
     match shared.client.publish_raw(&msg).await {
         Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) => {
@@ -177,12 +229,17 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
             other => other?,
         }
         tracing::debug!(job = %job.key.0, ready, "lease won");
-        if is_done(shared, job).await? {
+        let fired = markers(shared, job).await?;
+        if fired >= job.markers_when_done() {
             let _ = broker.delete_queue(&job.part_queue).await?;
             return Ok(());
         }
         if job.total == 0 {
-            return fire(shared, job, true, Value::Array(Vec::new())).await;
+            let payload = Value::Array(Vec::new());
+            if !fire(shared, job, true, payload, fired, leased_at).await? {
+                return schedule_check(shared, job, recheck_after).await;
+            }
+            return Ok(());
         }
         tracing::debug!(job = %job.key.0, "not done yet; taking results");
         let total = job.total as usize;
@@ -219,8 +276,12 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
             batch.release().await;
             return schedule_check(shared, job, recheck_after).await;
         }
-        let (ok, payload) = hook_payload(job, results);
-        fire(shared, job, ok, payload).await?;
+        let (ok, payload) = hook_payload(job, &results)?;
+        if !fire(shared, job, ok, payload, fired, leased_at).await? {
+            // The lease ran short between two callbacks: the rest fire after a re-check.
+            batch.release().await;
+            return schedule_check(shared, job, recheck_after).await;
+        }
         tracing::debug!(job = %job.key.0, "hook fired");
         batch.delete_queue(&job.part_queue).await?;
         tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
@@ -231,8 +292,8 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
 
 /// One result per part id; a success wins over a failure of the same part (a part that
 /// failed, then ran again after a crash and succeeded).
-fn distinct(bodies: &[Vec<u8>], total: u32) -> BTreeMap<u32, ReplyOutcome> {
-    let mut out = BTreeMap::new();
+fn distinct(bodies: &[Vec<u8>], total: u32) -> BTreeMap<u32, PartResult> {
+    let mut out = BTreeMap::<u32, PartResult>::new();
     for b in bodies {
         let Ok(r) = serde_json::from_slice::<PartResult>(b) else {
             tracing::warn!("ignoring a message in a part queue that is not a part result");
@@ -242,86 +303,102 @@ fn distinct(bodies: &[Vec<u8>], total: u32) -> BTreeMap<u32, ReplyOutcome> {
             continue;
         }
         let better = matches!(r.outcome, ReplyOutcome::Ok(_));
-        match out.get(&r.part_id) {
+        match out.get(&r.part_id).map(|r| &r.outcome) {
             Some(ReplyOutcome::Ok(_)) => {}
             Some(ReplyOutcome::Error(_)) if !better => {}
             _ => {
-                out.insert(r.part_id, r.outcome);
+                out.insert(r.part_id, r);
             }
         }
     }
     out
 }
 
-/// The oncomplete payload (results ordered by part id) or the onerror payload.
-fn hook_payload(job: &Job, results: BTreeMap<u32, ReplyOutcome>) -> (bool, Value) {
+/// The oncomplete payload (results ordered by part id) or the onerror payload; for a fan-in,
+/// the final callbacks' payload.
+fn hook_payload(job: &Job, results: &BTreeMap<u32, PartResult>) -> Res<(bool, Value)> {
+    if let Some(f) = &job.fanout {
+        return fanout::final_payload(&job.cid, f, results).map_err(warren_client::Error::Encode);
+    }
     let failed: Vec<Value> = results
         .iter()
-        .filter_map(|(id, o)| match o {
+        .filter_map(|(id, r)| match &r.outcome {
             ReplyOutcome::Error(f) => Some(json!({"part_id": id, "error": f})),
             ReplyOutcome::Ok(_) => None,
         })
         .collect();
     if failed.is_empty() {
         let ordered = results
-            .into_values()
-            .map(|o| match o {
-                ReplyOutcome::Ok(v) => v,
+            .values()
+            .map(|r| match &r.outcome {
+                ReplyOutcome::Ok(v) => v.clone(),
                 ReplyOutcome::Error(_) => Value::Null,
             })
             .collect();
-        return (true, Value::Array(ordered));
+        return Ok((true, Value::Array(ordered)));
     }
     let error = Failure {
         kind: FailureKind::PartsFailed,
         message: format!("{} of {} parts failed", failed.len(), job.total),
     };
-    (
+    Ok((
         false,
         json!({
             "id": job.id, "cid": job.cid, "svc": job.svc, "method": job.method,
             "error": error, "failed_parts": failed,
         }),
-    )
+    ))
 }
 
-/// Fires the job's hook and writes its done marker in one publish.
-async fn fire(shared: &Shared, job: &Job, ok: bool, payload: Value) -> Res {
+/// Fires the job's hook (or its callbacks after the `fired` ones already sent), each with
+/// its done marker in one publish. Returns `false` when it stopped because the lease was
+/// running out (the remaining callbacks fire after a re-check).
+async fn fire(
+    shared: &Shared,
+    job: &Job,
+    ok: bool,
+    payload: Value,
+    fired: u32,
+    leased_at: Instant,
+) -> Res<bool> {
     let done = job.done(shared);
     shared
         .client
         .broker()
         .declare(std::slice::from_ref(&done))
         .await?;
-    let target = if ok {
-        job.hooks.oncomplete.as_ref()
-    } else {
-        job.hooks.onerror.as_ref()
-    };
-    let msg = match target {
-        Some(t) => {
-            // The hook's queue must exist, or the publish would reach only the done marker.
-            shared.client.ensure_service(&t.svc).await?;
-            let mut env = Envelope::new(
-                &Target::new(&t.svc, &t.method)?,
-                payload,
-                Some(job.cid.clone()),
-            );
-            env.channel = Via::Hook;
-            env.parent = Some(job.id);
-            let mut msg = Outgoing::new(
-                JOIN_EXCHANGE,
-                t.svc.clone(),
-                env.to_bytes().map_err(warren_client::Error::Encode)?,
-            );
-            msg.message_id = Some(env.id.to_string());
-            msg.correlation_id = Some(env.cid);
-            msg.headers = vec![(H_JOB.to_owned(), HeaderValue::Str(job.key.0.to_string()))];
-            msg
+    let targets = job.fire_targets(ok);
+    if targets.is_empty() {
+        if fired == 0 {
+            let marker = Outgoing::new("", done.name.clone(), b"{}".to_vec());
+            shared.client.publish_raw(&marker).await?;
         }
-        None => Outgoing::new("", done.name.clone(), b"{}".to_vec()),
-    };
-    shared.client.publish_raw(&msg).await
+        return Ok(true);
+    }
+    for (i, t) in targets.iter().enumerate().skip(fired as usize) {
+        if i > fired as usize && leased_at.elapsed() > shared.joins.lease.mul_f64(0.8) {
+            return Ok(false);
+        }
+        // The callback's queue must exist, or the publish would reach only the done marker.
+        shared.client.ensure_service(&t.svc).await?;
+        let mut env = Envelope::new(
+            &Target::new(&t.svc, &t.method)?,
+            payload.clone(),
+            Some(job.cid.clone()),
+        );
+        env.channel = job.via();
+        env.parent = Some(job.id);
+        let mut msg = Outgoing::new(
+            JOIN_EXCHANGE,
+            t.svc.clone(),
+            env.to_bytes().map_err(warren_client::Error::Encode)?,
+        );
+        msg.message_id = Some(env.id.to_string());
+        msg.correlation_id = Some(env.cid);
+        msg.headers = vec![(H_JOB.to_owned(), HeaderValue::Str(job.key.0.to_string()))];
+        shared.client.publish_raw(&msg).await?;
+    }
+    Ok(true)
 }
 
 /// Frees our lease early if it cannot have expired yet (purging later could remove the
@@ -346,5 +423,6 @@ pub(crate) async fn schedule_check(shared: &Shared, job: &Job, delay: Duration) 
         total_parts: job.total,
         part_queue: job.part_queue.clone(),
     });
+    env.fanout = job.fanout.clone();
     send_later(shared, &env, delay, None).await
 }

@@ -36,7 +36,10 @@
 //! - `service`, `handler`: [`Service`] registration and typed handlers.
 //! - `context`: [`Context`], what a running handler knows and can do.
 //! - `outcome`: [`TaskError`], the explicit "fail / retry after / reject" a handler returns.
-//! - `retry`: [`RetryPolicy`] and the durable delay queues retries wait in.
+//! - `fanout`: the callbacks of parallel targets (each target's on-target callbacks).
+//! - `split`, `join`: split jobs and the exactly-once join that fan-ins share.
+//!
+//! Retry policies ([`RetryPolicy`]) and their delay queues live in `warren_core::retry`.
 
 mod context;
 mod error;
@@ -45,7 +48,7 @@ mod join;
 mod outcome;
 mod process;
 mod publish;
-mod retry;
+mod fanout;
 mod runtime;
 mod service;
 mod split;
@@ -53,7 +56,10 @@ mod split;
 pub use context::Context;
 pub use error::WorkerError;
 pub use outcome::TaskError;
-pub use retry::RetryPolicy;
 pub use runtime::{Worker, WorkerBuilder};
 pub use service::Service;
-pub use warren_core::{AmqpConfig, PartDecorator, QueueType, Target};
+pub use warren_client::{InvokeRetry, Parallel, ParallelReceipt, Retried};
+pub use warren_core::{
+    AmqpConfig, FanInOutcome, PartDecorator, QueueType, RetryOutcome, RetryPolicy, Target,
+    TargetOutcome, Via,
+};

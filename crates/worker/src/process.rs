@@ -15,13 +15,14 @@ use serde_json::{json, Value};
 use tracing::Instrument;
 use warren_client::Client;
 use warren_core::envelope::ReplyOutcome;
-use warren_core::{Envelope, Failure, FailureKind, Incoming, QueueType, Via};
+use warren_core::{Envelope, Failure, FailureKind, Incoming, Via};
 
+use crate::fanout::on_target;
 use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
 use crate::outcome::Action;
 use crate::publish::{dead_letter, hook, reply, retry};
-use crate::retry::RetryPolicy;
+use warren_core::RetryPolicy;
 use crate::split::{self, splitter_name};
 use crate::Context;
 
@@ -29,6 +30,18 @@ use crate::Context;
 pub(crate) struct HostedService {
     pub(crate) methods: HashMap<String, Arc<dyn ErasedHandler>>,
     pub(crate) retry: RetryPolicy,
+    pub(crate) method_retry: HashMap<String, RetryPolicy>,
+}
+
+impl HostedService {
+    /// The policy for a task: its own, else its method's, else the service's (which is the
+    /// worker's default when the service set none).
+    fn policy<'a>(&'a self, env: &'a Envelope) -> &'a RetryPolicy {
+        env.retry
+            .as_ref()
+            .or_else(|| self.method_retry.get(&env.method))
+            .unwrap_or(&self.retry)
+    }
 }
 
 /// Split-job settings.
@@ -44,7 +57,6 @@ pub(crate) struct JoinSettings {
 pub(crate) struct Shared {
     pub(crate) services: HashMap<String, HostedService>,
     pub(crate) client: Client,
-    pub(crate) queue_type: QueueType,
     pub(crate) joins: JoinSettings,
 }
 
@@ -114,7 +126,8 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
             format!("service {:?} has no method {:?}", env.svc, env.method),
         ));
     };
-    let splitter = if env.part.is_none() {
+    // Parts and parallel targets run the method itself, never its splitter.
+    let splitter = if env.part.is_none() && env.fanout.is_none() {
         service.methods.get(&splitter_name(&env.method))
     } else {
         None
@@ -151,7 +164,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         }
         Err(Stop::Dead(f)) => Resolution::Dead(f),
         Err(Stop::Failed(action, message)) => {
-            let policy = &service.retry;
+            let policy = service.policy(env);
             let delay = match action {
                 Action::Reject => {
                     tracing::warn!(error = %message, "rejected");
@@ -265,25 +278,32 @@ async fn publish_outcome(
             None => Ok(()),
         },
         (Resolution::Done(v), Some((env, p))) => {
+            let outcome = ReplyOutcome::Ok(v);
+            on_target(shared, Some(env), &outcome).await?;
             let job = Job::of(env, p);
-            join::record_part(shared, &job, env.id, p.part_id, ReplyOutcome::Ok(v)).await?;
+            join::record_part(shared, &job, env, p.part_id, outcome).await?;
             join::try_join(shared, &job, d.redelivered).await
         }
         (Resolution::Dead(f), Some((env, p))) => {
             dead_letter(shared, queue_svc, d, &f).await?;
+            let outcome = ReplyOutcome::Error(f);
+            on_target(shared, Some(env), &outcome).await?;
             let job = Job::of(env, p);
-            join::record_part(shared, &job, env.id, p.part_id, ReplyOutcome::Error(f)).await?;
+            join::record_part(shared, &job, env, p.part_id, outcome).await?;
             join::try_join(shared, &job, d.redelivered).await
         }
         (Resolution::Done(v), None) => {
-            let (a, b) = tokio::join!(
-                reply(shared, d, env, ReplyOutcome::Ok(v.clone())),
-                hook(shared, env, true, v)
+            let outcome = ReplyOutcome::Ok(v.clone());
+            let (a, b, c) = tokio::join!(
+                reply(shared, d, env, outcome.clone()),
+                hook(shared, env, true, v),
+                on_target(shared, env, &outcome)
             );
-            a.and(b)
+            a.and(b).and(c)
         }
         (Resolution::Dead(f), None) => {
             dead_letter(shared, queue_svc, d, &f).await?;
+            on_target(shared, env, &ReplyOutcome::Error(f.clone())).await?;
             let payload = json!({
                 "id": env.map(|e| e.id),
                 "cid": env.map(|e| e.cid.clone()),

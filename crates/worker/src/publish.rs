@@ -13,7 +13,6 @@ use warren_core::{
 };
 
 use crate::process::Shared;
-use crate::retry::{delay_queue, delay_step_ms};
 
 /// Answers a waiting invoker, if the message names a warren reply queue.
 pub(crate) async fn reply(
@@ -109,34 +108,7 @@ pub(crate) async fn send_later(
     delay: Duration,
     reply_to: Option<&str>,
 ) -> Result<(), warren_client::Error> {
-    if delay.is_zero() {
-        return shared.client.send_envelope(env, reply_to).await;
-    }
-    let spec = delay_queue(&env.svc, delay_step_ms(delay), shared.queue_type)?;
-    // Redeclared before every publish: the wait queue expires when unused.
-    shared
-        .client
-        .broker()
-        .declare(std::slice::from_ref(&spec))
-        .await?;
-    let body = env.to_bytes().map_err(warren_client::Error::Encode)?;
-    let mut msg = Outgoing::new("", spec.name, body);
-    msg.message_id = Some(env.id.to_string());
-    msg.correlation_id = Some(env.cid.clone());
-    msg.reply_to = reply_to.map(str::to_owned);
-    // A quorum wait queue that was just created may nack publishes until its leader is
-    // elected: a nack here is transient (unlike a lease's), so try a few more times.
-    let mut pause = Duration::from_millis(20);
-    for _ in 0..6 {
-        match shared.client.publish_raw(&msg).await {
-            Err(warren_client::Error::Broker(warren_core::Error::Nacked { .. })) => {
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-            other => return other,
-        }
-    }
-    shared.client.publish_raw(&msg).await
+    shared.client.send_later(env, delay, reply_to).await
 }
 
 /// Publishes the original message, byte for byte, to the service's dead-letter queue with

@@ -20,7 +20,7 @@ use warren_core::topology::QueueSpec;
 use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
 
 use crate::process::{handle, HostedService, JoinSettings, Shared};
-use crate::retry::RetryPolicy;
+use warren_core::RetryPolicy;
 use crate::{Service, WorkerError};
 
 /// Builds a [`Worker`]. Defaults: 32 concurrent tasks, prefetch twice that, 3 attempts with
@@ -148,6 +148,7 @@ impl WorkerBuilder {
                 HostedService {
                     methods: s.methods.into_iter().collect(),
                     retry: s.retry.unwrap_or_else(|| self.retry.clone()),
+                    method_retry: s.method_retry,
                 },
             );
         }
@@ -155,7 +156,6 @@ impl WorkerBuilder {
             shared: Arc::new(Shared {
                 services,
                 client,
-                queue_type: amqp.queue_type,
                 joins: self.joins,
             }),
             consume,

@@ -1,6 +1,6 @@
 //! [`Service`]: a named set of methods a worker hosts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use warren_core::names::validate_name;
 use warren_core::topology::service_queue;
 
 use crate::handler::{ErasedHandler, Typed};
-use crate::retry::RetryPolicy;
+use warren_core::RetryPolicy;
 use crate::{Context, TaskError, WorkerError};
 
 /// A named service: methods whose handlers are async functions
@@ -29,6 +29,7 @@ pub struct Service {
     pub(crate) name: String,
     pub(crate) methods: BTreeMap<String, Arc<dyn ErasedHandler>>,
     pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) method_retry: HashMap<String, RetryPolicy>,
 }
 
 impl std::fmt::Debug for Service {
@@ -50,6 +51,7 @@ impl Service {
             name,
             methods: BTreeMap::new(),
             retry: None,
+            method_retry: HashMap::new(),
         })
     }
 
@@ -74,6 +76,24 @@ impl Service {
     #[must_use]
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
+        self
+    }
+
+    /// The retry policy of one method; overrides the service's policy and the worker's
+    /// default, and is overridden by a task's own policy (`Task::with_retry`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_worker::{Context, RetryPolicy, Service, TaskError};
+    /// async fn charge(_: Context, cents: u64) -> Result<u64, TaskError> { Ok(cents) }
+    /// let svc = Service::new("billing").unwrap()
+    ///     .method("charge", charge).unwrap()
+    ///     .retry_method("charge", RetryPolicy::fixed(5, Duration::from_secs(2)));
+    /// # let _ = svc;
+    /// ```
+    #[must_use]
+    pub fn retry_method(mut self, method: &str, policy: RetryPolicy) -> Self {
+        self.method_retry.insert(method.to_owned(), policy);
         self
     }
 

@@ -41,6 +41,7 @@ pub(crate) async fn split(
         id: env.id,
         svc: env.svc.clone(),
         method: env.method.clone(),
+        fanout: None,
     };
     if d.redelivered && join::is_done(shared, &job).await? {
         tracing::info!("split task redelivered after its job joined; nothing to do");

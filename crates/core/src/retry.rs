@@ -10,26 +10,64 @@
 
 use std::time::Duration;
 
-use warren_core::names::check_amqp_len;
-use warren_core::topology::{QueueSpec, PREFIX, TASK_EXCHANGE};
-use warren_core::{NameError, QueueType};
+use serde::{Deserialize, Serialize};
 
-/// How a failing task is retried: at most `max_attempts` attempts in all, waiting an
-/// exponentially growing delay (`base * 2^(attempt-1)`, capped at `max_delay`, with up to
-/// 25% random jitter) between them.
+use crate::names::check_amqp_len;
+use crate::topology::{QueueSpec, PREFIX, TASK_EXCHANGE};
+use crate::{NameError, QueueType};
+
+/// How a failing task is retried: at most `max_attempts` attempts in all, waiting
+/// `base_delay * 2^(attempt-1)` (exponential) or `base_delay` (fixed) between them, capped at
+/// `max_delay`, with up to 25% random jitter when `jitter` is set.
 ///
-/// Precedence: a [`crate::Service`]'s policy overrides the worker's default
-/// ([`crate::WorkerBuilder::retry`]). Default: 3 attempts, 1 s base, 5 min cap.
-#[derive(Debug, Clone, PartialEq)]
+/// Precedence, most specific first: the task's own policy (`Task::with_retry`, carried in
+/// the envelope), the method's (`Service::retry_method`), the service's (`Service::retry`),
+/// the worker's default (`WorkerBuilder::retry`). Default: 3 attempts, exponential from 1 s,
+/// 5 min cap, jitter.
+///
+/// ```
+/// use std::time::Duration;
+/// use warren_core::RetryPolicy;
+/// let p = RetryPolicy::exponential(5, Duration::from_millis(200), Duration::from_secs(2))
+///     .with_jitter(false);
+/// assert_eq!(p.delay_after(1), Duration::from_millis(200));
+/// assert_eq!(p.delay_after(3), Duration::from_millis(800));
+/// assert_eq!(RetryPolicy::fixed(3, Duration::from_secs(1)).delay_after(2), Duration::from_secs(1));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     /// Attempts in all, first included (1 = never retry).
     pub max_attempts: u32,
     /// Delay before the first retry.
+    #[serde(rename = "base_ms", with = "millis")]
     pub base_delay: Duration,
     /// Longest delay.
+    #[serde(rename = "max_ms", with = "millis")]
     pub max_delay: Duration,
     /// Add up to 25% random jitter to each delay.
+    #[serde(default)]
     pub jitter: bool,
+    /// Fixed (`false`: every delay is `base_delay`) or exponential (`true`) backoff.
+    #[serde(default = "yes")]
+    pub exponential: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
 }
 
 impl Default for RetryPolicy {
@@ -39,6 +77,7 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(300),
             jitter: true,
+            exponential: true,
         }
     }
 }
@@ -61,17 +100,39 @@ impl RetryPolicy {
             base_delay: delay,
             max_delay: delay,
             jitter: false,
+            exponential: false,
         }
+    }
+
+    /// `attempts` attempts in all, the delay doubling from `base` up to `max`, with jitter.
+    #[must_use]
+    pub fn exponential(attempts: u32, base: Duration, max: Duration) -> Self {
+        Self {
+            max_attempts: attempts.max(1),
+            base_delay: base,
+            max_delay: max.max(base),
+            jitter: true,
+            exponential: true,
+        }
+    }
+
+    /// Turns the 0–25% random jitter on or off.
+    #[must_use]
+    pub fn with_jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
     }
 
     /// The delay before attempt `attempt + 1`, after attempt `attempt` failed.
     #[must_use]
     pub fn delay_after(&self, attempt: u32) -> Duration {
-        let exp = attempt.saturating_sub(1).min(30);
-        let d = self
-            .base_delay
-            .saturating_mul(1u32 << exp)
-            .min(self.max_delay);
+        let d = if self.exponential {
+            let exp = attempt.saturating_sub(1).min(30);
+            self.base_delay.saturating_mul(1u32 << exp)
+        } else {
+            self.base_delay
+        }
+        .min(self.max_delay);
         if self.jitter {
             d.mul_f64(1.0 + rand::random::<f64>() * 0.25)
         } else {
@@ -81,7 +142,8 @@ impl RetryPolicy {
 }
 
 /// Rounds a delay up to its step, in ms.
-pub(crate) fn delay_step_ms(d: Duration) -> u64 {
+#[must_use]
+pub fn delay_step_ms(d: Duration) -> u64 {
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let step = if ms <= 1_000 {
         100
@@ -93,8 +155,8 @@ pub(crate) fn delay_step_ms(d: Duration) -> u64 {
     ms.div_ceil(step).saturating_mul(step)
 }
 
-/// The wait queue for `svc` and a delay step.
-pub(crate) fn delay_queue(svc: &str, ms: u64, qt: QueueType) -> Result<QueueSpec, NameError> {
+/// The wait queue for `svc` and a delay step (see the module docs).
+pub fn delay_queue(svc: &str, ms: u64, qt: QueueType) -> Result<QueueSpec, NameError> {
     let name = format!("{PREFIX}delay.{svc}.{ms}");
     check_amqp_len("delay queue", &name)?;
     Ok(QueueSpec {
@@ -131,6 +193,11 @@ mod tests {
         assert_eq!(p.delay_after(1), Duration::from_secs(1));
         assert_eq!(p.delay_after(3), Duration::from_secs(4));
         assert_eq!(p.delay_after(40), Duration::from_secs(300));
+        let f = RetryPolicy::fixed(3, Duration::from_millis(300));
+        assert_eq!(f.delay_after(2), Duration::from_millis(300));
+        let back: RetryPolicy =
+            serde_json::from_value(serde_json::to_value(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
         let j = RetryPolicy::default().delay_after(2);
         assert!(j >= Duration::from_secs(2) && j <= Duration::from_millis(2500));
     }
