@@ -170,8 +170,8 @@ impl Client {
             })
             .collect();
         let tasks = envs.iter().map(|e| e.id).collect();
-        futures_util::stream::iter(envs.iter())
-            .map(|env| self.send_envelope(env, None))
+        futures_util::stream::iter(envs)
+            .map(|env| async move { self.send_envelope(&env, None).await })
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<()>()
             .await?;
