@@ -169,11 +169,14 @@ impl InvokeRetry {
         Ok((interval, cid))
     }
 
-    fn attempt_task(&self, cid: &str, attempt: u32) -> Result<Task, Error> {
+    /// A blocking attempt; `last` when no attempt follows it (only then does a failure
+    /// reach the dead-letter queue).
+    fn attempt_task(&self, cid: &str, attempt: u32, last: bool) -> Result<Task, Error> {
         let mut task = Task::for_target(self.target.clone(), &self.payload)?
             .with_cid(cid)
             .with_retry(RetryPolicy::none());
         task.attempt = attempt;
+        task.caller_retries = !last;
         if let Some(t) = self.timeout {
             task = task.with_timeout(t);
         }
@@ -196,7 +199,8 @@ impl Client {
         let (interval, cid) = r.checked()?;
         let mut attempt = 1;
         loop {
-            match self.invoke_task(r.attempt_task(&cid, attempt)?).await {
+            let last = attempt >= r.repeats;
+            match self.invoke_task(r.attempt_task(&cid, attempt, last)?).await {
                 Err(e) if repeatable(&e) && attempt < r.repeats => {
                     tracing::debug!(target = %r.target, attempt, error = %e, "invoke/retry: attempt failed");
                     tokio::time::sleep(interval).await;
@@ -224,7 +228,8 @@ impl Client {
     ) -> Result<Retried<R>, Error> {
         let (interval, cid) = r.checked()?;
         let started = now_ms();
-        match self.invoke_task(r.attempt_task(&cid, 1)?).await {
+        let last = r.repeats <= 1;
+        match self.invoke_task(r.attempt_task(&cid, 1, last)?).await {
             Ok(v) => Ok(Retried::Done(v)),
             Err(e) if repeatable(&e) && r.repeats > 1 => {
                 tracing::debug!(target = %r.target, error = %e, "invoke/retry: first attempt failed; going on in background");

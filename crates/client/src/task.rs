@@ -33,6 +33,7 @@ pub struct Task {
     pub(crate) part: Option<PartDecorator>,
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) attempt: u32,
+    pub(crate) caller_retries: bool,
 }
 
 impl Task {
@@ -53,6 +54,7 @@ impl Task {
             part: None,
             retry: None,
             attempt: 1,
+            caller_retries: false,
         })
     }
 
@@ -146,6 +148,7 @@ impl Task {
         env.part = self.part;
         env.retry = self.retry;
         env.attempt = self.attempt.max(1);
+        env.caller_retries = self.caller_retries;
         Ok((env, self.timeout))
     }
 }

@@ -143,6 +143,10 @@ pub struct Envelope {
     /// Set on the targets of a parallel invoke: its callbacks and position.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fanout: Option<FanOut>,
+    /// The caller repeats this call itself if the handler fails (a blocking invoke/retry
+    /// attempt that is not the last): a handler error is answered but not dead-lettered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub caller_retries: bool,
 }
 
 fn first_attempt() -> u32 {
@@ -178,6 +182,7 @@ impl Envelope {
             created_ms: now_ms(),
             retry: None,
             fanout: None,
+            caller_retries: false,
         }
     }
 

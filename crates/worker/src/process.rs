@@ -302,7 +302,11 @@ async fn publish_outcome(
             a.and(b).and(c)
         }
         (Resolution::Dead(f), None) => {
-            dead_letter(shared, queue_svc, d, &f).await?;
+            // A blocking invoke/retry attempt that the caller will repeat is not dead yet.
+            let repeated = f.kind == FailureKind::Handler && env.is_some_and(|e| e.caller_retries);
+            if !repeated {
+                dead_letter(shared, queue_svc, d, &f).await?;
+            }
             on_target(shared, env, &ReplyOutcome::Error(f.clone())).await?;
             let payload = json!({
                 "id": env.map(|e| e.id),

@@ -12,16 +12,22 @@
 //! - `noop`: `noop_throughput` and `worker_rss_peak`.
 //! - `invoke`: `invoke_seq_p50`, `invoke_seq_p99`, `invoke_c64_throughput`, `invoke_c64_p99`.
 //! - `split`: `split1000_ms`, `fanin100_ms` (split jobs, enqueue to oncomplete).
+//! - `fanout`: `fanout100_ms` (a fan-out/fan-in of 100 targets, `parallel()` to the final
+//!   callback, beside the same raw floor as `fanin100_ms`).
+//! - `retry`: `retry_overhead_ms` (an invoke that fails twice with zero-delay retries, minus
+//!   a plain invoke; raw: two extra confirmed publish + consume round trips).
 //! - `raw`: the raw-lapin building blocks the groups share.
 //! - `stats`: percentiles.
 //! - `procfs`: CPU time and peak memory from `/proc`.
 //! - `worker_proc`: the worker process the bench starts (`warren bench-worker`) and how its
 //!   peak memory is read.
 
+mod fanout;
 mod invoke;
 mod noop;
 mod procfs;
 mod raw;
+mod retry;
 mod split;
 mod stats;
 pub mod worker_proc;
@@ -105,7 +111,13 @@ pub struct Group {
 
 /// Every group, in the order they run. Later issues add theirs here (split, fanout, retry,
 /// pubsub, chain).
-pub const GROUPS: &[Group] = &[noop::GROUP, invoke::GROUP, split::GROUP];
+pub const GROUPS: &[Group] = &[
+    noop::GROUP,
+    invoke::GROUP,
+    split::GROUP,
+    fanout::GROUP,
+    retry::GROUP,
+];
 
 fn group_parser() -> PossibleValuesParser {
     PossibleValuesParser::new(

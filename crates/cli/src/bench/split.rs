@@ -63,14 +63,15 @@ fn run(b: &Bench) -> GroupRun<'_> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (the upper one for an even count).
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Raw lapin: parts queue → a consumer that publishes each result (confirmed) then acks →
 /// results queue → when all are in, one hook publish → hook queue. Returns ms per run.
-async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Result<Vec<f64>> {
+pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Result<Vec<f64>> {
     let (parts_q, results_q, hook_q) = (
         b.raw_queue(&format!("split{n}-parts")),
         b.raw_queue(&format!("split{n}-results")),

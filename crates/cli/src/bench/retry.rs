@@ -1,0 +1,353 @@
+//! `retry`: what two retries add to an invoke (`retry_overhead_ms`).
+//!
+//! warren: one method that fails (`TaskError::fail`) while `ctx.attempt()` is at most its
+//! payload, then answers. Both calls are `Client::invoke_task` with the same
+//! `RetryPolicy::fixed(3, Duration::ZERO)`: the plain call (payload 0) succeeds at once; the
+//! retried call (payload 2) fails twice, each failure republished by the worker straight to
+//! the service queue (zero delay: no wait queue), and succeeds on the third attempt. The
+//! figure is median(retried call) − median(plain call), end to end at the caller, over
+//! [`CALLS`] sequential calls of each, alternated, after [`WARMUP`] unmeasured pairs.
+//!
+//! raw lapin: the same difference for a hand-written RPC whose server, instead of failing,
+//! republishes the request to its own queue (persistent, mandatory, confirmed, then acks) while
+//! a `retries-left` header is above 0, and otherwise answers with a confirmed publish to the
+//! caller's reply queue and acks; requests carry 2 (retried) or 0 (plain). So raw's value is
+//! the cost of two extra confirmed publish + consume round trips through the broker, the floor
+//! of what a retry can cost. Both sides use one connection to consume and one to publish on
+//! the server side, messages of the same size, and the run's queue type.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::Mutex;
+use warren_client::{Client, Task};
+use warren_core::{Envelope, RetryPolicy, Target};
+use warren_worker::{Context, Service, TaskError};
+
+use super::raw::{self, short};
+use super::split::median;
+use super::{note, Bench, Figure, Group, GroupRun};
+
+/// The group.
+pub const GROUP: Group = Group {
+    name: "retry",
+    about: "an invoke that fails twice then succeeds (zero-delay retries), minus a plain invoke",
+    run,
+};
+
+/// Measured calls of each kind (the figure compares their medians).
+const CALLS: usize = 50;
+/// Unmeasured pairs before them.
+const WARMUP: usize = 5;
+/// Failures before the retried call succeeds.
+const FAILS: u32 = 2;
+/// Deadline of one call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The raw request header counting the republishes still to do.
+const RETRIES_LEFT: &str = "retries-left";
+
+/// Latencies in ms of one side's plain and retried calls.
+struct Measured {
+    plain: Vec<f64>,
+    retried: Vec<f64>,
+}
+
+impl Measured {
+    /// median(retried) − median(plain), in ms; and both medians.
+    fn overhead(self) -> (f64, f64, f64) {
+        let (p, r) = (median(self.plain), median(self.retried));
+        (r - p, p, r)
+    }
+}
+
+fn run(b: &Bench) -> GroupRun<'_> {
+    Box::pin(async move {
+        note(format!(
+            "retry: raw lapin, {CALLS} plain and {CALLS} with {FAILS} republishes, alternated"
+        ));
+        let (raw, raw_plain, raw_retried) = raw_side(b).await.context("raw lapin side")?.overhead();
+        note(format!(
+            "retry: warren, {CALLS} plain and {CALLS} failing {FAILS} times, alternated"
+        ));
+        let (warren, plain, retried) = warren_side(b).await.context("warren side")?.overhead();
+        note(format!(
+            "retry: medians: raw lapin plain {raw_plain:.2} ms, with {FAILS} republishes \
+             {raw_retried:.2} ms; warren plain {plain:.2} ms, with {FAILS} retries {retried:.2} ms"
+        ));
+        Ok(vec![Figure {
+            name: "retry_overhead_ms",
+            value: warren,
+            unit: "ms",
+            raw: Some(raw),
+            decimals: 2,
+        }])
+    })
+}
+
+/// Warm-up pairs, then `CALLS` pairs of (plain, retried) calls; `call(fails)` makes one.
+async fn drive<F, Fut>(call: F) -> anyhow::Result<Measured>
+where
+    F: Fn(u32) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..WARMUP {
+        call(0).await?;
+        call(FAILS).await?;
+    }
+    let mut m = Measured {
+        plain: Vec::with_capacity(CALLS),
+        retried: Vec::with_capacity(CALLS),
+    };
+    for _ in 0..CALLS {
+        for (fails, out) in [(0, &mut m.plain), (FAILS, &mut m.retried)] {
+            let t = Instant::now();
+            call(fails).await?;
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(m)
+}
+
+// ---- raw lapin ----------------------------------------------------------------------
+
+async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
+    let queue = b.raw_queue("retry");
+    let server_in = raw::connect(b.raw_url(), "warren bench raw retry server (consume)").await?;
+    let server_out = raw::connect(b.raw_url(), "warren bench raw retry server (publish)").await?;
+    let caller_conn = raw::connect(b.raw_url(), "warren bench raw retry caller").await?;
+    let conns = [server_in, server_out, caller_conn];
+    let result = async {
+        let [server_in, server_out, caller_conn] = &conns;
+        start_raw_server(b, &queue, server_in, server_out).await?;
+        let caller = RawCaller::start(&queue, caller_conn).await?;
+        drive(|fails| caller.call(fails)).await
+    }
+    .await;
+    for c in &conns {
+        let _ = c.close(200, short("bye")).await;
+    }
+    result
+}
+
+fn retries_left(props: &BasicProperties) -> i32 {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(RETRIES_LEFT))
+        .and_then(AMQPValue::as_long_int)
+        .unwrap_or(0)
+}
+
+fn with_retries_left(props: BasicProperties, n: i32) -> BasicProperties {
+    let mut h = FieldTable::default();
+    h.insert(short(RETRIES_LEFT), AMQPValue::LongInt(n));
+    props.with_headers(h)
+}
+
+/// Consumes `queue`: republishes a request with `retries-left` above 0 to `queue` (one
+/// less), else answers it; either publish is confirmed before the ack.
+async fn start_raw_server(
+    b: &Bench,
+    queue: &str,
+    consume: &Connection,
+    publish: &Connection,
+) -> anyhow::Result<()> {
+    let ch = consume.create_channel().await?;
+    raw::declare_queue(&ch, queue, b.queue_type).await?;
+    ch.basic_qos(b.args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = ch
+        .basic_consume(
+            short(queue),
+            short(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let out = raw::confirm_channel(publish).await?;
+    let queue = queue.to_owned();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let (out, queue) = (out.clone(), queue.clone());
+            tokio::spawn(async move {
+                let handle = async {
+                    let left = retries_left(&d.properties);
+                    let (to, props) = if left > 0 {
+                        (
+                            short(&queue),
+                            with_retries_left(d.properties.clone(), left - 1),
+                        )
+                    } else {
+                        let reply_to = d.properties.reply_to().clone().context("no reply_to")?;
+                        let mut props = BasicProperties::default()
+                            .with_content_type(short("application/json"))
+                            .with_delivery_mode(1);
+                        if let Some(c) = d.properties.correlation_id() {
+                            props = props.with_correlation_id(c.clone());
+                        }
+                        (reply_to, props)
+                    };
+                    let confirm = out
+                        .basic_publish(
+                            short(""),
+                            to,
+                            BasicPublishOptions {
+                                mandatory: true,
+                                immediate: false,
+                            },
+                            &d.data,
+                            props,
+                        )
+                        .await?;
+                    raw::check_confirm(confirm.await)?;
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                    Ok::<_, anyhow::Error>(())
+                };
+                if let Err(e) = handle.await {
+                    tracing::debug!(error = %e, "raw retry server could not handle a request");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// A sequential raw RPC caller: an exclusive server-named reply queue, consumed without acks.
+struct RawCaller {
+    channel: Channel,
+    queue: String,
+    reply_to: lapin::types::ShortString,
+    replies: Mutex<lapin::Consumer>,
+    body: Vec<u8>,
+}
+
+impl RawCaller {
+    async fn start(queue: &str, conn: &Connection) -> anyhow::Result<Self> {
+        let rch = conn.create_channel().await?;
+        let reply_queue = rch
+            .queue_declare(
+                short(""),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let reply_to = reply_queue.name().clone();
+        let replies = rch
+            .basic_consume(
+                reply_to.clone(),
+                short(""),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let target: Target = "bench-0123456789-retry.flaky".parse()?;
+        let len = Envelope::new(&target, serde_json::json!(FAILS), None)
+            .to_bytes()?
+            .len();
+        Ok(Self {
+            channel: raw::confirm_channel(conn).await?,
+            queue: queue.to_owned(),
+            reply_to,
+            replies: Mutex::new(replies),
+            body: raw::body_of_len(len),
+        })
+    }
+
+    /// One call whose request the server republishes `fails` times before answering.
+    async fn call(&self, fails: u32) -> anyhow::Result<()> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let props = BasicProperties::default()
+            .with_content_type(short("application/json"))
+            .with_delivery_mode(2)
+            .with_correlation_id(short(&id))
+            .with_reply_to(self.reply_to.clone());
+        let props = with_retries_left(props, i32::try_from(fails)?);
+        let confirm = self
+            .channel
+            .basic_publish(
+                short(""),
+                short(&self.queue),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &self.body,
+                props,
+            )
+            .await?;
+        raw::check_confirm(confirm.await)?;
+        let mut replies = self.replies.lock().await;
+        let wait = async {
+            loop {
+                let d = replies
+                    .next()
+                    .await
+                    .context("reply stream ended")?
+                    .context("reply consumer failed")?;
+                if d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(id.as_str()) {
+                    return Ok::<_, anyhow::Error>(());
+                }
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, wait)
+            .await
+            .map_err(|_| anyhow!("no reply within {CALL_TIMEOUT:?}"))?
+    }
+}
+
+// ---- warren -------------------------------------------------------------------------
+
+async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
+    let svc = b.service("retry")?;
+    let worker = b
+        .worker_builder("warren bench retry worker")?
+        .service(
+            Service::new(&svc)?.method("flaky", |ctx: Context, fails: u32| async move {
+                if ctx.attempt() <= fails {
+                    return Err(TaskError::fail(format!(
+                        "bench: planned failure {} of {fails}",
+                        ctx.attempt()
+                    )));
+                }
+                Ok::<u32, TaskError>(ctx.attempt())
+            })?,
+        )
+        .build()
+        .await?;
+    let guard = b.spawn_worker(worker);
+    let client = Client::builder()
+        .amqp(b.amqp("warren bench retry client")?)
+        .invoke_timeout(CALL_TIMEOUT)
+        .connect()
+        .await?;
+    let target = format!("{svc}.flaky");
+    let result = drive(|fails| {
+        let (client, target) = (&client, &target);
+        async move {
+            let task = Task::new(target, &fails)?
+                .with_retry(RetryPolicy::fixed(FAILS + 1, Duration::ZERO));
+            let attempt: u32 = client.invoke_task(task).await?;
+            if attempt != fails + 1 {
+                bail!("answered on attempt {attempt}, expected {}", fails + 1);
+            }
+            Ok(())
+        }
+    })
+    .await;
+    client.close().await;
+    guard.stop().await;
+    result
+}
