@@ -5,7 +5,9 @@
 //! `cargo run --example demo`. It prints what happens: an enqueued task, typed invokes, a
 //! handler error coming back typed, a task retried after a delay, bad input dead-lettered,
 //! an oncomplete hook, a split job counting words over chunks of a text on two worker
-//! processes (the demo starts itself twice as `demo worker ...`), and a graceful shutdown.
+//! processes (the demo starts itself twice as `demo worker ...`), a parallel invoke with
+//! on-target and fan-in callbacks, an invoke/retry that goes on in background, and a
+//! graceful shutdown.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -15,7 +17,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
-use warren::{Client, Context, Service, Target, Task, TaskError, Worker};
+use warren::{
+    Client, Context, FanInOutcome, InvokeRetry, Parallel, Retried, RetryOutcome, Service, Target,
+    TargetOutcome, Task, TaskError, Worker,
+};
 
 const TEXT: &str = "the quick brown fox jumps over the lazy dog and the dog sleeps while \
 the fox runs far over the hills where the wind blows and the grass grows tall and green";
@@ -131,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
+                .unwrap_or_else(|_| "error,lapin=off".into()),
         )
         .init();
     // Unique service names per run, so demo runs never see each other's tasks.
@@ -199,6 +204,35 @@ async fn main() -> anyhow::Result<()> {
                         Ok::<_, TaskError>(())
                     }
                 }
+            })?.method("step", {
+                let ev = events.clone();
+                move |ctx: Context, o: TargetOutcome| {
+                    let ev = ev.clone();
+                    async move {
+                        let what = if o.ok { format!("ok {}", o.response.unwrap_or_default()) } else { format!("error {}", o.error.map(|e| e.to_string()).unwrap_or_default()) };
+                        let _ = ev.send(format!("[worker] on-target callback ({:?}): target #{} {} -> {what}", ctx.via(), o.index, o.target));
+                        Ok::<_, TaskError>(())
+                    }
+                }
+            })?.method("summary", {
+                let ev = events.clone();
+                move |ctx: Context, o: FanInOutcome| {
+                    let ev = ev.clone();
+                    async move {
+                        let oks = o.outcomes.iter().filter(|t| t.ok).count();
+                        let _ = ev.send(format!("[worker] fan-in callback ({:?}), once: {oks} of {} targets ok (cid {})", ctx.via(), o.outcomes.len(), o.cid));
+                        Ok::<_, TaskError>(())
+                    }
+                }
+            })?.method("retried", {
+                let ev = events.clone();
+                move |_: Context, o: RetryOutcome| {
+                    let ev = ev.clone();
+                    async move {
+                        let _ = ev.send(format!("[worker] invoke/retry callback, once: ok={} after {} attempts of {}, response {}, context {}", o.ok, o.attempts, o.target, o.response.unwrap_or_default(), o.context));
+                        Ok::<_, TaskError>(())
+                    }
+                }
             })?.method("record", move |ctx: Context, cents: u64| {
                 let ev = ev2.clone();
                 async move {
@@ -207,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             })?)
             .concurrency(8)
+            .part_queue_expiry(Duration::from_secs(60))
             .build()
             .await?
     };
@@ -314,18 +349,67 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(30), p.wait()).await;
     }
 
-    // 7. Graceful shutdown, then remove the demo's queues.
+    // 7. Parallel execution with callbacks: three targets (one rejects its payload), a
+    //    callback after each target and a fan-in callback once after all of them.
+    let parallel = Parallel::new()
+        .target(&format!("{greeter}.hello"), &Greeting { name: "Grace".into() })?
+        .target(&format!("{billing}.invoice"), &Invoice { order: 9, cents: 300 })?
+        .target(&format!("{billing}.invoice"), &Invoice { order: 10, cents: 0 })?
+        .on_target(&format!("{audit}.step"))?
+        .on_final(&format!("{audit}.summary"))?
+        .with_cid("checkout-9");
+    let receipt = client.parallel(parallel).await?;
+    println!("7. parallel invoke of 3 targets with callbacks, cid {}", receipt.cid);
+    let mut lines = Vec::new();
+    while lines.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(30), seen.recv()).await? {
+            Some(line) => lines.push(line),
+            None => break,
+        }
+    }
+    lines.sort_by_key(|l| (l.contains("fan-in"), !l.contains("on-target")));
+    for line in lines {
+        println!("   {line}");
+    }
+
+    // 8. Invoke/retry: the first call blocks and fails; the next attempts run in background
+    //    through a durable delay queue, and the callback runs once at the end.
+    flaky_calls.store(0, Ordering::SeqCst);
+    let call = InvokeRetry::new(&format!("{greeter}.flaky"), &())?
+        .repeats(3)
+        .seconds(1)
+        .callback(&format!("{audit}.retried"))?
+        .context(&serde_json::json!({"requested_by": "demo"}))?;
+    match client.invoke_retry_fallback::<String>(call).await? {
+        Retried::Done(v) => println!("8. invoke/retry done at once: {v}"),
+        Retried::Background { cid } => {
+            println!("8. invoke/retry: the first attempt failed; retrying in background, cid {cid}");
+            if let Some(line) = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await? {
+                println!("   {line}");
+            }
+        }
+    }
+
+    // 9. Graceful shutdown, then remove the demo's queues.
     let _ = stop_tx.send(());
     running.await??;
-    println!("7. workers drained and stopped");
+    println!("9. workers drained and stopped");
     for svc in [&greeter, &billing, &audit, &words] {
         for q in [
             format!("warren.svc.{svc}"),
             format!("warren.dead.{svc}"),
             format!("warren.delay.{svc}.200"),
+            format!("warren.delay.{svc}.1000"),
         ] {
             let _ = client.broker().delete_queue(&q).await;
         }
+    }
+    let fanin = warren::core::topology::JobKey::of(&warren::core::topology::fanout_queue(&receipt.job));
+    for q in [
+        warren::core::topology::QueueSpec::claim(&fanin, 0, 0).name,
+        warren::core::topology::QueueSpec::done(&fanin, 0).name,
+    ] {
+        let _ = client.broker().delete_queue(&q).await;
     }
     client.close().await;
     println!("== done ==");

@@ -229,6 +229,10 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
             other => other?,
         }
         tracing::debug!(job = %job.key.0, ready, "lease won");
+        // The done-marker queue: declared at split time for split jobs, here for fan-ins.
+        broker
+            .declare(std::slice::from_ref(&job.done(shared)))
+            .await?;
         let fired = markers(shared, job).await?;
         if fired >= job.markers_when_done() {
             let _ = broker.delete_queue(&job.part_queue).await?;
@@ -362,11 +366,6 @@ async fn fire(
     leased_at: Instant,
 ) -> Res<bool> {
     let done = job.done(shared);
-    shared
-        .client
-        .broker()
-        .declare(std::slice::from_ref(&done))
-        .await?;
     let targets = job.fire_targets(ok);
     if targets.is_empty() {
         if fired == 0 {
