@@ -26,3 +26,10 @@ pub use warren_core::{
 pub use warren_worker::{
     Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError,
 };
+
+/// The README's and `docs/patterns.md`'s code blocks, compiled by `cargo test` so the
+/// documentation cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+#[doc = include_str!("../docs/patterns.md")]
+pub struct DocExamples;
