@@ -352,14 +352,34 @@ async fn main() -> anyhow::Result<()> {
     // 7. Parallel execution with callbacks: three targets (one rejects its payload), a
     //    callback after each target and a fan-in callback once after all of them.
     let parallel = Parallel::new()
-        .target(&format!("{greeter}.hello"), &Greeting { name: "Grace".into() })?
-        .target(&format!("{billing}.invoice"), &Invoice { order: 9, cents: 300 })?
-        .target(&format!("{billing}.invoice"), &Invoice { order: 10, cents: 0 })?
+        .target(
+            &format!("{greeter}.hello"),
+            &Greeting {
+                name: "Grace".into(),
+            },
+        )?
+        .target(
+            &format!("{billing}.invoice"),
+            &Invoice {
+                order: 9,
+                cents: 300,
+            },
+        )?
+        .target(
+            &format!("{billing}.invoice"),
+            &Invoice {
+                order: 10,
+                cents: 0,
+            },
+        )?
         .on_target(&format!("{audit}.step"))?
         .on_final(&format!("{audit}.summary"))?
         .with_cid("checkout-9");
     let receipt = client.parallel(parallel).await?;
-    println!("7. parallel invoke of 3 targets with callbacks, cid {}", receipt.cid);
+    println!(
+        "7. parallel invoke of 3 targets with callbacks, cid {}",
+        receipt.cid
+    );
     let mut lines = Vec::new();
     while lines.len() < 5 {
         match tokio::time::timeout(Duration::from_secs(30), seen.recv()).await? {
@@ -383,7 +403,9 @@ async fn main() -> anyhow::Result<()> {
     match client.invoke_retry_fallback::<String>(call).await? {
         Retried::Done(v) => println!("8. invoke/retry done at once: {v}"),
         Retried::Background { cid } => {
-            println!("8. invoke/retry: the first attempt failed; retrying in background, cid {cid}");
+            println!(
+                "8. invoke/retry: the first attempt failed; retrying in background, cid {cid}"
+            );
             if let Some(line) = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await? {
                 println!("   {line}");
             }
@@ -404,7 +426,8 @@ async fn main() -> anyhow::Result<()> {
             let _ = client.broker().delete_queue(&q).await;
         }
     }
-    let fanin = warren::core::topology::JobKey::of(&warren::core::topology::fanout_queue(&receipt.job));
+    let fanin =
+        warren::core::topology::JobKey::of(&warren::core::topology::fanout_queue(&receipt.job));
     for q in [
         warren::core::topology::QueueSpec::claim(&fanin, 0, 0).name,
         warren::core::topology::QueueSpec::done(&fanin, 0).name,

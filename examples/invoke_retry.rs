@@ -14,7 +14,10 @@ use warren::{Client, Context, InvokeRetry, Retried, RetryOutcome, Service, TaskE
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let svc = format!("example-retry-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let svc = format!(
+        "example-retry-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let (tx, mut rx) = mpsc::unbounded_channel::<RetryOutcome>();
     // Calls per key, so each mode's target fails on its first two calls.
     let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
@@ -61,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
     let with_callback = call("b")?
         .callback(&format!("{svc}.done"))?
         .context(&json!({"ticket": 42}))?;
-    match client.invoke_retry_fallback::<String>(with_callback).await? {
+    match client
+        .invoke_retry_fallback::<String>(with_callback)
+        .await?
+    {
         Retried::Done(v) => println!("sync+async -> done at once: {v}"),
         Retried::Background { cid } => println!("sync+async -> in background, cid {cid}"),
     }

@@ -12,7 +12,10 @@ use warren::{
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let svc = format!("example-parallel-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let svc = format!(
+        "example-parallel-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let (tx1, tx2) = (tx.clone(), tx);
     let service = Service::new(&svc)?

@@ -19,7 +19,10 @@ async fn flaky(ctx: Context, fail_until: u32) -> Result<String, TaskError> {
 async fn polite(ctx: Context, _: ()) -> Result<String, TaskError> {
     if ctx.attempt() == 1 {
         // Waits in a durable delay queue on the broker, not in this worker's memory.
-        return Err(TaskError::retry_after(Duration::from_millis(300), "rate limited"));
+        return Err(TaskError::retry_after(
+            Duration::from_millis(300),
+            "rate limited",
+        ));
     }
     Ok(format!("ok on attempt {}", ctx.attempt()))
 }
@@ -33,7 +36,10 @@ async fn strict(_: Context, n: i64) -> Result<i64, TaskError> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let svc = format!("example-retries-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let svc = format!(
+        "example-retries-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let service = Service::new(&svc)?
         .method("flaky", flaky)?
         .method("careful", flaky)?
@@ -66,11 +72,19 @@ async fn main() -> anyhow::Result<()> {
     println!("task policy (1 attempt, overrides the method's 5):");
     let task = Task::new(&format!("{svc}.careful"), &5)?.with_retry(RetryPolicy::none());
     let r: Result<String, _> = client.invoke_task(task).await;
-    println!("  -> {}", r.map_err(|e| e.to_string()).unwrap_or_else(|e| e));
+    println!(
+        "  -> {}",
+        r.map_err(|e| e.to_string()).unwrap_or_else(|e| e)
+    );
     let r: String = client.invoke(&format!("{svc}.polite"), &()).await?;
     println!("retry_after(300 ms) -> {r}");
     let r: Result<i64, _> = client.invoke(&format!("{svc}.strict"), &-5).await;
-    println!("reject -> {}", r.map_err(|e| e.to_string()).map(|v| v.to_string()).unwrap_or_else(|e| e));
+    println!(
+        "reject -> {}",
+        r.map_err(|e| e.to_string())
+            .map(|v| v.to_string())
+            .unwrap_or_else(|e| e)
+    );
 
     let _ = stop.send(());
     running.await??;

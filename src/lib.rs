@@ -20,8 +20,8 @@ pub use warren_client::{
     Retried, Task,
 };
 pub use warren_core::{
-    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, Target,
-    TargetOutcome, Via,
+    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, Target, TargetOutcome,
+    Via,
 };
 pub use warren_worker::{
     Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError,

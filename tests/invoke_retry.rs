@@ -172,7 +172,11 @@ impl Fixture {
 /// Attempts are numbered 1..=n and at least the interval apart.
 fn check_spacing(attempts: &[(u32, Instant)], n: u32) {
     let numbers: Vec<u32> = attempts.iter().map(|a| a.0).collect();
-    assert_eq!(numbers, (1..=n).collect::<Vec<_>>(), "attempts in order, once each");
+    assert_eq!(
+        numbers,
+        (1..=n).collect::<Vec<_>>(),
+        "attempts in order, once each"
+    );
     for w in attempts.windows(2) {
         let gap = w[1].1 - w[0].1;
         assert!(
@@ -217,7 +221,11 @@ async fn sync_sync_succeeds_on_attempt_k_and_exhausts_otherwise() {
         .unwrap();
     assert_eq!(dead.ready, 1, "one dead letter for the exhausted call");
     let (_, attempts) = f.drain_and_count("-").await;
-    assert_eq!(attempts.lock().unwrap().len(), 6, "the worker never retried on its own");
+    assert_eq!(
+        attempts.lock().unwrap().len(),
+        6,
+        "the worker never retried on its own"
+    );
 }
 
 #[tokio::test]
@@ -236,7 +244,11 @@ async fn sync_async_returns_at_once_or_goes_on_in_background() {
         .context(&json!({"hi": "there"}))
         .unwrap()
         .with_cid(unique("cid"));
-    let Retried::Background { cid } = f.client.invoke_retry_fallback::<String>(call).await.unwrap()
+    let Retried::Background { cid } = f
+        .client
+        .invoke_retry_fallback::<String>(call)
+        .await
+        .unwrap()
     else {
         panic!("the first attempt fails, so the call goes on in background");
     };
@@ -262,7 +274,11 @@ async fn sync_async_returns_at_once_or_goes_on_in_background() {
 async fn background_call_that_never_succeeds_reports_once() {
     let f = fixture().await;
     let call = f.call("never", 99, 3).callback(&f.t("cb")).unwrap();
-    let Retried::Background { cid } = f.client.invoke_retry_fallback::<String>(call).await.unwrap()
+    let Retried::Background { cid } = f
+        .client
+        .invoke_retry_fallback::<String>(call)
+        .await
+        .unwrap()
     else {
         panic!("expected background");
     };
@@ -332,13 +348,20 @@ async fn bad_requests_get_typed_errors_and_bad_targets_are_not_retried() {
     let f = fixture().await;
     let no_interval = InvokeRetry::new(&f.t("flaky"), &1).unwrap().repeats(3);
     for e in [
-        f.client.invoke_retry::<Value>(no_interval.clone()).await.unwrap_err(),
+        f.client
+            .invoke_retry::<Value>(no_interval.clone())
+            .await
+            .unwrap_err(),
         f.client.invoke_retry_async(no_interval).await.unwrap_err(),
     ] {
         assert!(matches!(e, ClientError::MissingInterval), "{e}");
     }
     let zero = f.call("z", 1, 0);
-    let e = f.client.invoke_retry_fallback::<Value>(zero).await.unwrap_err();
+    let e = f
+        .client
+        .invoke_retry_fallback::<Value>(zero)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ClientError::ZeroRepeats), "{e}");
     assert!(matches!(
         InvokeRetry::new("nodot", &1),
@@ -349,7 +372,11 @@ async fn bad_requests_get_typed_errors_and_bad_targets_are_not_retried() {
         .unwrap()
         .repeats(5)
         .seconds(1);
-    let e = f.client.invoke_retry::<Value>(unknown.clone()).await.unwrap_err();
+    let e = f
+        .client
+        .invoke_retry::<Value>(unknown.clone())
+        .await
+        .unwrap_err();
     assert_eq!(e.failure_kind(), Some(FailureKind::UnknownTarget), "{e}");
     let cid = f
         .client

@@ -21,7 +21,11 @@ use warren_core::topology::fanout_queue;
 /// (callback method, via, cid, payload) of every callback run.
 type Calls = Arc<Mutex<Vec<(String, Via, String, Value)>>>;
 
-fn recorder(calls: &Calls, name: &'static str) -> impl Fn(Context, Value) -> futures_util::future::Ready<Result<(), TaskError>> + Send + Sync + 'static {
+fn recorder(
+    calls: &Calls,
+    name: &'static str,
+) -> impl Fn(Context, Value) -> futures_util::future::Ready<Result<(), TaskError>> + Send + Sync + 'static
+{
     let calls = calls.clone();
     move |ctx: Context, v: Value| {
         if let Ok(mut c) = calls.lock() {
@@ -38,9 +42,13 @@ fn service(svc: &str, calls: &Calls) -> Service {
     Service::new(svc)
         .unwrap()
         .retry(RetryPolicy::none())
-        .method("inc", |_: Context, x: i64| async move { Ok::<_, TaskError>(x + 1) })
+        .method("inc", |_: Context, x: i64| async move {
+            Ok::<_, TaskError>(x + 1)
+        })
         .unwrap()
-        .method("double", |_: Context, x: i64| async move { Ok::<_, TaskError>(x * 2) })
+        .method("double", |_: Context, x: i64| async move {
+            Ok::<_, TaskError>(x * 2)
+        })
         .unwrap()
         .method("boom", |_: Context, _: i64| async move {
             Err::<i64, _>(TaskError::fail("boom"))
@@ -114,10 +122,14 @@ impl Fixture {
     }
 
     async fn wait_calls(&self, name: &str, n: usize) -> Vec<(Via, String, Value)> {
-        poll(&format!("{n} calls of {name}"), Duration::from_secs(30), || async {
-            let c = self.calls_of(name);
-            (c.len() >= n).then_some(c)
-        })
+        poll(
+            &format!("{n} calls of {name}"),
+            Duration::from_secs(30),
+            || async {
+                let c = self.calls_of(name);
+                (c.len() >= n).then_some(c)
+            },
+        )
         .await
     }
 
@@ -172,7 +184,11 @@ async fn three_targets_two_callbacks(qt: QueueType) {
             .collect();
         assert_eq!(mine.len(), 3, "{cb} runs exactly once per target");
         mine.sort_by_key(|o| o.index);
-        let expect = [("inc", Some(json!(11))), ("double", Some(json!(20))), ("boom", None)];
+        let expect = [
+            ("inc", Some(json!(11))),
+            ("double", Some(json!(20))),
+            ("boom", None),
+        ];
         for (o, (i, (m, resp))) in mine.iter().zip(expect.iter().enumerate()) {
             assert_eq!(o.index as usize, i);
             assert_eq!(o.cid, cid);
@@ -247,7 +263,9 @@ async fn fan_in_runs_each_final_callback_once_with_every_outcome() {
         }
     }
     // The part queue is gone once the join fired.
-    let broker = warren_core::Broker::connect(config(QueueType::Classic)).await.unwrap();
+    let broker = warren_core::Broker::connect(config(QueueType::Classic))
+        .await
+        .unwrap();
     let part = fanout_queue(&receipt.job);
     assert!(broker.queue_stats(&part).await.unwrap().is_none());
     broker.close().await;
@@ -265,7 +283,15 @@ async fn fan_in_started_by_a_handler_names_its_source() {
     assert!(out.ok);
     let url = common::url();
     let (calls, _) = f.drain().await;
-    assert_eq!(calls.lock().unwrap().iter().filter(|c| c.0 == "all1").count(), 1);
+    assert_eq!(
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.0 == "all1")
+            .count(),
+        1
+    );
     cleanup_job(&url, &fanout_queue(&job.parse().unwrap())).await;
 }
 
@@ -288,6 +314,9 @@ async fn parallel_refuses_bad_requests_before_sending() {
     ));
     let long = "c".repeat(256);
     let p = Parallel::new().target("a.b", &1).unwrap().with_cid(long);
-    assert!(client.parallel(p).await.is_err(), "a cid over 255 bytes is refused");
+    assert!(
+        client.parallel(p).await.is_err(),
+        "a cid over 255 bytes is refused"
+    );
     client.close().await;
 }

@@ -94,11 +94,18 @@ async fn precedence_is_task_then_method_then_service_then_worker() {
         assert!(matches!(e, ClientError::Failed { .. }), "{e}");
         assert_eq!(e.failure_kind(), Some(FailureKind::Handler));
         assert_eq!(count(&runs, &key), attempts, "the {level} policy applies");
-        assert!(e.to_string().contains(&format!("after {attempts} attempts")), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("after {attempts} attempts")),
+            "{e}"
+        );
     }
     // A task that succeeds on its second attempt returns its value to the invoker.
     let v: String = client
-        .invoke(&format!("{with_policy}.plain"), &("second".to_owned(), 2u32))
+        .invoke(
+            &format!("{with_policy}.plain"),
+            &("second".to_owned(), 2u32),
+        )
         .await
         .unwrap();
     assert_eq!(v, "second");
@@ -172,7 +179,10 @@ async fn a_long_delay_does_not_hold_back_a_short_one() {
         at("long", 2)
     })
     .await;
-    assert!(long2 - long1 >= Duration::from_millis(4990), "long waited its 5 s");
+    assert!(
+        long2 - long1 >= Duration::from_millis(4990),
+        "long waited its 5 s"
+    );
     running.stop.cancel();
     running.handle.await.unwrap().unwrap();
     assert_eq!(count(&runs, "long"), 2);

@@ -37,6 +37,6 @@ pub use invoke_retry::{InvokeRetry, Retried};
 pub use parallel::{Parallel, ParallelReceipt};
 pub use task::{Receipt, Task};
 pub use warren_core::{
-    AmqpConfig, FailureKind, Failure, FanInOutcome, QueueType, RetryOutcome, RetryPolicy, Target,
+    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, RetryPolicy, Target,
     TargetOutcome,
 };

@@ -76,13 +76,15 @@ impl Parallel {
 
     /// Adds a callback run after **each** target, success or failure.
     pub fn on_target(mut self, callback: &str) -> Result<Self, Error> {
-        self.on_target.push(HookTarget::from(&callback.parse::<Target>()?));
+        self.on_target
+            .push(HookTarget::from(&callback.parse::<Target>()?));
         Ok(self)
     }
 
     /// Adds a callback run once after **all** targets finished (fan-in).
     pub fn on_final(mut self, callback: &str) -> Result<Self, Error> {
-        self.on_final.push(HookTarget::from(&callback.parse::<Target>()?));
+        self.on_final
+            .push(HookTarget::from(&callback.parse::<Target>()?));
         Ok(self)
     }
 

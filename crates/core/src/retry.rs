@@ -195,8 +195,7 @@ mod tests {
         assert_eq!(p.delay_after(40), Duration::from_secs(300));
         let f = RetryPolicy::fixed(3, Duration::from_millis(300));
         assert_eq!(f.delay_after(2), Duration::from_millis(300));
-        let back: RetryPolicy =
-            serde_json::from_value(serde_json::to_value(&f).unwrap()).unwrap();
+        let back: RetryPolicy = serde_json::from_value(serde_json::to_value(&f).unwrap()).unwrap();
         assert_eq!(back, f);
         let j = RetryPolicy::default().delay_after(2);
         assert!(j >= Duration::from_secs(2) && j <= Duration::from_millis(2500));

@@ -3,9 +3,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
-use warren_client::{
-    Client, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task,
-};
+use warren_client::{Client, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task};
 use warren_core::{PartDecorator, Via};
 
 /// Handed to every handler call.

@@ -9,8 +9,7 @@ use serde_json::Value;
 use warren_core::envelope::ReplyOutcome;
 use warren_core::patterns::utc_timestamp;
 use warren_core::{
-    Envelope, FanInOutcome, FanOut, Failure, FailureKind, RetryOutcome, Target, TargetOutcome,
-    Via,
+    Envelope, Failure, FailureKind, FanInOutcome, FanOut, RetryOutcome, Target, TargetOutcome, Via,
 };
 
 use crate::join::PartResult;
@@ -100,10 +99,7 @@ pub(crate) fn final_payload(
             retry_seconds: call.seconds,
             call_cid: cid.to_owned(),
             orig_cid: call.orig_cid.clone(),
-            req_ts_utc: o
-                .as_ref()
-                .map(|o| o.req_ts_utc.clone())
-                .unwrap_or_default(),
+            req_ts_utc: o.as_ref().map(|o| o.req_ts_utc.clone()).unwrap_or_default(),
             context: call.context.clone(),
             attempts: first.and_then(|r| r.attempt).unwrap_or(1),
             response: o.as_ref().and_then(|o| o.response.clone()),

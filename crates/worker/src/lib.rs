@@ -43,12 +43,12 @@
 
 mod context;
 mod error;
+mod fanout;
 mod handler;
 mod join;
 mod outcome;
 mod process;
 mod publish;
-mod fanout;
 mod runtime;
 mod service;
 mod split;

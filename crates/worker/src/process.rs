@@ -22,9 +22,9 @@ use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
 use crate::outcome::Action;
 use crate::publish::{dead_letter, hook, reply, retry};
-use warren_core::RetryPolicy;
 use crate::split::{self, splitter_name};
 use crate::Context;
+use warren_core::RetryPolicy;
 
 /// One hosted service, ready to dispatch.
 pub(crate) struct HostedService {

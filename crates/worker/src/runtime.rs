@@ -20,8 +20,8 @@ use warren_core::topology::QueueSpec;
 use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
 
 use crate::process::{handle, HostedService, JoinSettings, Shared};
-use warren_core::RetryPolicy;
 use crate::{Service, WorkerError};
+use warren_core::RetryPolicy;
 
 /// Builds a [`Worker`]. Defaults: 32 concurrent tasks, prefetch twice that, 3 attempts with
 /// exponential backoff ([`RetryPolicy::default`]), 30 s drain on shutdown.

@@ -10,8 +10,8 @@ use warren_core::names::validate_name;
 use warren_core::topology::service_queue;
 
 use crate::handler::{ErasedHandler, Typed};
-use warren_core::RetryPolicy;
 use crate::{Context, TaskError, WorkerError};
+use warren_core::RetryPolicy;
 
 /// A named service: methods whose handlers are async functions
 /// `async fn(Context, In) -> Result<Out, TaskError>` with `In: Deserialize` and
