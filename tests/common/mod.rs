@@ -72,7 +72,7 @@ pub async fn cleanup(url: &str, services: &[&str]) {
         for q in [format!("warren.svc.{svc}"), format!("warren.dead.{svc}")] {
             let _ = broker.delete_queue(&q).await;
         }
-        for ms in [100u64, 200, 300, 500, 1000, 2000, 5000] {
+        for ms in [100u64, 200, 300, 500, 1000, 2000, 3000, 5000] {
             let _ = broker
                 .delete_queue(&format!("warren.delay.{svc}.{ms}"))
                 .await;
