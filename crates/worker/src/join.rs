@@ -176,7 +176,12 @@ pub(crate) async fn record_part(
                 return Ok(());
             }
             let spec = QueueSpec::part(&job.part_queue, ms(shared.joins.expiry))?;
-            shared.client.broker().declare(&[spec]).await?;
+            match shared.client.broker().declare(&[spec]).await {
+                // Declared by its producer with other arguments (a client's fan-in, another
+                // worker's expiry setting): it exists, which is all this needs.
+                Err(warren_core::Error::Refused { .. }) => {}
+                other => other?,
+            }
             shared.client.publish_raw(&msg).await
         }
         other => other,
@@ -209,9 +214,12 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
         // The lease: only one contender's publish is acked. The claim queue is declared when
         // the job is split (or here, on first use, for a job split by its caller).
         let claim = job.claim(shared);
+        declare_once(shared, &claim).await?;
         let leased_at = Instant::now();
         let mut lease = Outgoing::new("", claim.name.clone(), b"{}".to_vec());
         lease.persistent = false;
+        // A unique id, so a return for this publish is never confused with another's.
+        lease.message_id = Some(Uuid::now_v7().to_string());
         let mut published = shared.client.publish_raw(&lease).await;
         if let Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) = published
         {
@@ -230,9 +238,7 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
         }
         tracing::debug!(job = %job.key.0, ready, "lease won");
         // The done-marker queue: declared at split time for split jobs, here for fan-ins.
-        broker
-            .declare(std::slice::from_ref(&job.done(shared)))
-            .await?;
+        declare_once(shared, &job.done(shared)).await?;
         let fired = markers(shared, job).await?;
         if fired >= job.markers_when_done() {
             let _ = broker.delete_queue(&job.part_queue).await?;
@@ -369,7 +375,8 @@ async fn fire(
     let targets = job.fire_targets(ok);
     if targets.is_empty() {
         if fired == 0 {
-            let marker = Outgoing::new("", done.name.clone(), b"{}".to_vec());
+            let mut marker = Outgoing::new("", done.name.clone(), b"{}".to_vec());
+            marker.message_id = Some(Uuid::now_v7().to_string());
             shared.client.publish_raw(&marker).await?;
         }
         return Ok(true);
@@ -398,6 +405,27 @@ async fn fire(
         shared.client.publish_raw(&msg).await?;
     }
     Ok(true)
+}
+
+/// Declares a join queue unless this process already did (a queue deleted since is declared
+/// again by the callers' unroutable fallbacks).
+async fn declare_once(shared: &Shared, spec: &QueueSpec) -> Res {
+    let known = shared.declared.lock().is_ok_and(|d| d.contains(&spec.name));
+    if known {
+        return Ok(());
+    }
+    shared
+        .client
+        .broker()
+        .declare(std::slice::from_ref(spec))
+        .await?;
+    if let Ok(mut d) = shared.declared.lock() {
+        if d.len() >= 10_000 {
+            d.clear();
+        }
+        d.insert(spec.name.clone());
+    }
+    Ok(())
 }
 
 /// Frees our lease early if it cannot have expired yet (purging later could remove the

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) services: HashMap<String, HostedService>,
     pub(crate) client: Client,
     pub(crate) joins: JoinSettings,
+    /// Join queues (lease, done marker) this process declared, so each is declared once.
+    pub(crate) declared: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How a task ended, decided before anything is published.

@@ -157,6 +157,7 @@ impl WorkerBuilder {
                 services,
                 client,
                 joins: self.joins,
+                declared: std::sync::Mutex::default(),
             }),
             consume,
             subs,

@@ -1,5 +1,6 @@
 //! [`Publisher`]: confirmed, mandatory publishes that survive reconnects.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +24,30 @@ type Slot = Mutex<ChannelSlot>;
 /// channels). When the connection drops, a publish that was not confirmed is sent again on
 /// the new connection, until the configured publish timeout: the broker may then hold it
 /// twice, which warren's at-least-once contract allows (task ids let handlers de-duplicate).
+///
+/// lapin hands a returned (unroutable) message to whichever confirmation it completes next,
+/// and with a multiple-ack that can be another publish of the same channel. So a return is
+/// matched to its publish by exchange, routing key and message id: a return that is not ours
+/// does not fail our publish; it is parked for its owner, which checks for it when its own
+/// confirm came back clean.
 #[derive(Clone)]
 pub struct Publisher {
     broker: Broker,
     slots: Arc<Vec<Slot>>,
     next: Arc<AtomicUsize>,
+    strays: Arc<std::sync::Mutex<HashMap<String, String>>>,
+}
+
+/// Most returns parked for other publishes kept at once (their owners normally pick them up
+/// at once; this only bounds a leak).
+const MAX_STRAYS: usize = 1024;
+
+/// What identifies a publish in a returned message.
+fn return_key(exchange: &str, routing_key: &str, message_id: Option<&str>) -> String {
+    format!(
+        "{exchange}\u{0}{routing_key}\u{0}{}",
+        message_id.unwrap_or("")
+    )
 }
 
 impl std::fmt::Debug for Publisher {
@@ -47,6 +67,7 @@ impl Publisher {
             broker,
             slots: Arc::new(slots),
             next: Arc::new(AtomicUsize::new(0)),
+            strays: Arc::default(),
         }
     }
 
@@ -77,6 +98,44 @@ impl Publisher {
         if guard.as_ref().is_some_and(|(_, g)| *g == generation) {
             *guard = None;
         }
+    }
+
+    /// Keeps the returned message in `c` only if it is ours (`mine`); parks anyone else's.
+    fn sort_return(&self, c: Confirmation, mine: &str) -> Confirmation {
+        let (ret, ack) = match c {
+            Confirmation::Ack(Some(ret)) => (ret, true),
+            Confirmation::Nack(Some(ret)) => (ret, false),
+            other => return other,
+        };
+        let d = &ret.delivery;
+        let key = return_key(
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
+            d.properties.message_id().as_ref().map(|m| m.as_str()),
+        );
+        if key == mine {
+            return if ack {
+                Confirmation::Ack(Some(ret))
+            } else {
+                Confirmation::Nack(Some(ret))
+            };
+        }
+        tracing::debug!(exchange = %d.exchange, routing_key = %d.routing_key, "a return for another publish of this channel; parked for it");
+        if let Ok(mut strays) = self.strays.lock() {
+            if strays.len() >= MAX_STRAYS {
+                strays.clear();
+            }
+            strays.insert(key, ret.reply_text.as_str().to_owned());
+        }
+        if ack {
+            Confirmation::Ack(None)
+        } else {
+            Confirmation::Nack(None)
+        }
+    }
+
+    fn take_stray(&self, mine: &str) -> Option<String> {
+        self.strays.lock().ok()?.remove(mine)
     }
 
     /// Publishes `msg` and waits for the broker's confirm.
@@ -128,14 +187,23 @@ impl Publisher {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(v)) => v,
             };
+            let unroutable = |reply_text: String| Error::Unroutable {
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
+                reply_text,
+            };
+            let mine = return_key(&msg.exchange, &msg.routing_key, msg.message_id.as_deref());
+            let confirm = confirm.map(|c| self.sort_return(c, &mine));
             match confirm {
-                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => return Ok(()),
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
+                    // Our return may have been handed to another publish of this channel.
+                    return match self.take_stray(&mine) {
+                        Some(text) => Err(unroutable(text)),
+                        None => Ok(()),
+                    };
+                }
                 Ok(Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret))) => {
-                    return Err(Error::Unroutable {
-                        exchange: msg.exchange.clone(),
-                        routing_key: msg.routing_key.clone(),
-                        reply_text: ret.reply_text.as_str().to_owned(),
-                    })
+                    return Err(unroutable(ret.reply_text.as_str().to_owned()))
                 }
                 Ok(Confirmation::Nack(None)) => {
                     return Err(Error::Nacked {
