@@ -202,6 +202,13 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
     // When a re-check runs: after any lease that may block the join has expired.
     let recheck_after = shared.joins.lease + Duration::from_millis(500);
     for _ in 0..MAX_ROUNDS {
+        if held_here(shared, job) {
+            // A joiner in this process holds the lease and is alive (it is us). Our result
+            // was recorded before this check, so the holder's next look at the part queue
+            // (after it lets go: see `LocalHold`) counts it; nothing is left for us to do.
+            tracing::debug!(job = %job.key.0, "a joiner in this process holds the lease");
+            return Ok(());
+        }
         let ready = if job.total == 0 {
             0
         } else {
@@ -237,6 +244,7 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> R
             other => other?,
         }
         tracing::debug!(job = %job.key.0, ready, "lease won");
+        let _hold = LocalHold::new(shared, job);
         // The done-marker queue: declared at split time for split jobs, here for fan-ins.
         declare_once(shared, &job.done(shared)).await?;
         let fired = markers(shared, job).await?;
@@ -405,6 +413,40 @@ async fn fire(
         shared.client.publish_raw(&msg).await?;
     }
     Ok(true)
+}
+
+/// `true` when a joiner of this process holds `job`'s lease right now.
+fn held_here(shared: &Shared, job: &Job) -> bool {
+    shared.holding.lock().is_ok_and(|h| h.contains(&job.key.0))
+}
+
+/// Marks a job's lease as held by a joiner of this process, so this process's other
+/// contenders skip their (doomed) lease attempts. Released when the holder leaves the
+/// round that won the lease: before it looks at the part queue again, so any result a
+/// skipper recorded is counted by the holder's next round or by a scheduled re-check.
+struct LocalHold<'a> {
+    shared: &'a Shared,
+    key: Uuid,
+}
+
+impl<'a> LocalHold<'a> {
+    fn new(shared: &'a Shared, job: &Job) -> Self {
+        if let Ok(mut h) = shared.holding.lock() {
+            h.insert(job.key.0);
+        }
+        Self {
+            shared,
+            key: job.key.0,
+        }
+    }
+}
+
+impl Drop for LocalHold<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut h) = self.shared.holding.lock() {
+            h.remove(&self.key);
+        }
+    }
 }
 
 /// Declares a join queue unless this process already did (a queue deleted since is declared

@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) joins: JoinSettings,
     /// Join queues (lease, done marker) this process declared, so each is declared once.
     pub(crate) declared: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Jobs whose join lease a joiner of this process holds right now.
+    pub(crate) holding: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 /// How a task ended, decided before anything is published.
@@ -176,7 +178,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
                 Action::RetryAfter(d) => d,
             };
             if env.attempt < policy.max_attempts {
-                tracing::warn!(error = %message, retry_in = ?delay, "failed; will retry");
+                tracing::info!(error = %message, retry_in = ?delay, "failed; will retry");
                 Resolution::Retry(delay)
             } else {
                 tracing::warn!(error = %message, "failed for good");

@@ -158,6 +158,7 @@ impl WorkerBuilder {
                 client,
                 joins: self.joins,
                 declared: std::sync::Mutex::default(),
+                holding: std::sync::Mutex::default(),
             }),
             consume,
             subs,
