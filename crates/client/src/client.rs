@@ -300,9 +300,25 @@ impl Client {
     }
 
     fn forget_service(&self, svc: &str) {
+        self.forget_declared(svc);
+    }
+
+    pub(crate) fn forget_declared(&self, key: &str) {
         if let Ok(mut d) = self.inner.declared.lock() {
-            d.remove(svc);
+            d.remove(key);
         }
+    }
+
+    /// Declares `specs` once per client under `key` (again after [`Client::forget_declared`]).
+    pub(crate) async fn declare_cached(&self, key: &str, specs: &[QueueSpec]) -> Result<(), Error> {
+        if self.inner.declared.lock().is_ok_and(|d| d.contains(key)) {
+            return Ok(());
+        }
+        self.inner.broker.declare(specs).await?;
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.insert(key.to_owned());
+        }
+        Ok(())
     }
 
     async fn replies(&self) -> Result<&Replies, Error> {

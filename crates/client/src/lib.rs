@@ -21,6 +21,7 @@
 //!   [`Receipt`].
 //! - `parallel`: [`Parallel`], parallel execution and fan-out/fan-in ([`Client::parallel`]).
 //! - `invoke_retry`: [`InvokeRetry`], calls repeated on failure, blocking or in background.
+//! - `publish`: [`Client::publish`], durable publish/subscribe.
 //! - `reply`: the reply queue and the table of calls waiting for an answer.
 //! - `error`: [`Error`].
 
@@ -28,6 +29,7 @@ mod client;
 mod error;
 mod invoke_retry;
 mod parallel;
+mod publish;
 mod reply;
 mod task;
 

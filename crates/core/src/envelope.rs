@@ -147,6 +147,10 @@ pub struct Envelope {
     /// attempt that is not the last): a handler error is answered but not dead-lettered.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub caller_retries: bool,
+    /// For a message published to a topic: the topic. On the wire its `svc` is `topic` and
+    /// its `method` the topic name; each subscriber's worker runs its own `svc.method`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
 }
 
 fn first_attempt() -> u32 {
@@ -183,6 +187,7 @@ impl Envelope {
             retry: None,
             fanout: None,
             caller_retries: false,
+            topic: None,
         }
     }
 

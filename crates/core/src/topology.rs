@@ -17,6 +17,10 @@ use crate::names::{check_amqp_len, NameError};
 pub const TASK_EXCHANGE: &str = "warren.tasks";
 /// The direct exchange dead letters go through, routed by service name.
 pub const DEAD_EXCHANGE: &str = "warren.dead";
+/// The direct exchange topics are published to, routed by topic name.
+pub const TOPIC_EXCHANGE: &str = "warren.topics";
+/// How many recent messages per topic `warren peek` can show.
+pub const RECENT_PER_TOPIC: i64 = 100;
 /// Prefix of every name warren creates (part queues aside).
 pub const PREFIX: &str = "warren.";
 /// Prefix of per-client reply queues; a worker answers only to these (or direct reply-to).
@@ -87,6 +91,8 @@ pub struct QueueSpec {
     /// `x-max-length` with `x-overflow=reject-publish`: once the queue holds this many
     /// messages, further publishes are nacked (a broker-side "first one wins").
     pub max_length_reject: Option<u64>,
+    /// `x-max-length` with the default overflow: the oldest messages are dropped.
+    pub max_length: Option<i64>,
     /// Binding to an exchange with a routing key, declared with the queue.
     pub bind: Option<(String, String)>,
     /// Header arguments of that binding (for headers exchanges; `x-match=all` is added).
@@ -114,6 +120,48 @@ impl QueueSpec {
             durable: true,
             queue_type: Some(queue_type),
             bind: Some((DEAD_EXCHANGE.to_owned(), svc.to_owned())),
+            ..Self::default()
+        })
+    }
+
+    /// The durable queue of one subscriber (`svc.method`) of `topic`:
+    /// `warren.sub.<topic>:<svc>:<method>`, bound to [`TOPIC_EXCHANGE`] by topic name. Like a
+    /// service queue, the broker dead-letters a message redelivered too often to
+    /// `warren.dead.<svc>`.
+    pub fn subscription(
+        topic: &str,
+        svc: &str,
+        method: &str,
+        queue_type: QueueType,
+    ) -> Result<Self, NameError> {
+        crate::names::validate_name("topic", topic)?;
+        let name = subscription_queue(topic, svc, method);
+        check_amqp_len("subscription queue", &name)?;
+        Ok(Self {
+            name,
+            durable: true,
+            queue_type: Some(queue_type),
+            dead_letter_exchange: Some(DEAD_EXCHANGE.to_owned()),
+            dead_letter_routing_key: Some(svc.to_owned()),
+            delivery_limit: (queue_type == QueueType::Quorum).then_some(DELIVERY_LIMIT),
+            bind: Some((TOPIC_EXCHANGE.to_owned(), topic.to_owned())),
+            ..Self::default()
+        })
+    }
+
+    /// The last [`RECENT_PER_TOPIC`] messages published to `topic`, for `warren peek`
+    /// (`warren.topic.<topic>`: classic, oldest dropped first; nobody consumes it). Its
+    /// existence also makes a topic routable before anyone subscribes.
+    pub fn recent(topic: &str) -> Result<Self, NameError> {
+        crate::names::validate_name("topic", topic)?;
+        let name = recent_queue(topic);
+        check_amqp_len("topic queue", &name)?;
+        Ok(Self {
+            name,
+            durable: true,
+            queue_type: Some(QueueType::Classic),
+            max_length: Some(RECENT_PER_TOPIC),
+            bind: Some((TOPIC_EXCHANGE.to_owned(), topic.to_owned())),
             ..Self::default()
         })
     }
@@ -195,6 +243,26 @@ impl JobKey {
 
 /// Prefix of part queues (fixed by the spec, outside the `warren.` namespace).
 pub const PART_PREFIX: &str = "part.";
+
+/// `warren.sub.<topic>:<svc>:<method>` (`:` cannot appear in names, so it parses back).
+#[must_use]
+pub fn subscription_queue(topic: &str, svc: &str, method: &str) -> String {
+    format!("{PREFIX}sub.{topic}:{svc}:{method}")
+}
+
+/// Splits a subscription queue name into (topic, svc, method).
+#[must_use]
+pub fn parse_subscription_queue(queue: &str) -> Option<(&str, &str, &str)> {
+    let rest = queue.strip_prefix(PREFIX)?.strip_prefix("sub.")?;
+    let mut it = rest.splitn(3, ':');
+    Some((it.next()?, it.next()?, it.next()?))
+}
+
+/// `warren.topic.<topic>`: the recent-messages queue of a topic.
+#[must_use]
+pub fn recent_queue(topic: &str) -> String {
+    format!("{PREFIX}topic.{topic}")
+}
 
 /// `part.fanout-<job>`: the part queue of a fan-out/fan-in (or a background invoke/retry
 /// with a callback), whose targets report to it like the parts of a split job.

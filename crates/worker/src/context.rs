@@ -20,6 +20,7 @@ pub struct Context {
     pub(crate) redelivered: bool,
     pub(crate) via: Via,
     pub(crate) part: Option<PartDecorator>,
+    pub(crate) topic: Option<String>,
     pub(crate) client: Client,
 }
 
@@ -84,6 +85,23 @@ impl Context {
     #[must_use]
     pub fn part(&self) -> Option<&PartDecorator> {
         self.part.as_ref()
+    }
+
+    /// For a message published to a topic (and its retries): the topic.
+    #[must_use]
+    pub fn topic(&self) -> Option<&str> {
+        self.topic.as_deref()
+    }
+
+    /// Publishes to `topic` with this task's cid (see [`Client::publish`]).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: &impl Serialize,
+    ) -> Result<Receipt, warren_client::Error> {
+        self.client
+            .publish_message(topic, payload, Some(self.cid.clone()), Some(self.id))
+            .await
     }
 
     /// The client this worker uses; tasks sent through it directly do not inherit the cid.

@@ -10,6 +10,9 @@ pub enum WorkerError {
     /// The same method was registered twice, or a service twice.
     #[error("{0} is registered twice")]
     Duplicate(String),
+    /// A subscription names a method the service does not register.
+    #[error("{0} subscribes to topic {1:?} but has no such method")]
+    UnknownMethod(String, String),
     /// The worker has no services.
     #[error("a worker needs at least one service")]
     NoServices,

@@ -64,6 +64,29 @@ pub(crate) struct Shared {
     pub(crate) holding: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
+/// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.
+#[derive(Debug)]
+pub(crate) struct Route {
+    /// The service whose worker consumes the queue.
+    pub(crate) svc: String,
+    /// The queue's name (dead letters record it, so a replay goes back there).
+    pub(crate) queue: String,
+    /// For a subscription queue: the method that handles the topic's messages.
+    pub(crate) method: Option<String>,
+}
+
+impl Route {
+    /// A message published to a topic names the topic, not a service: on a subscription
+    /// queue it becomes a task for the subscriber's own `svc.method`.
+    fn adopt(&self, mut env: Envelope) -> Envelope {
+        if let (Some(method), Some(_)) = (&self.method, &env.topic) {
+            env.svc.clone_from(&self.svc);
+            env.method.clone_from(method);
+        }
+        env
+    }
+}
+
 /// How a task ended, decided before anything is published.
 enum Resolution {
     Done(Value),
@@ -81,25 +104,26 @@ fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
 }
 
 /// Handles one delivery from the queue of service `svc`, to the ack.
-pub(crate) async fn handle(shared: Arc<Shared>, svc: Arc<str>, d: Incoming) {
+pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) {
+    let svc = &route.svc;
     if !d.is_live() {
         tracing::debug!("delivery from a closed channel skipped; the broker will redeliver it");
         return;
     }
     let env = match Envelope::from_bytes(&d.body) {
-        Ok(env) => env,
+        Ok(env) => route.adopt(env),
         Err(e) => {
             tracing::warn!(queue_service = %svc, message_id = ?d.message_id(), error = %e, "bad envelope");
             let f = failure(FailureKind::BadEnvelope, e.to_string());
-            finish(&shared, &svc, &d, None, Resolution::Dead(f)).await;
+            finish(&shared, &route, &d, None, Resolution::Dead(f)).await;
             return;
         }
     };
     let span = tracing::info_span!("task", svc = %env.svc, method = %env.method, id = %env.id, cid = %env.cid, attempt = env.attempt);
     async {
         tracing::debug!(redelivered = d.redelivered, "received");
-        let resolution = run(&shared, &svc, &env, d.redelivered).await;
-        finish(&shared, &svc, &d, Some(&env), resolution).await;
+        let resolution = run(&shared, svc, &env, d.redelivered).await;
+        finish(&shared, &route, &d, Some(&env), resolution).await;
     }
     .instrument(span)
     .await;
@@ -145,6 +169,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         redelivered,
         via: env.channel,
         part: env.part.clone(),
+        topic: env.topic.clone(),
         client: shared.client.clone(),
     };
     let outcome = call(
@@ -233,12 +258,12 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> Failure {
 /// Publishes everything the resolution implies, then acks (or requeues on failure).
 async fn finish(
     shared: &Shared,
-    queue_svc: &str,
+    route: &Route,
     d: &Incoming,
     env: Option<&Envelope>,
     resolution: Resolution,
 ) {
-    let published = publish_outcome(shared, queue_svc, d, env, resolution).await;
+    let published = publish_outcome(shared, route, d, env, resolution).await;
     match published {
         Ok(()) => match d.ack().await {
             Ok(true) => {}
@@ -260,7 +285,7 @@ async fn finish(
 
 async fn publish_outcome(
     shared: &Shared,
-    queue_svc: &str,
+    route: &Route,
     d: &Incoming,
     env: Option<&Envelope>,
     resolution: Resolution,
@@ -289,7 +314,7 @@ async fn publish_outcome(
             join::try_join(shared, &job, d.redelivered).await
         }
         (Resolution::Dead(f), Some((env, p))) => {
-            dead_letter(shared, queue_svc, d, &f).await?;
+            dead_letter(shared, route, d, &f).await?;
             let outcome = ReplyOutcome::Error(f);
             on_target(shared, Some(env), &outcome).await?;
             let job = Job::of(env, p);
@@ -309,7 +334,7 @@ async fn publish_outcome(
             // A blocking invoke/retry attempt that the caller will repeat is not dead yet.
             let repeated = f.kind == FailureKind::Handler && env.is_some_and(|e| e.caller_retries);
             if !repeated {
-                dead_letter(shared, queue_svc, d, &f).await?;
+                dead_letter(shared, route, d, &f).await?;
             }
             on_target(shared, env, &ReplyOutcome::Error(f.clone())).await?;
             let payload = json!({

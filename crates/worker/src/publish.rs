@@ -6,13 +6,13 @@ use serde_json::Value;
 use uuid::Uuid;
 use warren_core::envelope::{now_ms, ReplyOutcome};
 use warren_core::topology::{
-    is_reply_queue, service_queue, DEAD_EXCHANGE, H_DEAD_AT, H_ERROR, H_REASON, H_SOURCE_QUEUE,
+    is_reply_queue, DEAD_EXCHANGE, H_DEAD_AT, H_ERROR, H_REASON, H_SOURCE_QUEUE,
 };
 use warren_core::{
     Envelope, Failure, HeaderValue, Incoming, Outgoing, Reply, Via, ENVELOPE_VERSION,
 };
 
-use crate::process::Shared;
+use crate::process::{Route, Shared};
 
 /// Answers a waiting invoker, if the message names a warren reply queue.
 pub(crate) async fn reply(
@@ -115,10 +115,11 @@ pub(crate) async fn send_later(
 /// the reason in its headers.
 pub(crate) async fn dead_letter(
     shared: &Shared,
-    queue_svc: &str,
+    route: &Route,
     d: &Incoming,
     f: &Failure,
 ) -> Result<(), warren_client::Error> {
+    let queue_svc = route.svc.as_str();
     tracing::warn!(reason = f.kind.as_str(), error = %f.message, "dead-lettered");
     // Make sure the dead-letter queue exists (the worker declared it at start; it may have
     // been deleted since).
@@ -137,10 +138,7 @@ pub(crate) async fn dead_letter(
     msg.headers = vec![
         (H_REASON.into(), HeaderValue::Str(f.kind.as_str().into())),
         (H_ERROR.into(), HeaderValue::Str(error)),
-        (
-            H_SOURCE_QUEUE.into(),
-            HeaderValue::Str(service_queue(queue_svc).unwrap_or_default()),
-        ),
+        (H_SOURCE_QUEUE.into(), HeaderValue::Str(route.queue.clone())),
         (
             H_DEAD_AT.into(),
             HeaderValue::Int(i64::try_from(now_ms()).unwrap_or(0)),

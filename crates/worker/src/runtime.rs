@@ -19,7 +19,7 @@ use warren_client::{Client, ClientBuilder};
 use warren_core::topology::QueueSpec;
 use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
 
-use crate::process::{handle, HostedService, JoinSettings, Shared};
+use crate::process::{handle, HostedService, JoinSettings, Route, Shared};
 use crate::{Service, WorkerError};
 use warren_core::RetryPolicy;
 
@@ -139,10 +139,39 @@ impl WorkerBuilder {
                 prefetch,
                 no_ack: false,
             };
+            let route = Route {
+                svc: s.name.clone(),
+                queue: spec.queue.name.clone(),
+                method: None,
+            };
             subs.push((
-                Arc::<str>::from(s.name.as_str()),
+                Arc::new(route),
                 Subscription::start(consume.clone(), spec).await?,
             ));
+            for (topic, method) in &s.subscriptions {
+                if !s.methods.contains_key(method) {
+                    return Err(WorkerError::UnknownMethod(
+                        format!("{}.{method}", s.name),
+                        topic.clone(),
+                    ));
+                }
+                let spec = SubscriptionSpec {
+                    queue: QueueSpec::subscription(topic, &s.name, method, amqp.queue_type)?,
+                    also_declare: vec![QueueSpec::recent(topic)?],
+                    prefetch,
+                    no_ack: false,
+                };
+                let route = Route {
+                    svc: s.name.clone(),
+                    queue: spec.queue.name.clone(),
+                    method: Some(method.clone()),
+                };
+                tracing::debug!(queue = %route.queue, "subscribing");
+                subs.push((
+                    Arc::new(route),
+                    Subscription::start(consume.clone(), spec).await?,
+                ));
+            }
             services.insert(
                 s.name.clone(),
                 HostedService {
@@ -172,7 +201,7 @@ impl WorkerBuilder {
 pub struct Worker {
     shared: Arc<Shared>,
     consume: Broker,
-    subs: Vec<(Arc<str>, Subscription)>,
+    subs: Vec<(Arc<Route>, Subscription)>,
     concurrency: usize,
     drain_timeout: Duration,
 }
@@ -275,7 +304,7 @@ impl Worker {
 }
 
 async fn pump(
-    svc: Arc<str>,
+    svc: Arc<Route>,
     mut sub: Subscription,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -300,7 +329,7 @@ async fn pump(
                 });
             }
             Ok(Some(ConsumerEvent::Resubscribed)) => {
-                tracing::info!(service = %svc, "consuming again after a reconnect");
+                tracing::info!(queue = %svc.queue, "consuming again after a reconnect");
             }
             Ok(None) => break,
             Err(e) => return (sub, Err(e)),

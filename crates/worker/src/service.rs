@@ -30,6 +30,7 @@ pub struct Service {
     pub(crate) methods: BTreeMap<String, Arc<dyn ErasedHandler>>,
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) method_retry: HashMap<String, RetryPolicy>,
+    pub(crate) subscriptions: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Service {
@@ -52,6 +53,7 @@ impl Service {
             methods: BTreeMap::new(),
             retry: None,
             method_retry: HashMap::new(),
+            subscriptions: Vec::new(),
         })
     }
 
@@ -95,6 +97,41 @@ impl Service {
     pub fn retry_method(mut self, method: &str, policy: RetryPolicy) -> Self {
         self.method_retry.insert(method.to_owned(), policy);
         self
+    }
+
+    /// Subscribes `method` to `topic`: every message published to the topic
+    /// ([`warren_client::Client::publish`]) is delivered to this method through its own
+    /// durable queue `warren.sub.<topic>:<svc>:<method>`, created when the worker starts and
+    /// kept when it stops, so messages published while no worker runs wait for it. A
+    /// delivery that fails is retried per the method's policy (as a task of this service);
+    /// one that can never succeed is dead-lettered to `warren.dead.<svc>`.
+    ///
+    /// ```
+    /// use warren_worker::{Context, Service, TaskError};
+    /// async fn ship(_: Context, order: serde_json::Value) -> Result<(), TaskError> { Ok(()) }
+    /// let svc = Service::new("shipping").unwrap()
+    ///     .method("ship", ship).unwrap()
+    ///     .subscribe("orders.paid", "ship").unwrap();
+    /// # let _ = svc;
+    /// ```
+    pub fn subscribe(mut self, topic: &str, method: &str) -> Result<Self, WorkerError> {
+        validate_name("topic", topic)?;
+        validate_name("method", method)?;
+        warren_core::topology::QueueSpec::subscription(
+            topic,
+            &self.name,
+            method,
+            warren_core::QueueType::Quorum,
+        )?;
+        let sub = (topic.to_owned(), method.to_owned());
+        if self.subscriptions.contains(&sub) {
+            return Err(WorkerError::Duplicate(format!(
+                "subscription of {}.{method} to {topic}",
+                self.name
+            )));
+        }
+        self.subscriptions.push(sub);
+        Ok(self)
     }
 
     /// The service name.

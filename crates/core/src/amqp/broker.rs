@@ -16,7 +16,7 @@ use super::message::short;
 use crate::config::{AmqpConfig, QueueType};
 use crate::error::{classify, AmqpError, Error, Result};
 use crate::names::check_amqp_len;
-use crate::topology::{QueueSpec, DEAD_EXCHANGE, JOIN_EXCHANGE, TASK_EXCHANGE};
+use crate::topology::{QueueSpec, DEAD_EXCHANGE, JOIN_EXCHANGE, TASK_EXCHANGE, TOPIC_EXCHANGE};
 
 /// A connection to RabbitMQ that reconnects itself.
 ///
@@ -324,6 +324,7 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
         (TASK_EXCHANGE, ExchangeKind::Direct),
         (DEAD_EXCHANGE, ExchangeKind::Direct),
         (JOIN_EXCHANGE, ExchangeKind::Headers),
+        (TOPIC_EXCHANGE, ExchangeKind::Direct),
     ] {
         ch.exchange_declare(
             short(name),
@@ -394,6 +395,9 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
     }
     if let Some(limit) = spec.delivery_limit {
         args.insert(short("x-delivery-limit"), AMQPValue::LongLongInt(limit));
+    }
+    if let Some(max) = spec.max_length {
+        args.insert(short("x-max-length"), AMQPValue::LongLongInt(max));
     }
     if let Some(max) = spec.max_length_reject {
         args.insert(

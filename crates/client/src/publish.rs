@@ -1,0 +1,79 @@
+//! Durable publish/subscribe: [`Client::publish`].
+
+use serde::Serialize;
+use warren_core::topology::{QueueSpec, TOPIC_EXCHANGE};
+use warren_core::{Envelope, Outgoing, Target, Via};
+
+use crate::{Client, Error, Receipt};
+
+impl Client {
+    /// Publishes `payload` to `topic` and returns once the broker has confirmed it. Every
+    /// method that subscribes to the topic (`Service::subscribe`) gets the message through
+    /// its own durable queue, also when its workers are down or the broker restarts before
+    /// they run; messages published before a subscriber's first start are not delivered to
+    /// it. A fresh cid is generated; see [`Client::publish_with_cid`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
+    /// let receipt = client.publish("orders.created", &serde_json::json!({"order": 42})).await?;
+    /// println!("published as {} (cid {})", receipt.id, receipt.cid);
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish(&self, topic: &str, payload: &impl Serialize) -> Result<Receipt, Error> {
+        self.publish_message(topic, payload, None, None).await
+    }
+
+    /// Like [`Client::publish`], with the caller's cid (the caller owns its uniqueness).
+    pub async fn publish_with_cid(
+        &self,
+        topic: &str,
+        payload: &impl Serialize,
+        cid: impl Into<String>,
+    ) -> Result<Receipt, Error> {
+        self.publish_message(topic, payload, Some(cid.into()), None)
+            .await
+    }
+
+    /// Publishes with an optional cid and parent task (handler contexts use this).
+    #[doc(hidden)]
+    pub async fn publish_message(
+        &self,
+        topic: &str,
+        payload: &impl Serialize,
+        cid: Option<String>,
+        parent: Option<uuid::Uuid>,
+    ) -> Result<Receipt, Error> {
+        if let Some(c) = &cid {
+            crate::task::check_cid(c)?;
+        }
+        let recent = QueueSpec::recent(topic)?;
+        let target = Target::new("topic", topic)?;
+        let payload = serde_json::to_value(payload).map_err(Error::Encode)?;
+        let mut env = Envelope::new(&target, payload, cid);
+        env.channel = Via::Publish;
+        env.topic = Some(topic.to_owned());
+        env.parent = parent;
+        let body = env.to_bytes().map_err(Error::Encode)?;
+        let mut msg = Outgoing::new(TOPIC_EXCHANGE, topic, body);
+        msg.message_id = Some(env.id.to_string());
+        msg.correlation_id = Some(env.cid.clone());
+        // The topic's recent-messages queue makes it routable before anyone subscribes.
+        let key = format!("topic:{topic}");
+        self.declare_cached(&key, std::slice::from_ref(&recent))
+            .await?;
+        match self.publish_raw(&msg).await {
+            Err(Error::Broker(warren_core::Error::Unroutable { .. })) => {
+                self.forget_declared(&key);
+                self.declare_cached(&key, std::slice::from_ref(&recent))
+                    .await?;
+                self.publish_raw(&msg).await?;
+            }
+            other => other?,
+        }
+        tracing::debug!(id = %env.id, cid = %env.cid, topic, "published");
+        Ok(Receipt {
+            id: env.id,
+            cid: env.cid,
+        })
+    }
+}
