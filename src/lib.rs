@@ -19,6 +19,7 @@ pub use warren_client::{
     Client, ClientBuilder, Error as ClientError, InvokeRetry, Parallel, ParallelReceipt, Receipt,
     Retried, Task,
 };
+pub use warren_core::status::{RedisStore, StatusStore, TaskState, TaskStatus};
 pub use warren_core::{
     AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, Target, TargetOutcome,
     Via,

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_core::envelope::ReplyOutcome;
 use warren_core::retry::{delay_queue, delay_step_ms};
+use warren_core::status::{Recorder, StatusStore, TaskState, TaskStatus};
 use warren_core::topology::{QueueSpec, TASK_EXCHANGE};
 use warren_core::{AmqpConfig, Broker, Envelope, Outgoing, Publisher, Via};
 
@@ -39,6 +40,7 @@ pub struct ClientBuilder {
     amqp: Option<AmqpConfig>,
     invoke_timeout: Duration,
     publisher_channels: usize,
+    store: Option<Arc<dyn StatusStore>>,
 }
 
 impl Default for ClientBuilder {
@@ -47,6 +49,7 @@ impl Default for ClientBuilder {
             amqp: None,
             invoke_timeout: DEFAULT_INVOKE_TIMEOUT,
             publisher_channels: 2,
+            store: None,
         }
     }
 }
@@ -67,6 +70,14 @@ impl ClientBuilder {
     /// How many confirm channels publishes pipeline over (default 2).
     pub fn publisher_channels(mut self, n: usize) -> Self {
         self.publisher_channels = n.max(1);
+        self
+    }
+
+    /// Where task statuses are recorded and read ([`Client::status`]); a worker given the
+    /// same store records every task it runs. Without one, results reach only waiting
+    /// callers and status calls return [`Error::NoStatusStore`].
+    pub fn status_store(mut self, store: Arc<dyn StatusStore>) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -92,6 +103,7 @@ impl ClientBuilder {
                 declared: Mutex::default(),
                 replies: OnceCell::new(),
                 shutdown: CancellationToken::new(),
+                recorder: self.store.map(Recorder::new),
             }),
         }
     }
@@ -112,6 +124,7 @@ struct Inner {
     declared: Mutex<HashSet<String>>,
     replies: OnceCell<Replies>,
     shutdown: CancellationToken,
+    recorder: Option<Recorder>,
 }
 
 impl Drop for Inner {
@@ -155,6 +168,7 @@ impl Client {
     /// Enqueues a [`Task`] built with options (cid, hooks, parent).
     pub async fn send(&self, task: Task) -> Result<Receipt, Error> {
         let (env, _) = task.into_envelope()?;
+        self.record_pending(&env).await;
         self.send_envelope(&env, None).await?;
         Ok(Receipt {
             id: env.id,
@@ -178,6 +192,7 @@ impl Client {
     pub async fn invoke_task<R: DeserializeOwned>(&self, task: Task) -> Result<R, Error> {
         let (mut env, timeout) = task.into_envelope()?;
         env.channel = Via::Invoke;
+        self.record_pending(&env).await;
         let timeout = timeout.unwrap_or(self.inner.invoke_timeout);
         let replies = self.replies().await?;
         let rx = replies
@@ -209,6 +224,51 @@ impl Client {
                 cid: env.cid,
                 failure,
             }),
+        }
+    }
+
+    /// The status of task `id` from the status store: `Ok(None)` when the store does not
+    /// know it (never sent with a store, or expired). [`Error::NoStatusStore`] without a
+    /// store; [`Error::Store`] when the store is unreachable (never hangs: 2 s deadline).
+    pub async fn status(&self, id: Uuid) -> Result<Option<TaskStatus>, Error> {
+        Ok(self.store()?.get(id).await?)
+    }
+
+    /// Every known task of correlation id `cid`, oldest first (a parallel invoke's targets,
+    /// a split job's parts, children enqueued by handlers).
+    pub async fn statuses(&self, cid: &str) -> Result<Vec<TaskStatus>, Error> {
+        Ok(self.store()?.by_cid(cid).await?)
+    }
+
+    fn store(&self) -> Result<&Arc<dyn StatusStore>, Error> {
+        self.inner
+            .recorder
+            .as_ref()
+            .map(Recorder::store)
+            .ok_or(Error::NoStatusStore)
+    }
+
+    /// The status recorder, when a store is configured (workers record through it).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.inner.recorder.as_ref()
+    }
+
+    async fn record_pending(&self, env: &Envelope) {
+        if let Some(r) = &self.inner.recorder {
+            r.record(&TaskStatus {
+                id: env.id,
+                cid: env.cid.clone(),
+                target: format!("{}.{}", env.svc, env.method),
+                state: TaskState::Pending,
+                attempts: 0,
+                result: None,
+                error: None,
+                created_ms: env.created_ms,
+                updated_ms: warren_core::envelope::now_ms(),
+            })
+            .await;
         }
     }
 

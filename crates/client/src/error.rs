@@ -69,6 +69,13 @@ pub enum Error {
         /// The last attempt's failure.
         failure: Failure,
     },
+    /// A status was asked for but this client has no status store
+    /// ([`crate::ClientBuilder::status_store`]): results then reach only waiting callers.
+    #[error("no status store is configured: task statuses are not recorded (configure one with ClientBuilder::status_store)")]
+    NoStatusStore,
+    /// The status store failed.
+    #[error(transparent)]
+    Store(#[from] warren_core::status::StoreError),
     /// The client's reply listener stopped (the client is shutting down or the broker
     /// refused the reply queue).
     #[error("the reply listener stopped: {0}")]

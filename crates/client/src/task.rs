@@ -34,6 +34,7 @@ pub struct Task {
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) attempt: u32,
     pub(crate) caller_retries: bool,
+    pub(crate) notify: Option<String>,
 }
 
 impl Task {
@@ -55,6 +56,7 @@ impl Task {
             retry: None,
             attempt: 1,
             caller_retries: false,
+            notify: None,
         })
     }
 
@@ -92,6 +94,15 @@ impl Task {
     #[must_use]
     pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
+        self
+    }
+
+    /// Publishes the task's final status ([`warren_core::status::TaskStatus`], `succeeded`
+    /// with the result or `failed` with the error) to `topic` when it ends: a notification
+    /// instead of polling [`crate::Client::status`].
+    #[must_use]
+    pub fn notify(mut self, topic: impl Into<String>) -> Self {
+        self.notify = Some(topic.into());
         self
     }
 
@@ -149,6 +160,10 @@ impl Task {
         env.retry = self.retry;
         env.attempt = self.attempt.max(1);
         env.caller_retries = self.caller_retries;
+        if let Some(t) = &self.notify {
+            warren_core::names::validate_name("topic", t)?;
+        }
+        env.notify = self.notify;
         Ok((env, self.timeout))
     }
 }

@@ -151,6 +151,9 @@ pub struct Envelope {
     /// its `method` the topic name; each subscriber's worker runs its own `svc.method`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
+    /// A topic the task's final status (`succeeded` or `failed`) is published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
 }
 
 fn first_attempt() -> u32 {
@@ -188,6 +191,7 @@ impl Envelope {
             fanout: None,
             caller_retries: false,
             topic: None,
+            notify: None,
         }
     }
 

@@ -7,6 +7,8 @@
 //! - [`names`]: service, method and AMQP name validation ([`Target`], [`NameError`]).
 //! - [`envelope`]: the versioned JSON task envelope and reply ([`Envelope`], [`Reply`]).
 //! - [`retry`]: [`RetryPolicy`] and the durable per-step delay queues retries wait in.
+//! - [`status`]: task statuses and results in a store that outlives processes
+//!   ([`status::StatusStore`], [`status::RedisStore`]).
 //! - [`patterns`]: the wire types of parallel execution, fan-in and invoke/retry callbacks.
 //! - [`topology`]: the exchanges and queues warren declares, and their names.
 //! - [`config`]: broker URLs, heartbeats, reconnect and queue-type settings ([`AmqpConfig`]).
@@ -23,6 +25,7 @@ pub mod error;
 pub mod names;
 pub mod patterns;
 pub mod retry;
+pub mod status;
 pub mod topology;
 
 pub use amqp::{

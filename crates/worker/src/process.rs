@@ -24,6 +24,7 @@ use crate::outcome::Action;
 use crate::publish::{dead_letter, hook, reply, retry};
 use crate::split::{self, splitter_name};
 use crate::Context;
+use warren_core::status::{TaskState, TaskStatus};
 use warren_core::RetryPolicy;
 
 /// One hosted service, ready to dispatch.
@@ -122,6 +123,12 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
     let span = tracing::info_span!("task", svc = %env.svc, method = %env.method, id = %env.id, cid = %env.cid, attempt = env.attempt);
     async {
         tracing::debug!(redelivered = d.redelivered, "received");
+        if let Some(r) = shared.client.recorder() {
+            if env.channel != Via::Join {
+                r.record(&status_of(&env, TaskState::Running, None, None))
+                    .await;
+            }
+        }
         let resolution = run(&shared, svc, &env, d.redelivered).await;
         finish(&shared, &route, &d, Some(&env), resolution).await;
     }
@@ -218,6 +225,25 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
     }
 }
 
+fn status_of(
+    env: &Envelope,
+    state: TaskState,
+    result: Option<Value>,
+    error: Option<Failure>,
+) -> TaskStatus {
+    TaskStatus {
+        id: env.id,
+        cid: env.cid.clone(),
+        target: format!("{}.{}", env.svc, env.method),
+        state,
+        attempts: env.attempt,
+        result,
+        error,
+        created_ms: env.created_ms,
+        updated_ms: warren_core::envelope::now_ms(),
+    }
+}
+
 /// Why a handler call did not produce a value.
 enum Stop {
     /// Bad payload or panic: never retried.
@@ -263,7 +289,31 @@ async fn finish(
     env: Option<&Envelope>,
     resolution: Resolution,
 ) {
-    let published = publish_outcome(shared, route, d, env, resolution).await;
+    // The status the outcome leaves, computed only when someone reads it.
+    let wanted = shared.client.recorder().is_some() || env.is_some_and(|e| e.notify.is_some());
+    let status = env.filter(|_| wanted).and_then(|e| match &resolution {
+        Resolution::Done(v) => Some(status_of(e, TaskState::Succeeded, Some(v.clone()), None)),
+        Resolution::Dead(f) => Some(status_of(e, TaskState::Failed, None, Some(f.clone()))),
+        Resolution::Retry(_) => Some(status_of(e, TaskState::Pending, None, None)),
+        Resolution::Split(_) | Resolution::JoinCheck => None,
+    });
+    let mut published = publish_outcome(shared, route, d, env, resolution).await;
+    if let (Ok(()), Some(st), Some(e)) = (&published, &status, env) {
+        if let Some(r) = shared.client.recorder() {
+            r.record(st).await;
+        }
+        if let Some(topic) = e
+            .notify
+            .as_deref()
+            .filter(|_| st.state != TaskState::Pending)
+        {
+            published = shared
+                .client
+                .publish_message(topic, st, Some(e.cid.clone()), Some(e.id))
+                .await
+                .map(|_| ());
+        }
+    }
     match published {
         Ok(()) => match d.ack().await {
             Ok(true) => {}

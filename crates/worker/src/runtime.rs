@@ -21,6 +21,7 @@ use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionS
 
 use crate::process::{handle, HostedService, JoinSettings, Route, Shared};
 use crate::{Service, WorkerError};
+use warren_core::status::StatusStore;
 use warren_core::RetryPolicy;
 
 /// Builds a [`Worker`]. Defaults: 32 concurrent tasks, prefetch twice that, 3 attempts with
@@ -34,6 +35,7 @@ pub struct WorkerBuilder {
     retry: RetryPolicy,
     drain_timeout: Duration,
     joins: JoinSettings,
+    store: Option<Arc<dyn StatusStore>>,
 }
 
 impl Default for WorkerBuilder {
@@ -49,6 +51,7 @@ impl Default for WorkerBuilder {
                 lease: Duration::from_secs(15),
                 expiry: Duration::from_secs(24 * 3600),
             },
+            store: None,
         }
     }
 }
@@ -76,6 +79,15 @@ impl WorkerBuilder {
     /// (default: twice the concurrency, at most 65535).
     pub fn prefetch(mut self, n: u16) -> Self {
         self.prefetch = Some(n.max(1));
+        self
+    }
+
+    /// Records every task's status (running, then succeeded / failed / waiting for a retry)
+    /// in `store`, so any process with the same store can read it
+    /// (`Client::status`). Store failures never stop tasks: see
+    /// [`warren_core::status::Recorder`].
+    pub fn status_store(mut self, store: Arc<dyn StatusStore>) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -123,7 +135,11 @@ impl WorkerBuilder {
             Broker::connect(amqp.clone().with_connection_name("warren worker (consume)")).await?;
         let publish =
             Broker::connect(amqp.clone().with_connection_name("warren worker (publish)")).await?;
-        let client = ClientBuilder::default().with_broker(publish);
+        let mut client = ClientBuilder::default();
+        if let Some(store) = self.store {
+            client = client.status_store(store);
+        }
+        let client = client.with_broker(publish);
         let prefetch = self.prefetch.unwrap_or_else(|| {
             u16::try_from(self.concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
         });
