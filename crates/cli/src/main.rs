@@ -6,14 +6,17 @@
 //! - `check`: `warren check`, is the broker reachable, what is it, who are we.
 //! - `enqueue`: `warren enqueue` and `warren invoke`.
 //! - `queues`: `warren queues`, warren's queues and their counts.
+//! - `dead`: `warren dead list` and `warren dead replay`, dead letters and their replay.
 //! - `bench`: `warren bench`, the same workloads through raw lapin and through warren, and
 //!   the hidden `warren bench-worker` the bench starts as a separate process.
 
 mod bench;
 mod check;
+mod dead;
 mod enqueue;
 mod opts;
 mod queues;
+mod topics;
 
 use std::process::ExitCode;
 
@@ -38,6 +41,11 @@ use tracing_subscriber::EnvFilter;
         warren enqueue images.resize '{\"w\": 64}'\n  \
         warren invoke math.add '{\"a\": 1, \"b\": 2}' --timeout 5s\n  \
         warren queues --json\n  \
+        warren topics\n  \
+        warren peek orders.created -n 5\n  \
+        warren status order-42\n  \
+        warren dead list images\n  \
+        warren dead replay images --all\n  \
         cargo run --release -p warren-cli -- bench --only noop"
 )]
 struct Cli {
@@ -57,6 +65,14 @@ enum Command {
     Invoke(enqueue::InvokeArgs),
     /// List warren's queues with their ready, unacked and consumer counts.
     Queues(queues::QueuesArgs),
+    /// Topics and their subscriptions: published, pending, unacked and dead counts.
+    Topics(topics::TopicsArgs),
+    /// Show the last messages published to a topic (without consuming them).
+    Peek(topics::PeekArgs),
+    /// Show what became of a task id or of every task of a cid (needs the status store).
+    Status(topics::StatusArgs),
+    /// List dead letters (per queue, or one service's) and replay them.
+    Dead(dead::DeadArgs),
     /// Measure warren against raw lapin on the same broker, in one run.
     Bench(bench::BenchArgs),
     /// (internal) The worker process `warren bench` starts to measure its memory.
@@ -116,6 +132,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Enqueue(args) => enqueue::run_enqueue(&global, args).await,
         Command::Invoke(args) => enqueue::run_invoke(&global, args).await,
         Command::Queues(args) => queues::run(&global, &args).await,
+        Command::Dead(args) => dead::run(&global, args).await,
+        Command::Topics(args) => topics::run_topics(&global, &args).await,
+        Command::Peek(args) => topics::run_peek(&global, &args).await,
+        Command::Status(args) => topics::run_status(&args).await,
         Command::Bench(args) => bench::run(&global, args).await,
         Command::BenchWorker(args) => bench::worker_proc::run(&global, &args).await,
     }

@@ -61,16 +61,16 @@ struct Listing {
 
 /// A row of `rabbitmqctl list_queues ... --formatter json`.
 #[derive(Debug, Deserialize)]
-struct CtlRow {
-    name: String,
+pub(crate) struct CtlRow {
+    pub(crate) name: String,
     #[serde(rename = "type", default)]
-    kind: Option<String>,
+    pub(crate) kind: Option<String>,
     #[serde(default)]
-    messages_ready: Option<u64>,
+    pub(crate) messages_ready: Option<u64>,
     #[serde(default)]
-    messages_unacknowledged: Option<u64>,
+    pub(crate) messages_unacknowledged: Option<u64>,
     #[serde(default)]
-    consumers: Option<u64>,
+    pub(crate) consumers: Option<u64>,
 }
 
 /// `warren queues`.
@@ -250,7 +250,7 @@ pub fn find_rabbitmqctl() -> Option<PathBuf> {
 }
 
 /// Every queue of `vhost`, from `rabbitmqctl list_queues`.
-async fn rabbitmqctl_queues(vhost: &str) -> anyhow::Result<Vec<CtlRow>> {
+pub(crate) async fn rabbitmqctl_queues(vhost: &str) -> anyhow::Result<Vec<CtlRow>> {
     let Some(ctl) = find_rabbitmqctl() else {
         bail!("rabbitmqctl is not installed");
     };

@@ -70,6 +70,9 @@ impl Client {
             }
             other => other?,
         }
+        if let Some(r) = self.recorder() {
+            r.bump(&format!("published:{topic}")).await;
+        }
         tracing::debug!(id = %env.id, cid = %env.cid, topic, "published");
         Ok(Receipt {
             id: env.id,

@@ -100,6 +100,17 @@ pub trait StatusStore: Send + Sync + std::fmt::Debug + 'static {
     fn get(&self, id: Uuid) -> BoxFuture<'_, Result<Option<TaskStatus>, StoreError>>;
     /// Every known task of `cid`, oldest first.
     fn by_cid<'a>(&'a self, cid: &'a str) -> BoxFuture<'a, Result<Vec<TaskStatus>, StoreError>>;
+    /// Adds one to the counter `name` (e.g. messages published to a topic). Optional: the
+    /// default keeps no counters.
+    fn bump<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = name;
+        Box::pin(async { Ok(()) })
+    }
+    /// The counter `name`, if the store keeps counters.
+    fn counter<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        let _ = name;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Redis-backed [`StatusStore`]: `warren:status:<id>` holds the JSON status and
@@ -263,6 +274,26 @@ impl StatusStore for RedisStore {
             Ok(out)
         })
     }
+
+    /// Counters do not expire (`warren:count:<name>`).
+    fn bump<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("INCR")
+                .arg(format!("{}count:{name}", self.prefix))
+                .ignore();
+            self.run::<()>(p).await
+        })
+    }
+
+    fn counter<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("GET").arg(format!("{}count:{name}", self.prefix));
+            let (v,): (Option<u64>,) = self.run(p).await?;
+            Ok(Some(v.unwrap_or(0)))
+        })
+    }
 }
 
 /// Wraps a store for writers that must never wait on it: each write has a short deadline,
@@ -291,6 +322,15 @@ impl Recorder {
 
     /// Writes `status` unless the store failed in the last second; never fails.
     pub async fn record(&self, status: &TaskStatus) {
+        self.guarded(self.store.put(status)).await;
+    }
+
+    /// Bumps counter `name` the same way (best effort).
+    pub async fn bump(&self, name: &str) {
+        self.guarded(self.store.bump(name)).await;
+    }
+
+    async fn guarded(&self, op: BoxFuture<'_, Result<(), StoreError>>) {
         if self
             .down_until
             .lock()
@@ -298,7 +338,7 @@ impl Recorder {
         {
             return;
         }
-        let r = tokio::time::timeout(Duration::from_millis(250), self.store.put(status)).await;
+        let r = tokio::time::timeout(Duration::from_millis(250), op).await;
         let failed = match r {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),

@@ -16,6 +16,10 @@
 //!   callback, beside the same raw floor as `fanin100_ms`).
 //! - `retry`: `retry_overhead_ms` (an invoke that fails twice with zero-delay retries, minus
 //!   a plain invoke; raw: two extra confirmed publish + consume round trips).
+//! - `pubsub`: `pubsub_2sub_throughput` (publish to a topic with two subscribers, first
+//!   publish to the last delivery handled by both; raw: a fanout exchange bound to two
+//!   queues), `status_p50`, `status_p99` (`Client::status` with a Redis store; raw: bare
+//!   Redis `GET`s; skipped when Redis is unreachable).
 //! - `raw`: the raw-lapin building blocks the groups share.
 //! - `stats`: percentiles.
 //! - `procfs`: CPU time and peak memory from `/proc`.
@@ -26,6 +30,7 @@ mod fanout;
 mod invoke;
 mod noop;
 mod procfs;
+mod pubsub;
 mod raw;
 mod retry;
 mod split;
@@ -117,6 +122,7 @@ pub const GROUPS: &[Group] = &[
     split::GROUP,
     fanout::GROUP,
     retry::GROUP,
+    pubsub::GROUP,
 ];
 
 fn group_parser() -> PossibleValuesParser {

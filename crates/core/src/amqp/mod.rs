@@ -13,6 +13,7 @@
 mod batch;
 mod broker;
 mod consumer;
+pub mod inspect;
 mod message;
 mod publisher;
 
