@@ -7,7 +7,7 @@
 //! an oncomplete hook, a split job counting words over chunks of a text on two worker
 //! processes (the demo starts itself twice as `demo worker ...`), a parallel invoke with
 //! on-target and fan-in callbacks, an invoke/retry that goes on in background, and a
-//! graceful shutdown.
+//! publish to a topic with two subscribers, and a graceful shutdown.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -148,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         format!("demo-words-{run}"),
     );
     let (events, mut seen) = mpsc::unbounded_channel::<String>();
+    let topic = format!("demo-shipped-{run}");
 
     println!("== warren demo ==");
     let flaky_calls = Arc::new(AtomicU32::new(0));
@@ -184,7 +185,18 @@ async fn main() -> anyhow::Result<()> {
                             let _ = ev.send(format!("[worker] billed order {} for {} cents (cid {})", inv.order, inv.cents, ctx.cid()));
                             Ok(inv.cents)
                         }
-                    })?,
+                    })?
+                    .method("on_shipped", {
+                        let ev = events.clone();
+                        move |ctx: Context, order: serde_json::Value| {
+                            let ev = ev.clone();
+                            async move {
+                                let _ = ev.send(format!("[worker] subscriber {}.on_shipped got {order} from topic {:?}", ctx.service(), ctx.topic().unwrap_or_default()));
+                                Ok::<_, TaskError>(())
+                            }
+                        }
+                    })?
+                    .subscribe(&topic, "on_shipped")?,
             )
             .service(Service::new(&audit)?.method("words", {
                 let ev = events.clone();
@@ -233,7 +245,16 @@ async fn main() -> anyhow::Result<()> {
                         Ok::<_, TaskError>(())
                     }
                 }
-            })?.method("record", move |ctx: Context, cents: u64| {
+            })?.method("on_shipped", {
+                let ev = events.clone();
+                move |ctx: Context, order: serde_json::Value| {
+                    let ev = ev.clone();
+                    async move {
+                        let _ = ev.send(format!("[worker] subscriber {}.on_shipped got {order} from topic {:?}", ctx.service(), ctx.topic().unwrap_or_default()));
+                        Ok::<_, TaskError>(())
+                    }
+                }
+            })?.subscribe(&topic, "on_shipped")?.method("record", move |ctx: Context, cents: u64| {
                 let ev = ev2.clone();
                 async move {
                     let _ = ev.send(format!("[worker] oncomplete hook: audit recorded {cents} cents (same cid {})", ctx.cid()));
@@ -412,10 +433,29 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    // 9. Graceful shutdown, then remove the demo's queues.
+    // 9. Publish/subscribe: two services subscribe to a topic; one publish reaches both,
+    //    each through its own durable queue.
+    let published = client
+        .publish(&topic, &serde_json::json!({"order": 7, "carrier": "owl"}))
+        .await?;
+    println!("9. published to topic {topic} (id {})", published.id);
+    for _ in 0..2 {
+        if let Some(line) = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await? {
+            println!("   {line}");
+        }
+    }
+
+    // 10. Graceful shutdown, then remove the demo's queues.
     let _ = stop_tx.send(());
     running.await??;
-    println!("9. workers drained and stopped");
+    println!("10. workers drained and stopped");
+    for q in [
+        warren::core::topology::subscription_queue(&topic, &billing, "on_shipped"),
+        warren::core::topology::subscription_queue(&topic, &audit, "on_shipped"),
+        warren::core::topology::recent_queue(&topic),
+    ] {
+        let _ = client.broker().delete_queue(&q).await;
+    }
     for svc in [&greeter, &billing, &audit, &words] {
         for q in [
             format!("warren.svc.{svc}"),

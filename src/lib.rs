@@ -33,4 +33,5 @@ pub use warren_worker::{
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 #[doc = include_str!("../docs/patterns.md")]
+#[doc = include_str!("../docs/pubsub.md")]
 pub struct DocExamples;

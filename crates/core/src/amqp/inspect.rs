@@ -580,9 +580,17 @@ impl Broker {
                 }
             };
             if let Err(e) = publisher.publish(&msg).await {
+                let error = match e {
+                    Error::Unroutable { .. } => format!(
+                        "queue {} does not exist (a worker declares its queues when it \
+                         starts; start one, then replay again)",
+                        msg.routing_key
+                    ),
+                    other => other.to_string(),
+                };
                 report
                     .failed
-                    .push(fail(Some(msg.routing_key.clone()), e.to_string(), false));
+                    .push(fail(Some(msg.routing_key.clone()), error, false));
                 continue;
             }
             match held.ack(letter.index).await {
