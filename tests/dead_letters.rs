@@ -79,6 +79,8 @@ async fn ready(broker: &Broker, queue: &str) -> u32 {
         .map_or(0, |s| s.ready)
 }
 
+/// Waits until `queue` reports `n` ready messages (a quorum queue's count can lag a moment
+/// behind requeues and acks).
 async fn wait_ready(broker: &Broker, queue: &str, n: u32) {
     poll(
         &format!("{n} message(s) ready in {queue}"),
@@ -160,7 +162,7 @@ async fn list_then_replay_all(qt: QueueType) {
     let again = broker.dead_letters(&svc, None).await.unwrap().unwrap();
     assert_eq!(ids(&again.letters), expected);
     assert!(again.letters.iter().all(|l| l.redelivered));
-    assert_eq!(ready(&broker, &dead_q).await, 3);
+    wait_ready(&broker, &dead_q, 3).await;
 
     // The handler is fixed: replay everything.
     let fixed = worker(&svc, qt, ledger.clone(), true).await;
@@ -216,7 +218,7 @@ async fn list_then_replay_all(qt: QueueType) {
             "task {n} (same task id) failed, then succeeded"
         );
     }
-    assert_eq!(ready(&broker, &dead_q).await, 0);
+    wait_ready(&broker, &dead_q, 0).await;
     let empty = broker.dead_letters(&svc, None).await.unwrap().unwrap();
     assert!(empty.letters.is_empty());
     client.close().await;
@@ -311,7 +313,7 @@ async fn replay_by_id_replays_only_that_one() {
         .map(|e| e.2)
         .collect();
     assert_eq!(ok, [receipts[1].id]);
-    assert_eq!(ready(&broker, &dead_q).await, 2);
+    wait_ready(&broker, &dead_q, 2).await;
     client.close().await;
 }
 
@@ -343,7 +345,7 @@ async fn interrupted_replay_loses_nothing_and_marks_the_duplicate() {
 
     // Nothing lost: the copy is in the service queue and the dead letter is back.
     wait_ready(&broker, &dead_q, 1).await;
-    assert_eq!(ready(&broker, &svc_q).await, 1);
+    wait_ready(&broker, &svc_q, 1).await;
     let listing = broker.dead_letters(&svc, None).await.unwrap().unwrap();
     assert_eq!(ids(&listing.letters), std::slice::from_ref(&id));
 
@@ -355,7 +357,7 @@ async fn interrupted_replay_loses_nothing_and_marks_the_duplicate() {
         .unwrap()
         .unwrap();
     assert_eq!(report.replayed.len(), 1);
-    assert_eq!(ready(&broker, &dead_q).await, 0);
+    wait_ready(&broker, &dead_q, 0).await;
 
     // A dead letter that was replayed before (as the broker's own dead-lettering keeps the
     // headers) is replayed with its count + 1.

@@ -144,5 +144,10 @@ pub(crate) async fn dead_letter(
             HeaderValue::Int(i64::try_from(now_ms()).unwrap_or(0)),
         ),
     ];
+    // A replayed message that dies again keeps its replay count, so operators see it.
+    if let Some(n) = d.header(warren_core::amqp::inspect::H_REPLAYED) {
+        msg.headers
+            .push((warren_core::amqp::inspect::H_REPLAYED.to_owned(), n));
+    }
     shared.client.publish_raw(&msg).await
 }
