@@ -280,3 +280,66 @@ async fn publishing_checks_names_and_works_without_subscribers() {
     let _ = client.broker().delete_queue(&recent_queue(&topic)).await;
     client.close().await;
 }
+
+#[tokio::test]
+async fn a_worker_with_concurrency_one_serves_its_subscription_and_its_service() {
+    // Regression: the permit used to be taken before waiting for a delivery, so an idle
+    // service queue held the only permit and the subscription never ran.
+    let svc = unique("sub-c1");
+    let topic = unique("topic");
+    let _cleanup = Cleanup::new(&[&svc]);
+    let ledger: Ledger = Arc::default();
+    let worker = Worker::builder()
+        .amqp(config(QueueType::Quorum))
+        .service(subscriber(&svc, &topic, &ledger))
+        .concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    let r = run_in_background(worker);
+    let client = Client::builder()
+        .amqp(config(QueueType::Quorum))
+        .connect()
+        .await
+        .unwrap();
+    for n in 0..20 {
+        client
+            .publish(
+                &topic,
+                &Event {
+                    n,
+                    fail_first: false,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    poll(
+        "20 deliveries at concurrency 1",
+        Duration::from_secs(30),
+        || async { (counts(&ledger, &svc).len() == 20).then_some(()) },
+    )
+    .await;
+    // And the service queue is served too.
+    client
+        .send(
+            warren::Task::new(
+                &format!("{svc}.got"),
+                &Event {
+                    n: 99,
+                    fail_first: false,
+                },
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    poll("the direct task", Duration::from_secs(30), || async {
+        counts(&ledger, &svc).contains_key("99").then_some(())
+    })
+    .await;
+    r.stop.cancel();
+    r.handle.await.unwrap().unwrap();
+    delete_topic_queues(&client, &topic, &[&svc]).await;
+    client.close().await;
+}

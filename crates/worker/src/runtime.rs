@@ -328,16 +328,20 @@ async fn pump(
     stop: CancellationToken,
 ) -> (Subscription, Result<(), warren_core::Error>) {
     loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
         let event = tokio::select! {
             () = stop.cancelled() => break,
             ev = sub.next() => ev,
         };
         match event {
             Ok(Some(ConsumerEvent::Delivery(d))) => {
+                // The permit is taken once a delivery is here, not before waiting for one:
+                // an idle queue must not hold a permit the worker's other queues need. Each
+                // queue keeps at most one delivery waiting for a permit (plus its prefetch).
+                // On shutdown a waiting delivery is dropped unacked: the broker redelivers it.
+                let permit = tokio::select! {
+                    () = stop.cancelled() => break,
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                };
                 let (shared, svc) = (shared.clone(), svc.clone());
                 tracker.spawn(async move {
                     handle(shared, svc, d).await;
