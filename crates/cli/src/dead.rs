@@ -12,18 +12,17 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{ArgGroup, Args, Subcommand};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use warren_core::amqp::inspect::{DeadLetter, DeadLetters, ReplayReport, ReplaySelection};
 use warren_core::topology::{dead_queue, service_queue};
 use warren_core::{Broker, HeaderValue, Publisher};
 
 use crate::opts::Global;
-use crate::queues::{find_rabbitmqctl, is_local};
+use crate::queues::{is_local, rabbitmqctl_queues, CtlRow};
 
 /// Prefix of dead-letter queues.
 const DEAD_PREFIX: &str = "warren.dead.";
@@ -115,16 +114,6 @@ async fn connect(global: &Global) -> anyhow::Result<Broker> {
 // warren dead list (every queue)
 
 /// A row of `rabbitmqctl list_queues ... --formatter json`.
-#[derive(Debug, Deserialize)]
-struct CtlRow {
-    name: String,
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
-    #[serde(default)]
-    messages_ready: Option<u64>,
-    #[serde(default)]
-    messages_unacknowledged: Option<u64>,
-}
 
 async fn list_queues(global: &Global, args: &ListArgs) -> anyhow::Result<ExitCode> {
     let cfg = global.amqp("warren dead")?;
@@ -195,29 +184,6 @@ async fn list_queues(global: &Global, args: &ListArgs) -> anyhow::Result<ExitCod
     );
     println!("# see one: warren dead list <SERVICE>");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Every queue of `vhost` with its counts, from `rabbitmqctl list_queues`.
-async fn rabbitmqctl_queues(vhost: &str) -> anyhow::Result<Vec<CtlRow>> {
-    let Some(ctl) = find_rabbitmqctl() else {
-        bail!("rabbitmqctl is not installed");
-    };
-    let run = tokio::process::Command::new(&ctl)
-        .args(["list_queues", "-q", "-p", vhost])
-        .args(["name", "type", "messages_ready", "messages_unacknowledged"])
-        .args(["--formatter", "json"])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .context("rabbitmqctl did not answer within 30 s")?
-        .with_context(|| format!("running {}", ctl.display()))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-        bail!("rabbitmqctl failed ({}): {first}", out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("rabbitmqctl printed something that is not JSON")
 }
 
 // ---------------------------------------------------------------------------------------

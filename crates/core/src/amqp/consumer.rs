@@ -11,7 +11,7 @@ use lapin::{Acker, BasicProperties, Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{declare_exchanges_on, declare_on, jitter, Broker};
-use super::message::{read_headers, short, HeaderValue};
+use super::message::short;
 use crate::error::{classify, Error, Result};
 use crate::topology::QueueSpec;
 
@@ -254,38 +254,7 @@ impl std::fmt::Debug for Incoming {
 }
 
 impl Incoming {
-    /// `message_id` property.
-    #[must_use]
-    pub fn message_id(&self) -> Option<&str> {
-        self.props.message_id().as_ref().map(|s| s.as_str())
-    }
-
-    /// `correlation_id` property.
-    #[must_use]
-    pub fn correlation_id(&self) -> Option<&str> {
-        self.props.correlation_id().as_ref().map(|s| s.as_str())
-    }
-
-    /// `reply_to` property.
-    #[must_use]
-    pub fn reply_to(&self) -> Option<&str> {
-        self.props.reply_to().as_ref().map(|s| s.as_str())
-    }
-
-    /// All headers.
-    #[must_use]
-    pub fn headers(&self) -> Vec<(String, HeaderValue)> {
-        read_headers(&self.props)
-    }
-
-    /// One header.
-    #[must_use]
-    pub fn header(&self, key: &str) -> Option<HeaderValue> {
-        self.props
-            .headers()
-            .as_ref()
-            .and_then(|t| t.inner().get(key).map(HeaderValue::from))
-    }
+    super::message::property_accessors!();
 
     /// The connection generation this delivery came on.
     #[must_use]

@@ -15,7 +15,7 @@ use lapin::types::AMQPValue;
 use lapin::{Acker, BasicProperties, Channel};
 
 use super::broker::Broker;
-use super::message::{read_headers, short, HeaderValue, Outgoing};
+use super::message::{short, HeaderValue, Outgoing};
 use super::publisher::Publisher;
 use crate::error::{classify, Error, Result};
 use crate::names::check_amqp_len;
@@ -86,35 +86,7 @@ impl std::fmt::Debug for HeldMessage {
 }
 
 impl HeldMessage {
-    /// `message_id` property.
-    #[must_use]
-    pub fn message_id(&self) -> Option<&str> {
-        self.props.message_id().as_ref().map(|s| s.as_str())
-    }
-
-    /// `correlation_id` property.
-    #[must_use]
-    pub fn correlation_id(&self) -> Option<&str> {
-        self.props.correlation_id().as_ref().map(|s| s.as_str())
-    }
-
-    /// `reply_to` property.
-    #[must_use]
-    pub fn reply_to(&self) -> Option<&str> {
-        self.props.reply_to().as_ref().map(|s| s.as_str())
-    }
-
-    /// All headers (sorted by name).
-    #[must_use]
-    pub fn headers(&self) -> Vec<(String, HeaderValue)> {
-        read_headers(&self.props)
-    }
-
-    /// One header.
-    #[must_use]
-    pub fn header(&self, key: &str) -> Option<HeaderValue> {
-        self.raw_header(key).map(HeaderValue::from)
-    }
+    super::message::property_accessors!();
 
     fn raw_header(&self, key: &str) -> Option<&AMQPValue> {
         self.props

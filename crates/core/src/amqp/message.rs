@@ -164,6 +164,46 @@ pub(crate) fn short(s: &str) -> ShortString {
 }
 
 /// Reads headers from lapin properties.
+/// The property and header accessors of a received message type with a `props:
+/// BasicProperties` field (deliveries and held messages share them).
+macro_rules! property_accessors {
+    () => {
+        /// `message_id` property.
+        #[must_use]
+        pub fn message_id(&self) -> Option<&str> {
+            self.props.message_id().as_ref().map(|s| s.as_str())
+        }
+
+        /// `correlation_id` property.
+        #[must_use]
+        pub fn correlation_id(&self) -> Option<&str> {
+            self.props.correlation_id().as_ref().map(|s| s.as_str())
+        }
+
+        /// `reply_to` property.
+        #[must_use]
+        pub fn reply_to(&self) -> Option<&str> {
+            self.props.reply_to().as_ref().map(|s| s.as_str())
+        }
+
+        /// All headers.
+        #[must_use]
+        pub fn headers(&self) -> Vec<(String, $crate::amqp::HeaderValue)> {
+            $crate::amqp::message::read_headers(&self.props)
+        }
+
+        /// One header.
+        #[must_use]
+        pub fn header(&self, key: &str) -> Option<$crate::amqp::HeaderValue> {
+            self.props
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get(key).map($crate::amqp::HeaderValue::from))
+        }
+    };
+}
+pub(crate) use property_accessors;
+
 pub(crate) fn read_headers(p: &BasicProperties) -> Vec<(String, HeaderValue)> {
     p.headers()
         .as_ref()
