@@ -151,14 +151,16 @@ impl QueueSpec {
 
     /// The last [`RECENT_PER_TOPIC`] messages published to `topic`, for `warren peek`
     /// (`warren.topic.<topic>`: classic, oldest dropped first; nobody consumes it). Its
-    /// existence also makes a topic routable before anyone subscribes.
+    /// existence also makes a topic routable before anyone subscribes. Not durable: it is
+    /// only a window for operators, so it costs no disk writes, and a broker restart empties
+    /// it (publishers and workers declare it again).
     pub fn recent(topic: &str) -> Result<Self, NameError> {
         crate::names::validate_name("topic", topic)?;
         let name = recent_queue(topic);
         check_amqp_len("topic queue", &name)?;
         Ok(Self {
             name,
-            durable: true,
+            durable: false,
             queue_type: Some(QueueType::Classic),
             max_length: Some(RECENT_PER_TOPIC),
             bind: Some((TOPIC_EXCHANGE.to_owned(), topic.to_owned())),
