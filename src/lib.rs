@@ -16,8 +16,8 @@ pub use warren_core as core;
 pub use warren_worker as worker;
 
 pub use warren_client::{
-    Client, ClientBuilder, Error as ClientError, InvokeRetry, Parallel, ParallelReceipt, Receipt,
-    Retried, Task,
+    Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError, InvokeRetry,
+    Parallel, ParallelReceipt, Receipt, Retried, Task,
 };
 pub use warren_core::status::{RedisStore, StatusStore, TaskState, TaskStatus};
 pub use warren_core::{
@@ -34,4 +34,5 @@ pub use warren_worker::{
 #[doc = include_str!("../README.md")]
 #[doc = include_str!("../docs/patterns.md")]
 #[doc = include_str!("../docs/pubsub.md")]
+#[doc = include_str!("../docs/chains.md")]
 pub struct DocExamples;

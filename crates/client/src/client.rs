@@ -381,7 +381,14 @@ impl Client {
         Ok(())
     }
 
-    async fn replies(&self) -> Result<&Replies, Error> {
+    /// Stops waiting for a reply to `id` (a dropped handle).
+    pub(crate) fn forget_reply(&self, id: &Uuid) {
+        if let Some(r) = self.inner.replies.get() {
+            r.forget(id);
+        }
+    }
+
+    pub(crate) async fn replies(&self) -> Result<&Replies, Error> {
         self.inner
             .replies
             .get_or_try_init(|| {

@@ -19,12 +19,15 @@
 //! - `client`: [`Client`] and [`ClientBuilder`]: connection, enqueue, invoke.
 //! - `task`: [`Task`], a task to send (target, payload, cid, hooks, deadline), and
 //!   [`Receipt`].
+//! - `chain`: [`Chain`], services run in order over a shared bog, awaited through a
+//!   [`ChainHandle`].
 //! - `parallel`: [`Parallel`], parallel execution and fan-out/fan-in ([`Client::parallel`]).
 //! - `invoke_retry`: [`InvokeRetry`], calls repeated on failure, blocking or in background.
 //! - `publish`: [`Client::publish`], durable publish/subscribe.
 //! - `reply`: the reply queue and the table of calls waiting for an answer.
 //! - `error`: [`Error`].
 
+mod chain;
 mod client;
 mod error;
 mod invoke_retry;
@@ -33,6 +36,7 @@ mod publish;
 mod reply;
 mod task;
 
+pub use chain::{Chain, ChainHandle, ChainResult};
 pub use client::{Client, ClientBuilder};
 pub use error::Error;
 pub use invoke_retry::{InvokeRetry, Retried};

@@ -128,9 +128,9 @@ pub struct Envelope {
     /// The task that caused this one, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<Uuid>,
-    /// Chain state (reserved for chains).
+    /// For a step of a chain: the chain, its position and its bog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chain: Option<Value>,
+    pub chain: Option<crate::chain::ChainState>,
     /// Split-job decorator (reserved for split jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<PartDecorator>,

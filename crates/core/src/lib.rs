@@ -9,6 +9,7 @@
 //! - [`retry`]: [`RetryPolicy`] and the durable per-step delay queues retries wait in.
 //! - [`status`]: task statuses and results in a store that outlives processes
 //!   ([`status::StatusStore`], [`status::RedisStore`]).
+//! - [`chain`]: the state a chain carries from step to step (its bog).
 //! - [`patterns`]: the wire types of parallel execution, fan-in and invoke/retry callbacks.
 //! - [`topology`]: the exchanges and queues warren declares, and their names.
 //! - [`config`]: broker URLs, heartbeats, reconnect and queue-type settings ([`AmqpConfig`]).
@@ -19,6 +20,7 @@
 //! - [`error`]: the typed [`Error`] every fallible call returns.
 
 pub mod amqp;
+pub mod chain;
 pub mod config;
 pub mod envelope;
 pub mod error;

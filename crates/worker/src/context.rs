@@ -142,6 +142,15 @@ impl Context {
         self.client.send(self.child(task)).await
     }
 
+    /// Sends a chain from this handler (same cid unless the chain sets one, this task as
+    /// parent) and returns its handle.
+    pub async fn enqueue_chain(
+        &self,
+        chain: warren_client::Chain,
+    ) -> Result<warren_client::ChainHandle, warren_client::Error> {
+        self.client.enqueue_chain(chain.with_parent(self.id)).await
+    }
+
     fn source(&self) -> String {
         format!("{}.{}", self.svc, self.method)
     }

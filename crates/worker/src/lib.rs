@@ -41,6 +41,7 @@
 //!
 //! Retry policies ([`RetryPolicy`]) and their delay queues live in `warren_core::retry`.
 
+mod chain;
 mod context;
 mod error;
 mod fanout;
@@ -58,7 +59,9 @@ pub use error::WorkerError;
 pub use outcome::TaskError;
 pub use runtime::{Worker, WorkerBuilder};
 pub use service::Service;
-pub use warren_client::{InvokeRetry, Parallel, ParallelReceipt, Retried};
+pub use warren_client::{
+    Chain, ChainHandle, ChainResult, InvokeRetry, Parallel, ParallelReceipt, Retried,
+};
 pub use warren_core::{
     AmqpConfig, FanInOutcome, PartDecorator, QueueType, RetryOutcome, RetryPolicy, Target,
     TargetOutcome, Via,

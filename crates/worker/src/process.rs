@@ -17,6 +17,7 @@ use warren_client::Client;
 use warren_core::envelope::ReplyOutcome;
 use warren_core::{Envelope, Failure, FailureKind, Incoming, Via};
 
+use crate::chain;
 use crate::fanout::on_target;
 use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
@@ -162,7 +163,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         ));
     };
     // Parts and parallel targets run the method itself, never its splitter.
-    let splitter = if env.part.is_none() && env.fanout.is_none() {
+    let splitter = if env.part.is_none() && env.fanout.is_none() && env.chain.is_none() {
         service.methods.get(&splitter_name(&env.method))
     } else {
         None
@@ -179,13 +180,19 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         topic: env.topic.clone(),
         client: shared.client.clone(),
     };
-    let outcome = call(
-        splitter.unwrap_or(handler).as_ref(),
-        ctx,
-        env.payload.clone(),
-    )
-    .await;
+    // A chain step reads its input from the bog.
+    let input = match &env.chain {
+        Some(c) => Value::Object(c.bog.clone()),
+        None => env.payload.clone(),
+    };
+    let outcome = call(splitter.unwrap_or(handler).as_ref(), ctx, input).await;
     match outcome {
+        Ok(v) if env.chain.is_some() && !(v.is_object() || v.is_null()) => {
+            Resolution::Dead(failure(
+                FailureKind::Rejected,
+                format!("a chain step must return key-values (a JSON object), not {v}"),
+            ))
+        }
         Ok(Value::Array(parts)) if splitter.is_some() => Resolution::Split(parts),
         Ok(other) if splitter.is_some() => Resolution::Dead(failure(
             FailureKind::Rejected,
@@ -340,6 +347,15 @@ async fn publish_outcome(
     env: Option<&Envelope>,
     resolution: Resolution,
 ) -> Result<(), warren_client::Error> {
+    // A chain step goes on with the next step, or ends the chain.
+    let resolution = match (env.filter(|e| e.chain.is_some()), resolution) {
+        (Some(e), Resolution::Done(v)) => return chain::advance(shared, d, e, v).await,
+        (Some(e), Resolution::Dead(f)) => {
+            dead_letter(shared, route, d, &f).await?;
+            return chain::end(shared, d, e, ReplyOutcome::Error(f)).await;
+        }
+        (_, other) => other,
+    };
     // A part of a split job reports to its part queue and joins; it has no reply or hooks of
     // its own (the job's hooks fire at the join).
     let part = env.and_then(|e| e.part.as_ref().map(|p| (e, p)));

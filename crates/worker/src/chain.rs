@@ -1,0 +1,89 @@
+//! Chain steps: after a step succeeds, its returned key-values are merged into the bog and
+//! the next step is sent (before this step's ack); after the last step, or a step that
+//! failed for good, the chain's outcome goes to its waiting handle and the status store.
+
+use serde_json::Value;
+use warren_core::chain::ChainOutcome;
+use warren_core::envelope::ReplyOutcome;
+use warren_core::status::{TaskState, TaskStatus};
+use warren_core::topology::is_reply_queue;
+use warren_core::{Envelope, Incoming, Target, Via};
+
+use crate::process::Shared;
+use crate::publish::reply;
+
+type Res = Result<(), warren_client::Error>;
+
+/// Merges `result` into the bog and sends the next step, or ends the chain.
+pub(crate) async fn advance(shared: &Shared, d: &Incoming, env: &Envelope, result: Value) -> Res {
+    let Some(mut state) = env.chain.clone() else {
+        return Ok(());
+    };
+    if let Err(message) = state.merge(result) {
+        // run() refuses non-object results first; this is a safety net.
+        let f = warren_core::Failure {
+            kind: warren_core::FailureKind::Rejected,
+            message,
+        };
+        return end(shared, d, env, ReplyOutcome::Error(f)).await;
+    }
+    if state.is_last() {
+        let outcome = ChainOutcome {
+            bog: state.bog,
+            returned: state.returned,
+        };
+        let v = serde_json::to_value(outcome).map_err(warren_client::Error::Encode)?;
+        return end(shared, d, env, ReplyOutcome::Ok(v)).await;
+    }
+    let next = state.next();
+    let Some(step) = next.step() else {
+        return Ok(());
+    };
+    let mut task = Envelope::new(
+        &Target::new(&step.svc, &step.method)?,
+        Value::Null,
+        Some(env.cid.clone()),
+    );
+    task.id = next.step_id(next.index);
+    task.channel = Via::Chain;
+    task.parent = Some(env.id);
+    task.chain = Some(next);
+    let reply_to = d.reply_to().filter(|r| is_reply_queue(r));
+    tracing::debug!(chain = %state.id, step = task.chain.as_ref().map_or(0, |c| c.index), "next chain step");
+    shared.client.send_envelope(&task, reply_to).await
+}
+
+/// Reports the chain's outcome: to its waiting handle (under the chain's id) and to the
+/// status store.
+pub(crate) async fn end(
+    shared: &Shared,
+    d: &Incoming,
+    env: &Envelope,
+    outcome: ReplyOutcome,
+) -> Res {
+    let Some(state) = &env.chain else {
+        return Ok(());
+    };
+    let mut as_chain = env.clone();
+    as_chain.id = state.id;
+    if let Some(r) = shared.client.recorder() {
+        let (st, result, error) = match &outcome {
+            ReplyOutcome::Ok(v) => (TaskState::Succeeded, Some(v.clone()), None),
+            ReplyOutcome::Error(f) => (TaskState::Failed, None, Some(f.clone())),
+        };
+        r.record(&TaskStatus {
+            id: state.id,
+            cid: env.cid.clone(),
+            target: format!("chain of {} steps", state.steps.len()),
+            state: st,
+            attempts: env.attempt,
+            result,
+            error,
+            created_ms: env.created_ms,
+            updated_ms: warren_core::envelope::now_ms(),
+        })
+        .await;
+    }
+    tracing::info!(chain = %state.id, ok = matches!(outcome, ReplyOutcome::Ok(_)), "chain ended");
+    reply(shared, d, Some(&as_chain), outcome).await
+}
