@@ -113,8 +113,6 @@ async fn connect(global: &Global) -> anyhow::Result<Broker> {
 // ---------------------------------------------------------------------------------------
 // warren dead list (every queue)
 
-/// A row of `rabbitmqctl list_queues ... --formatter json`.
-
 async fn list_queues(global: &Global, args: &ListArgs) -> anyhow::Result<ExitCode> {
     let cfg = global.amqp("warren dead")?;
     let local = cfg.urls().first().is_some_and(|u| is_local(&u.host_port()));
