@@ -285,7 +285,7 @@ impl Client {
         match self.inner.publisher.publish(&msg).await {
             Err(warren_core::Error::Unroutable { .. }) => {
                 // The queue was deleted since we declared it: declare again, send once more.
-                self.forget_service(&env.svc);
+                self.forget_declared(&env.svc);
                 self.ensure_service(&env.svc).await?;
                 self.inner.publisher.publish(&msg).await?;
             }
@@ -357,10 +357,6 @@ impl Client {
             d.insert(svc.to_owned());
         }
         Ok(())
-    }
-
-    fn forget_service(&self, svc: &str) {
-        self.forget_declared(svc);
     }
 
     pub(crate) fn forget_declared(&self, key: &str) {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
@@ -146,37 +146,7 @@ async fn raw_noop(b: &Bench) -> anyhow::Result<f64> {
             }
         });
         // Up to `in_flight` publishes pipelined: each sends its frames and awaits its confirm.
-        let publish = async {
-            let (pch, queue, body, props) = (&pch, queue.as_str(), body.as_slice(), &props);
-            let one = || async move {
-                let confirm = pch
-                    .basic_publish(
-                        short(""),
-                        short(queue),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        body,
-                        props.clone(),
-                    )
-                    .await?;
-                raw::check_confirm(confirm.await)
-            };
-            let mut pending = FuturesUnordered::new();
-            for _ in 0..n {
-                pending.push(one());
-                while pending.len() >= b.args.in_flight.max(1) {
-                    if let Some(r) = pending.next().await {
-                        r?;
-                    }
-                }
-            }
-            while let Some(r) = pending.next().await {
-                r?;
-            }
-            Ok::<_, anyhow::Error>(())
-        };
+        let publish = raw::publish_confirmed(&pch, "", &queue, &body, &props, n, b.args.in_flight);
         let finished = tokio::time::timeout(DEADLINE, async {
             publish.await?;
             let sent = started.elapsed();

@@ -30,8 +30,8 @@ use anyhow::{bail, Context as _};
 use futures_util::stream::{self, FuturesUnordered};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, ExchangeKind};
@@ -187,37 +187,8 @@ async fn raw_pubsub(b: &Bench) -> anyhow::Result<f64> {
             consumers.push(raw_consume(ch, q, n, acked.clone()).await?);
         }
         // Up to `in_flight` publishes pipelined: each sends its frames and awaits its confirm.
-        let publish = async {
-            let (pch, exchange, body, props) = (&pch, exchange.as_str(), body.as_slice(), &props);
-            let one = || async move {
-                let confirm = pch
-                    .basic_publish(
-                        short(exchange),
-                        short(""),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        body,
-                        props.clone(),
-                    )
-                    .await?;
-                raw::check_confirm(confirm.await)
-            };
-            let mut pending = FuturesUnordered::new();
-            for _ in 0..n {
-                pending.push(one());
-                while pending.len() >= b.args.in_flight.max(1) {
-                    if let Some(r) = pending.next().await {
-                        r?;
-                    }
-                }
-            }
-            while let Some(r) = pending.next().await {
-                r?;
-            }
-            Ok::<_, anyhow::Error>(())
-        };
+        let publish =
+            raw::publish_confirmed(&pch, &exchange, "", &body, &props, n, b.args.in_flight);
         let finished = tokio::time::timeout(DEADLINE, async {
             publish.await?;
             note(format!(

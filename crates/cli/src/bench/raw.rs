@@ -1,10 +1,52 @@
 //! Raw lapin building blocks: what a careful user would write without warren.
 
 use anyhow::{bail, Context as _};
-use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use warren_core::QueueType;
+
+/// Publishes `n` copies of `body` (persistent, mandatory, confirmed), up to `in_flight`
+/// pipelined: each sends its frames and awaits its confirm.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: &BasicProperties,
+    n: u64,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let one = || async move {
+        let confirm = ch
+            .basic_publish(
+                short(exchange),
+                short(routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                props.clone(),
+            )
+            .await?;
+        check_confirm(confirm.await)
+    };
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..n {
+        pending.push(one());
+        while pending.len() >= in_flight.max(1) {
+            if let Some(r) = pending.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    Ok(())
+}
 
 /// A lapin short string (callers pass names already known to fit in 255 bytes).
 pub fn short(s: &str) -> ShortString {

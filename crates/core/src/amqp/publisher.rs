@@ -100,8 +100,8 @@ impl Publisher {
         }
     }
 
-    /// Keeps the returned message in `c` only if it is ours (`mine`); parks anyone else's.
-    fn sort_return(&self, c: Confirmation, mine: &str) -> Confirmation {
+    /// Keeps the returned message in `c` only if it is `msg`'s; parks anyone else's.
+    fn sort_return(&self, c: Confirmation, msg: &Outgoing) -> Confirmation {
         let (ret, ack) = match c {
             Confirmation::Ack(Some(ret)) => (ret, true),
             Confirmation::Nack(Some(ret)) => (ret, false),
@@ -113,7 +113,7 @@ impl Publisher {
             d.routing_key.as_str(),
             d.properties.message_id().as_ref().map(|m| m.as_str()),
         );
-        if key == mine {
+        if key == return_key(&msg.exchange, &msg.routing_key, msg.message_id.as_deref()) {
             return if ack {
                 Confirmation::Ack(Some(ret))
             } else {
@@ -134,8 +134,18 @@ impl Publisher {
         }
     }
 
-    fn take_stray(&self, mine: &str) -> Option<String> {
-        self.strays.lock().ok()?.remove(mine)
+    /// A parked return for `msg`, if any (the key is built only when something is parked:
+    /// the common path costs one lock).
+    fn take_stray(&self, msg: &Outgoing) -> Option<String> {
+        let mut strays = self.strays.lock().ok()?;
+        if strays.is_empty() {
+            return None;
+        }
+        strays.remove(&return_key(
+            &msg.exchange,
+            &msg.routing_key,
+            msg.message_id.as_deref(),
+        ))
     }
 
     /// Publishes `msg` and waits for the broker's confirm.
@@ -192,12 +202,17 @@ impl Publisher {
                 routing_key: msg.routing_key.clone(),
                 reply_text,
             };
-            let mine = return_key(&msg.exchange, &msg.routing_key, msg.message_id.as_deref());
-            let confirm = confirm.map(|c| self.sort_return(c, &mine));
+            let confirm = confirm.map(|c| self.sort_return(c, msg));
             match confirm {
                 Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
                     // Our return may have been handed to another publish of this channel.
-                    return match self.take_stray(&mine) {
+                    // Whoever got it was resolved in the same batch as us: give its task
+                    // a chance to run and park it first (this narrows the race; it cannot
+                    // close it: lapin does not say which publish a return belongs to).
+                    for _ in 0..2 {
+                        tokio::task::yield_now().await;
+                    }
+                    return match self.take_stray(msg) {
                         Some(text) => Err(unroutable(text)),
                         None => Ok(()),
                     };
