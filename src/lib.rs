@@ -16,8 +16,8 @@ pub use warren_core as core;
 pub use warren_worker as worker;
 
 pub use warren_client::{
-    Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError, InvokeRetry,
-    Parallel, ParallelReceipt, Receipt, Retried, Task,
+    as_completed, Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError,
+    Extract, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task,
 };
 pub use warren_core::status::{RedisStore, StatusStore, TaskState, TaskStatus};
 pub use warren_core::{

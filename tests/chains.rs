@@ -1,21 +1,24 @@
 //! Chains against the real broker: the bog after three steps, key extraction, input values
-//! included or not, a failing middle step (later steps never run; error or outcome), and
-//! handles completing in completion order.
+//! included or not, child chains merged only when asked, a failing middle step (later steps
+//! never run; error or outcome), handles completing in completion order, capped parallel
+//! chains (a ledger of running chains) and handles re-created from the status store.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{config, run_in_background, unique, Cleanup};
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use warren::core::status::RedisStore;
 use warren::{
-    Chain, Client, ClientError, Context, FailureKind, QueueType, RetryPolicy, Service, TaskError,
-    Worker,
+    as_completed, Chain, Client, ClientError, Context, Extract, FailureKind, QueueType,
+    RetryPolicy, Service, StatusStore, TaskError, Worker,
 };
 
 #[derive(Deserialize)]
@@ -27,23 +30,32 @@ struct Mid {
     doubled: i64,
 }
 #[derive(Deserialize)]
+struct Spawn {
+    svc: String,
+    n: i64,
+}
+#[derive(Deserialize)]
+struct Index {
+    i: i64,
+}
+#[derive(Deserialize)]
 struct Wait {
     ms: u64,
     tag: String,
 }
 
-async fn fixture() -> (
-    String,
-    Client,
-    Arc<Mutex<Vec<String>>>,
-    common::Running,
-    Cleanup,
-) {
-    let svc = unique("chain");
-    let cleanup = Cleanup::new(&[&svc]);
-    let ran: Arc<Mutex<Vec<String>>> = Arc::default();
+/// Chains running now and the most ever running at once (the capped-parallel ledger).
+#[derive(Default)]
+struct Gauge {
+    now: AtomicUsize,
+    max: AtomicUsize,
+    ended: AtomicUsize,
+}
+
+fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Service {
     let (r1, r2, r3) = (ran.clone(), ran.clone(), ran.clone());
-    let service = Service::new(&svc)
+    let (g1, g2) = (gauge.clone(), gauge.clone());
+    Service::new(svc)
         .unwrap()
         .retry(RetryPolicy::none())
         .method("double", move |_: Context, s: Start| {
@@ -82,20 +94,113 @@ async fn fixture() -> (
         .method("scalar", |_: Context, _: Value| async move {
             Ok::<_, TaskError>(7)
         })
-        .unwrap();
-    let worker = Worker::builder()
+        .unwrap()
+        // Enqueues `n` one-step child chains (each returns {"child<k>": k}) and waits for
+        // them; a child of a child when n > 1 (the first child spawns one grandchild).
+        .method("spawn", |ctx: Context, s: Spawn| async move {
+            for k in 0..s.n {
+                let mut c = Chain::new()
+                    .step(&format!("{}.child", s.svc))
+                    .map_err(TaskError::reject)?
+                    .input("k", &k)
+                    .map_err(TaskError::reject)?;
+                if k == 0 && s.n > 1 {
+                    c = c.input("grandchild", &true).map_err(TaskError::reject)?;
+                }
+                ctx.enqueue_chain(c).await.map_err(TaskError::fail)?;
+            }
+            let results = ctx.wait_children().await;
+            let ok = results.iter().filter(|(_, r)| r.is_ok()).count();
+            Ok::<_, TaskError>(json!({"spawned": ok, "child0": "parent wins"}))
+        })
+        .unwrap()
+        .method("child", |ctx: Context, b: Value| async move {
+            let k = b["k"].as_i64().unwrap_or(-1);
+            if b["grandchild"] == json!(true) {
+                let svc = ctx.service().to_owned();
+                let c = Chain::new()
+                    .step(&format!("{svc}.child"))
+                    .map_err(TaskError::reject)?
+                    .input("k", &99)
+                    .map_err(TaskError::reject)?;
+                ctx.run_chain(c).await.map_err(TaskError::fail)?;
+            }
+            Ok::<_, TaskError>(json!({ format!("child{k}"): k }))
+        })
+        .unwrap()
+        .method("enter", move |_: Context, _: Index| {
+            let g = g1.clone();
+            async move {
+                let now = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+                g.max.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, TaskError>(json!({"entered": true}))
+            }
+        })
+        .unwrap()
+        .method("leave", move |_: Context, x: Index| {
+            let g = g2.clone();
+            async move {
+                g.now.fetch_sub(1, Ordering::SeqCst);
+                g.ended.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, TaskError>(json!({"out": x.i * 10}))
+            }
+        })
+        .unwrap()
+}
+
+struct Fixture {
+    svc: String,
+    client: Client,
+    ran: Arc<Mutex<Vec<String>>>,
+    gauge: Arc<Gauge>,
+    running: common::Running,
+    _cleanup: Cleanup,
+}
+
+impl Fixture {
+    async fn stop(self) {
+        self.running.stop.cancel();
+        self.running.handle.await.unwrap().unwrap();
+        self.client.close().await;
+    }
+}
+
+async fn fixture_with(store: Option<Arc<dyn StatusStore>>) -> Fixture {
+    let svc = unique("chain");
+    let cleanup = Cleanup::new(&[&svc]);
+    let ran: Arc<Mutex<Vec<String>>> = Arc::default();
+    let gauge: Arc<Gauge> = Arc::default();
+    let mut b = Worker::builder()
         .amqp(config(QueueType::Quorum))
-        .service(service)
-        .concurrency(8)
-        .build()
-        .await
-        .unwrap();
-    let client = Client::builder()
-        .amqp(config(QueueType::Quorum))
-        .connect()
-        .await
-        .unwrap();
-    (svc, client, ran, run_in_background(worker), cleanup)
+        .service(service(&svc, &ran, &gauge))
+        .concurrency(16);
+    let mut cb = Client::builder().amqp(config(QueueType::Quorum));
+    if let Some(s) = store {
+        b = b.status_store(s.clone());
+        cb = cb.status_store(s);
+    }
+    let worker = b.build().await.unwrap();
+    let client = cb.connect().await.unwrap();
+    Fixture {
+        svc,
+        client,
+        ran,
+        gauge,
+        running: run_in_background(worker),
+        _cleanup: cleanup,
+    }
+}
+
+async fn fixture() -> (
+    String,
+    Client,
+    Arc<Mutex<Vec<String>>>,
+    common::Running,
+    Cleanup,
+) {
+    let f = fixture_with(None).await;
+    (f.svc, f.client, f.ran, f.running, f._cleanup)
 }
 
 #[tokio::test]
@@ -130,6 +235,19 @@ async fn a_three_step_chain_builds_its_bog() {
     assert_eq!(
         r.values(&["plus_one", "doubled", "missing"]),
         [json!(41), json!(40), Value::Null]
+    );
+    // Input values included on request; keys pick from what the knobs select.
+    assert_eq!(
+        Value::Object(r.extract(Extract::new().with_inputs())),
+        Value::Object(r.bog().clone())
+    );
+    assert_eq!(
+        r.extract_keys(Extract::new(), &["note", "done"]),
+        [Value::Null, json!(true)]
+    );
+    assert_eq!(
+        r.extract_keys(Extract::new().with_inputs(), &["note", "done"]),
+        [json!("kept"), json!(true)]
     );
     running.stop.cancel();
     running.handle.await.unwrap().unwrap();
@@ -193,7 +311,7 @@ async fn a_failing_step_aborts_the_chain() {
 #[tokio::test]
 async fn handles_complete_in_completion_order() {
     let (svc, client, _ran, running, _c) = fixture().await;
-    let mut pending = FuturesUnordered::new();
+    let mut handles = Vec::new();
     for (ms, tag) in [(900u64, "slow"), (10, "fast"), (400, "middle")] {
         let chain = Chain::new()
             .step(&format!("{svc}.wait"))
@@ -202,14 +320,159 @@ async fn handles_complete_in_completion_order() {
             .unwrap()
             .input("tag", &tag)
             .unwrap();
-        pending.push(client.enqueue_chain(chain).await.unwrap().wait());
+        handles.push(client.enqueue_chain(chain).await.unwrap());
     }
+    let ids: Vec<_> = handles.iter().map(|h| h.id).collect();
     let mut order = Vec::new();
-    while let Some(r) = pending.next().await {
-        order.push(r.unwrap().values(&["finished"])[0].clone());
+    let mut done = as_completed(handles.clone());
+    while let Some((id, r)) = done.next().await {
+        order.push((id, r.unwrap().values(&["finished"])[0].clone()));
     }
-    assert_eq!(order, [json!("fast"), json!("middle"), json!("slow")]);
+    assert_eq!(
+        order,
+        [
+            (ids[1], json!("fast")),
+            (ids[2], json!("middle")),
+            (ids[0], json!("slow"))
+        ]
+    );
+    // A handle is awaitable, and its clones share the ended outcome.
+    let slow = handles[0].clone();
+    assert!(slow.try_result().is_some());
+    assert_eq!(slow.await.unwrap().values(&["finished"]), [json!("slow")]);
     running.stop.cancel();
     running.handle.await.unwrap().unwrap();
     client.close().await;
+}
+
+#[tokio::test]
+async fn child_chain_results_merge_only_when_asked() {
+    let f = fixture_with(None).await;
+    let chain = Chain::new()
+        .step(&format!("{}.spawn", f.svc))
+        .unwrap()
+        .input("svc", &f.svc)
+        .unwrap()
+        .input("n", &3)
+        .unwrap();
+    let r = f
+        .client
+        .run_chain(chain.with_timeout(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    // Default: only the chain's own steps' values.
+    assert_eq!(
+        Value::Object(r.returned()),
+        json!({"spawned": 3, "child0": "parent wins"})
+    );
+    // Merged: the children's (and the grandchild's), the chain's own values winning.
+    assert_eq!(
+        Value::Object(r.extract(Extract::new().merge_children())),
+        json!({"spawned": 3, "child0": "parent wins", "child1": 1, "child2": 2, "child99": 99})
+    );
+    assert_eq!(
+        r.extract_keys(Extract::new().merge_children(), &["child2", "child99", "n"]),
+        [json!(2), json!(99), Value::Null]
+    );
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn capped_parallel_chains_never_exceed_the_cap_and_keep_input_order() {
+    let f = fixture_with(None).await;
+    let chains: Vec<Chain> = (0..50)
+        .map(|i| {
+            Chain::new()
+                .step(&format!("{}.enter", f.svc))
+                .unwrap()
+                .step(&format!("{}.leave", f.svc))
+                .unwrap()
+                .input("i", &i)
+                .unwrap()
+        })
+        .collect();
+    let results = f.client.enqueue_in_parallel(chains, 4).await.unwrap();
+    let outs: Vec<Value> = results
+        .into_iter()
+        .map(|r| r.unwrap().values(&["out"])[0].clone())
+        .collect();
+    let expected: Vec<Value> = (0..50).map(|i| json!(i * 10)).collect();
+    assert_eq!(outs, expected, "results in input order");
+    assert_eq!(f.gauge.ended.load(Ordering::SeqCst), 50);
+    let max = f.gauge.max.load(Ordering::SeqCst);
+    assert!(max <= 4, "at most 4 chains ran at once, saw {max}");
+    assert!(max >= 2, "chains did run in parallel (max {max})");
+    assert!(matches!(
+        f.client.enqueue_in_parallel(Vec::new(), 0).await,
+        Err(ClientError::ZeroParallel)
+    ));
+    f.stop().await;
+}
+
+fn redis_url() -> String {
+    std::env::var("WARREN_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+#[tokio::test]
+async fn a_handle_is_recreated_from_its_id_through_the_store() {
+    let prefix = format!("{}:", unique("chainst"));
+    let store: Arc<dyn StatusStore> = Arc::new(
+        RedisStore::new(&redis_url(), Duration::from_secs(600))
+            .unwrap()
+            .with_prefix(prefix),
+    );
+    let f = fixture_with(Some(store.clone())).await;
+    let t = |m: &str| format!("{}.{m}", f.svc);
+    let ok = Chain::new()
+        .step(&t("double"))
+        .unwrap()
+        .step(&t("inc"))
+        .unwrap()
+        .input("x", &5)
+        .unwrap();
+    let bad = Chain::new().step(&t("boom")).unwrap();
+    let (ok_id, bad_id) = {
+        let a = f.client.enqueue_chain(ok).await.unwrap();
+        let b = f.client.enqueue_chain(bad).await.unwrap();
+        (a.id, b.id) // the handles are dropped: nobody in this client waits
+    };
+    // Another client (as another process would), knowing only the ids.
+    let other = Client::builder()
+        .amqp(config(QueueType::Quorum))
+        .status_store(store)
+        .connect()
+        .await
+        .unwrap();
+    let r = other
+        .chain_handle(ok_id)
+        .unwrap()
+        .wait_for(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(r.values(&["doubled", "plus_one"]), [json!(10), json!(11)]);
+    let outcome = other
+        .chain_handle(bad_id)
+        .unwrap()
+        .wait_for(Duration::from_secs(30))
+        .await;
+    match outcome {
+        Err(ClientError::Failed { failure, .. }) => {
+            assert!(failure.message.contains("step two fails"), "{failure}")
+        }
+        other => panic!("expected the failure, got {other:?}"),
+    }
+    // Without a store there is nothing to re-create a handle from.
+    assert!(f.client.chain_handle(ok_id).is_ok());
+    let bare = Client::builder()
+        .amqp(config(QueueType::Quorum))
+        .connect()
+        .await
+        .unwrap();
+    assert!(matches!(
+        bare.chain_handle(ok_id),
+        Err(ClientError::NoStatusStore)
+    ));
+    bare.close().await;
+    other.close().await;
+    f.stop().await;
 }

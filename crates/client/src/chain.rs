@@ -1,17 +1,18 @@
-//! Chains of services sharing a key-value state (the bog): [`Chain`], [`ChainHandle`].
+//! Chains of services sharing a key-value state (the bog): [`Chain`], and the client calls
+//! that send them.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio::sync::oneshot;
 use uuid::Uuid;
 use warren_core::chain::{ChainOutcome, ChainState};
 use warren_core::envelope::ReplyOutcome;
-use warren_core::{Envelope, Failure, HookTarget, Reply, Target, Via};
+use warren_core::{Envelope, HookTarget, Target, Via};
 
-use crate::{Client, Error};
+use crate::chain_handle::{poll_store, run_capped, shared, Ended, ForgetOnDrop};
+use crate::{ChainHandle, ChainResult, Client, Error};
 
 /// An ordered list of service calls sharing a bog: every step's handler receives the bog (a
 /// JSON object; its input type picks the keys it needs) and returns key-values, which are
@@ -77,117 +78,24 @@ impl Chain {
         self
     }
 
+    /// The wait set by [`Chain::with_timeout`].
+    #[must_use]
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Uses `cid` unless the chain already has one; set by handler contexts.
+    #[doc(hidden)]
+    pub fn inherit_cid(mut self, cid: &str) -> Self {
+        self.cid.get_or_insert_with(|| cid.to_owned());
+        self
+    }
+
     /// Records the task that started the chain; set by handler contexts.
     #[doc(hidden)]
     pub fn with_parent(mut self, parent: Uuid) -> Self {
         self.parent = Some(parent);
         self
-    }
-}
-
-/// The result of a chain: its bog after the last step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChainResult {
-    bog: Map<String, Value>,
-    returned: BTreeSet<String>,
-}
-
-impl ChainResult {
-    /// The values steps returned (default extraction: input values excluded).
-    #[must_use]
-    pub fn returned(&self) -> Map<String, Value> {
-        self.bog
-            .iter()
-            .filter(|(k, _)| self.returned.contains(*k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-
-    /// The whole bog, input values included.
-    #[must_use]
-    pub fn bog(&self) -> &Map<String, Value> {
-        &self.bog
-    }
-
-    /// The values of `keys`, in that order (`Null` for a key no step or input set).
-    #[must_use]
-    pub fn values(&self, keys: &[&str]) -> Vec<Value> {
-        keys.iter()
-            .map(|k| self.bog.get(*k).cloned().unwrap_or(Value::Null))
-            .collect()
-    }
-}
-
-/// A chain that was sent: await [`ChainHandle::wait`] for its result. Dropping the handle
-/// does not stop the chain.
-#[derive(Debug)]
-pub struct ChainHandle {
-    /// The chain's id (its status in a store is recorded under it).
-    pub id: Uuid,
-    /// The chain's correlation id.
-    pub cid: String,
-    client: Client,
-    rx: oneshot::Receiver<Reply>,
-}
-
-impl ChainHandle {
-    /// Waits for the chain to end: its result, or [`Error::Failed`] with the failing step's
-    /// error.
-    pub async fn wait(mut self) -> Result<ChainResult, Error> {
-        let reply = (&mut self.rx)
-            .await
-            .map_err(|_| Error::ReplyListener(String::from("the client stopped listening")))?;
-        self.outcome(reply)
-    }
-
-    /// Like [`ChainHandle::wait`], giving up after `timeout` with [`Error::Timeout`].
-    pub async fn wait_for(self, timeout: Duration) -> Result<ChainResult, Error> {
-        let (id, cid) = (self.id, self.cid.clone());
-        match tokio::time::timeout(timeout, self.wait()).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                id,
-                cid,
-                after: timeout,
-            }),
-        }
-    }
-
-    /// Waits and returns the outcome instead of raising: `Ok(result)` or `Err(failure)`;
-    /// the outer `Result` fails only when no outcome could be had.
-    pub async fn outcome_of(self) -> Result<Result<ChainResult, Failure>, Error> {
-        match self.wait().await {
-            Ok(r) => Ok(Ok(r)),
-            Err(Error::Failed { failure, .. }) => Ok(Err(failure)),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn outcome(&self, reply: Reply) -> Result<ChainResult, Error> {
-        match reply.outcome {
-            ReplyOutcome::Ok(v) => {
-                let o: ChainOutcome =
-                    serde_json::from_value(v).map_err(|source| Error::Decode {
-                        id: self.id,
-                        source,
-                    })?;
-                Ok(ChainResult {
-                    bog: o.bog,
-                    returned: o.returned,
-                })
-            }
-            ReplyOutcome::Error(failure) => Err(Error::Failed {
-                id: self.id,
-                cid: self.cid.clone(),
-                failure,
-            }),
-        }
-    }
-}
-
-impl Drop for ChainHandle {
-    fn drop(&mut self) {
-        self.client.forget_reply(&self.id);
     }
 }
 
@@ -209,6 +117,7 @@ impl Client {
             index: 0,
             bog: chain.bog,
             returned: BTreeSet::new(),
+            children: Map::new(),
         };
         let mut env = Envelope::new(
             &Target::new(&first.svc, &first.method)?,
@@ -223,14 +132,70 @@ impl Client {
         let rx = replies
             .register(id)
             .ok_or_else(|| Error::ReplyListener(replies.stop_reason()))?;
+        let guard = ForgetOnDrop {
+            client: self.clone(),
+            id,
+        };
+        let ended = shared(async move {
+            let _forget_if_dropped = guard;
+            match rx.await {
+                Ok(reply) => match reply.outcome {
+                    ReplyOutcome::Ok(v) => match serde_json::from_value::<ChainOutcome>(v) {
+                        Ok(o) => Ended::Ok(o),
+                        Err(e) => Ended::Lost(format!("chain {id}: bad result: {e}")),
+                    },
+                    ReplyOutcome::Error(f) => Ended::Failed(f),
+                },
+                Err(_) => Ended::Lost(String::from("the client stopped listening")),
+            }
+        });
         let handle = ChainHandle {
             id,
             cid: env.cid.clone(),
-            client: self.clone(),
-            rx,
+            ended,
         };
         self.send_envelope(&env, Some(&replies.queue)).await?;
         Ok(handle)
+    }
+
+    /// Re-creates the handle of chain `id`, in any process, from the status store: it
+    /// resolves once a worker has recorded the chain's end (polled, from 20 ms up to every
+    /// 500 ms). Bound the wait with [`ChainHandle::wait_for`]: an unknown or expired id
+    /// never ends.
+    ///
+    /// Errors: [`Error::NoStatusStore`] when this client has no store.
+    pub fn chain_handle(&self, id: Uuid) -> Result<ChainHandle, Error> {
+        if self.recorder().is_none() {
+            return Err(Error::NoStatusStore);
+        }
+        Ok(ChainHandle {
+            id,
+            cid: String::new(),
+            ended: shared(poll_store(self.clone(), id)),
+        })
+    }
+
+    /// Sends `chains` with at most `max_parallel` running at once (a chain runs from its
+    /// send to its end) and returns their results in input order, each its own `Result`.
+    ///
+    /// Errors: [`Error::ZeroParallel`] when `max_parallel` is 0 (nothing is sent).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
+    /// use warren_client::Chain;
+    /// let chains = (0..50)
+    ///     .map(|i| Chain::new().step("images.resize")?.input("i", &i))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// let results = client.enqueue_in_parallel(chains, 4).await?;
+    /// assert_eq!(results.len(), 50); // results[i] is chains[i]'s
+    /// # Ok(()) }
+    /// ```
+    pub async fn enqueue_in_parallel(
+        &self,
+        chains: impl IntoIterator<Item = Chain>,
+        max_parallel: usize,
+    ) -> Result<Vec<Result<ChainResult, Error>>, Error> {
+        run_capped(chains, max_parallel, |c| self.run_chain(c)).await
     }
 
     /// Sends `chain` and waits for its result (up to the chain's timeout, if it has one).

@@ -57,6 +57,9 @@ pub enum Error {
     /// An invoke/retry was given no interval; nothing was sent.
     #[error("invoke/retry needs an interval: call .seconds(..), .minutes(..) or .interval(..)")]
     MissingInterval,
+    /// Chains were to run with `max_parallel` 0; nothing was sent.
+    #[error("chains in parallel need max_parallel >= 1")]
+    ZeroParallel,
     /// A blocking invoke/retry failed on every attempt; `failure` is the last one.
     #[error("{target} failed on all {attempts} attempts (cid {cid}); last: {failure}")]
     RetriesExhausted {

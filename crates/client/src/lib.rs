@@ -19,8 +19,9 @@
 //! - `client`: [`Client`] and [`ClientBuilder`]: connection, enqueue, invoke.
 //! - `task`: [`Task`], a task to send (target, payload, cid, hooks, deadline), and
 //!   [`Receipt`].
-//! - `chain`: [`Chain`], services run in order over a shared bog, awaited through a
-//!   [`ChainHandle`].
+//! - `chain`: [`Chain`], services run in order over a shared bog; capped parallel runs.
+//! - `chain_handle`: [`ChainHandle`] (awaitable), [`ChainResult`] and [`Extract`],
+//!   [`as_completed`] (wait-any).
 //! - `parallel`: [`Parallel`], parallel execution and fan-out/fan-in ([`Client::parallel`]).
 //! - `invoke_retry`: [`InvokeRetry`], calls repeated on failure, blocking or in background.
 //! - `publish`: [`Client::publish`], durable publish/subscribe.
@@ -28,6 +29,7 @@
 //! - `error`: [`Error`].
 
 mod chain;
+mod chain_handle;
 mod client;
 mod error;
 mod invoke_retry;
@@ -36,7 +38,8 @@ mod publish;
 mod reply;
 mod task;
 
-pub use chain::{Chain, ChainHandle, ChainResult};
+pub use chain::Chain;
+pub use chain_handle::{as_completed, run_capped, ChainHandle, ChainResult, Extract};
 pub use client::{Client, ClientBuilder};
 pub use error::Error;
 pub use invoke_retry::{InvokeRetry, Retried};

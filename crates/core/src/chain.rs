@@ -27,6 +27,10 @@ pub struct ChainState {
     /// Keys some step returned (the rest of the bog is input).
     #[serde(default)]
     pub returned: BTreeSet<String>,
+    /// Key-values returned by child chains that steps enqueued and saw end (merged, later
+    /// children over earlier); results merge them only when asked.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub children: Map<String, Value>,
 }
 
 /// What a finished chain reports: the bog after the last step, and which keys steps set.
@@ -36,6 +40,9 @@ pub struct ChainOutcome {
     pub bog: Map<String, Value>,
     /// Keys returned by some step (a step that overwrote an input key counts).
     pub returned: BTreeSet<String>,
+    /// Key-values returned by child chains the steps enqueued and saw end.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub children: Map<String, Value>,
 }
 
 impl ChainState {
@@ -66,6 +73,16 @@ impl ChainState {
             other => Err(format!(
                 "a chain step must return key-values (a JSON object), not {other}"
             )),
+        }
+    }
+
+    /// The outcome after the last step.
+    #[must_use]
+    pub fn outcome(self) -> ChainOutcome {
+        ChainOutcome {
+            bog: self.bog,
+            returned: self.returned,
+            children: self.children,
         }
     }
 
@@ -106,6 +123,7 @@ mod tests {
             index: 0,
             bog: json!({"n": 1}).as_object().cloned().unwrap_or_default(),
             returned: BTreeSet::new(),
+            children: Map::new(),
         };
         assert!(!c.is_last());
         c.merge(json!({"m": 2, "n": 3})).unwrap();

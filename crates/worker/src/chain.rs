@@ -2,8 +2,7 @@
 //! the next step is sent (before this step's ack); after the last step, or a step that
 //! failed for good, the chain's outcome goes to its waiting handle and the status store.
 
-use serde_json::Value;
-use warren_core::chain::ChainOutcome;
+use serde_json::{Map, Value};
 use warren_core::envelope::ReplyOutcome;
 use warren_core::status::{TaskState, TaskStatus};
 use warren_core::topology::is_reply_queue;
@@ -15,10 +14,17 @@ use crate::publish::reply;
 type Res = Result<(), warren_client::Error>;
 
 /// Merges `result` into the bog and sends the next step, or ends the chain.
-pub(crate) async fn advance(shared: &Shared, d: &Incoming, env: &Envelope, result: Value) -> Res {
+pub(crate) async fn advance(
+    shared: &Shared,
+    d: &Incoming,
+    env: &Envelope,
+    result: Value,
+    children: Map<String, Value>,
+) -> Res {
     let Some(mut state) = env.chain.clone() else {
         return Ok(());
     };
+    state.children.extend(children);
     if let Err(message) = state.merge(result) {
         // run() refuses non-object results first; this is a safety net.
         let f = warren_core::Failure {
@@ -28,11 +34,7 @@ pub(crate) async fn advance(shared: &Shared, d: &Incoming, env: &Envelope, resul
         return end(shared, d, env, ReplyOutcome::Error(f)).await;
     }
     if state.is_last() {
-        let outcome = ChainOutcome {
-            bog: state.bog,
-            returned: state.returned,
-        };
-        let v = serde_json::to_value(outcome).map_err(warren_client::Error::Encode)?;
+        let v = serde_json::to_value(state.outcome()).map_err(warren_client::Error::Encode)?;
         return end(shared, d, env, ReplyOutcome::Ok(v)).await;
     }
     let next = state.next();

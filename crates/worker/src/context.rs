@@ -1,9 +1,15 @@
 //! [`Context`]: what a running handler knows about its task, and a client to call others.
 
+use std::sync::{Arc, Mutex};
+
+use futures_util::stream::Stream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
-use warren_client::{Client, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task};
+use warren_client::{
+    Chain, ChainHandle, ChainResult, Client, InvokeRetry, Parallel, ParallelReceipt, Receipt,
+    Retried, Task,
+};
 use warren_core::{PartDecorator, Via};
 
 /// Handed to every handler call.
@@ -22,7 +28,12 @@ pub struct Context {
     pub(crate) part: Option<PartDecorator>,
     pub(crate) topic: Option<String>,
     pub(crate) client: Client,
+    /// Chains this handler enqueued, in order (for `wait_children` and result merging).
+    pub(crate) children: Children,
 }
+
+/// The handles of the chains a handler enqueued; shared by the context's clones.
+pub(crate) type Children = Arc<Mutex<Vec<ChainHandle>>>;
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,13 +153,60 @@ impl Context {
         self.client.send(self.child(task)).await
     }
 
-    /// Sends a chain from this handler (same cid unless the chain sets one, this task as
-    /// parent) and returns its handle.
-    pub async fn enqueue_chain(
+    /// Sends a chain from this handler (this task as its parent, this task's cid unless the
+    /// chain sets one) and returns its handle. The chain counts as this handler's child:
+    /// [`Context::wait_children`] waits for it, and when this handler is a chain step, the
+    /// child's returned values reach the parent chain's result (merged on request, see
+    /// [`warren_client::Extract::merge_children`]) if it ended before the handler returned.
+    pub async fn enqueue_chain(&self, chain: Chain) -> Result<ChainHandle, warren_client::Error> {
+        let chain = chain.with_parent(self.id).inherit_cid(&self.cid);
+        let h = self.client.enqueue_chain(chain).await?;
+        if let Ok(mut c) = self.children.lock() {
+            c.push(h.clone());
+        }
+        Ok(h)
+    }
+
+    /// Sends a chain and waits for its result (a child, as with [`Context::enqueue_chain`]).
+    pub async fn run_chain(&self, chain: Chain) -> Result<ChainResult, warren_client::Error> {
+        let timeout = chain.timeout();
+        let h = self.enqueue_chain(chain).await?;
+        match timeout {
+            Some(t) => h.wait_for(t).await,
+            None => h.wait().await,
+        }
+    }
+
+    /// Runs `chains` as children with at most `max_parallel` running at once; results in
+    /// input order (see [`Client::enqueue_in_parallel`]).
+    pub async fn enqueue_in_parallel(
         &self,
-        chain: warren_client::Chain,
-    ) -> Result<warren_client::ChainHandle, warren_client::Error> {
-        self.client.enqueue_chain(chain.with_parent(self.id)).await
+        chains: impl IntoIterator<Item = Chain>,
+        max_parallel: usize,
+    ) -> Result<Vec<Result<ChainResult, warren_client::Error>>, warren_client::Error> {
+        warren_client::run_capped(chains, max_parallel, |c| self.run_chain(c)).await
+    }
+
+    /// The handles of every chain this handler enqueued so far, in enqueue order.
+    #[must_use]
+    pub fn children(&self) -> Vec<ChainHandle> {
+        self.children.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Waits for every chain this handler enqueued; their ids and results in enqueue order.
+    pub async fn wait_children(&self) -> Vec<(Uuid, Result<ChainResult, warren_client::Error>)> {
+        let mut out = Vec::new();
+        for h in self.children() {
+            out.push((h.id, h.wait().await));
+        }
+        out
+    }
+
+    /// The chains this handler enqueued, as they end (wait-any over the children).
+    pub fn children_completed(
+        &self,
+    ) -> impl Stream<Item = (Uuid, Result<ChainResult, warren_client::Error>)> + Send + Unpin {
+        warren_client::as_completed(self.children())
     }
 
     fn source(&self) -> String {

@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tracing::Instrument;
-use warren_client::Client;
+use warren_client::{Client, Extract};
 use warren_core::envelope::ReplyOutcome;
 use warren_core::{Envelope, Failure, FailureKind, Incoming, Via};
 
 use crate::chain;
+use crate::context::Children;
 use crate::fanout::on_target;
 use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
@@ -92,6 +93,8 @@ impl Route {
 /// How a task ended, decided before anything is published.
 enum Resolution {
     Done(Value),
+    /// A chain step's result and what the child chains it saw end returned.
+    Step(Value, Map<String, Value>),
     Retry(Duration),
     Dead(Failure),
     Split(Vec<Value>),
@@ -179,7 +182,9 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         part: env.part.clone(),
         topic: env.topic.clone(),
         client: shared.client.clone(),
+        children: Children::default(),
     };
+    let children = ctx.children.clone();
     // A chain step reads its input from the bog.
     let input = match &env.chain {
         Some(c) => Value::Object(c.bog.clone()),
@@ -193,6 +198,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
                 format!("a chain step must return key-values (a JSON object), not {v}"),
             ))
         }
+        Ok(v) if env.chain.is_some() => Resolution::Step(v, ended_children(&children)),
         Ok(Value::Array(parts)) if splitter.is_some() => Resolution::Split(parts),
         Ok(other) if splitter.is_some() => Resolution::Dead(failure(
             FailureKind::Rejected,
@@ -230,6 +236,19 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
             }
         }
     }
+}
+
+/// The merged returned values (their own children's included) of the child chains a
+/// handler enqueued that have ended, later children over earlier.
+fn ended_children(children: &Children) -> Map<String, Value> {
+    let mut out = Map::new();
+    let handles = children.lock().map(|c| c.clone()).unwrap_or_default();
+    for h in handles {
+        if let Some(Ok(r)) = h.try_result() {
+            out.extend(r.extract(Extract::new().merge_children()));
+        }
+    }
+    out
 }
 
 fn status_of(
@@ -299,7 +318,9 @@ async fn finish(
     // The status the outcome leaves, computed only when someone reads it.
     let wanted = shared.client.recorder().is_some() || env.is_some_and(|e| e.notify.is_some());
     let status = env.filter(|_| wanted).and_then(|e| match &resolution {
-        Resolution::Done(v) => Some(status_of(e, TaskState::Succeeded, Some(v.clone()), None)),
+        Resolution::Done(v) | Resolution::Step(v, _) => {
+            Some(status_of(e, TaskState::Succeeded, Some(v.clone()), None))
+        }
         Resolution::Dead(f) => Some(status_of(e, TaskState::Failed, None, Some(f.clone()))),
         Resolution::Retry(_) => Some(status_of(e, TaskState::Pending, None, None)),
         Resolution::Split(_) | Resolution::JoinCheck => None,
@@ -349,7 +370,9 @@ async fn publish_outcome(
 ) -> Result<(), warren_client::Error> {
     // A chain step goes on with the next step, or ends the chain.
     let resolution = match (env.filter(|e| e.chain.is_some()), resolution) {
-        (Some(e), Resolution::Done(v)) => return chain::advance(shared, d, e, v).await,
+        (Some(e), Resolution::Step(v, children)) => {
+            return chain::advance(shared, d, e, v, children).await
+        }
         (Some(e), Resolution::Dead(f)) => {
             dead_letter(shared, route, d, &f).await?;
             return chain::end(shared, d, e, ReplyOutcome::Error(f)).await;
@@ -372,7 +395,7 @@ async fn publish_outcome(
             Some(env) => retry(shared, d, env, delay).await,
             None => Ok(()),
         },
-        (Resolution::Done(v), Some((env, p))) => {
+        (Resolution::Done(v) | Resolution::Step(v, _), Some((env, p))) => {
             let outcome = ReplyOutcome::Ok(v);
             on_target(shared, Some(env), &outcome).await?;
             let job = Job::of(env, p);
@@ -387,7 +410,7 @@ async fn publish_outcome(
             join::record_part(shared, &job, env, p.part_id, outcome).await?;
             join::try_join(shared, &job, d.redelivered).await
         }
-        (Resolution::Done(v), None) => {
+        (Resolution::Done(v) | Resolution::Step(v, _), None) => {
             let outcome = ReplyOutcome::Ok(v.clone());
             let (a, b, c) = tokio::join!(
                 reply(shared, d, env, outcome.clone()),
