@@ -476,3 +476,55 @@ async fn a_handle_is_recreated_from_its_id_through_the_store() {
     other.close().await;
     f.stop().await;
 }
+
+#[tokio::test]
+async fn a_re_sent_chain_step_runs_once_with_a_store() {
+    use warren::core::chain::ChainState;
+    use warren::core::{Envelope, Target, Via};
+    let prefix = format!("{}:", unique("chaindup"));
+    let store: Arc<dyn StatusStore> = Arc::new(
+        RedisStore::new(&redis_url(), Duration::from_secs(600))
+            .unwrap()
+            .with_prefix(prefix),
+    );
+    let f = fixture_with(Some(store.clone())).await;
+    // What a redelivered predecessor re-sends: a second, first-delivery copy of a step.
+    let id = uuid::Uuid::now_v7();
+    let state = ChainState {
+        id,
+        steps: vec![warren::core::HookTarget {
+            svc: f.svc.clone(),
+            method: "leave".into(),
+        }],
+        index: 0,
+        bog: json!({"i": 1}).as_object().cloned().unwrap(),
+        returned: Default::default(),
+        children: Default::default(),
+    };
+    let mut env = Envelope::new(
+        &Target::new(&f.svc, "leave").unwrap(),
+        Value::Null,
+        Some(id.to_string()),
+    );
+    env.id = state.step_id(0);
+    env.channel = Via::Chain;
+    env.chain = Some(state);
+    f.client.send_envelope(&env, None).await.unwrap();
+    f.client.send_envelope(&env, None).await.unwrap();
+    common::poll("the copy dropped", Duration::from_secs(30), || {
+        let store = store.clone();
+        async move {
+            let n = store
+                .counter(warren::worker::DUPLICATE_STEPS)
+                .await
+                .unwrap();
+            (n == Some(1)).then_some(())
+        }
+    })
+    .await;
+    let ended = f.client.chain_handle(id).unwrap();
+    let r = ended.wait_for(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.values(&["out"]), [json!(10)]);
+    assert_eq!(f.gauge.ended.load(Ordering::SeqCst), 1, "the step ran once");
+    f.stop().await;
+}

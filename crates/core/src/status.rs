@@ -111,6 +111,14 @@ pub trait StatusStore: Send + Sync + std::fmt::Debug + 'static {
         let _ = name;
         Box::pin(async { Ok(None) })
     }
+    /// Claims `id` once: `true` for the first claim, `false` when it was already claimed
+    /// (within the retention). Workers claim each chain step before running a first delivery
+    /// of it, so a step re-sent by a redelivered predecessor runs once. Optional: the default
+    /// claims everything (no deduplication).
+    fn claim(&self, id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let _ = id;
+        Box::pin(async { Ok(true) })
+    }
 }
 
 /// Redis-backed [`StatusStore`]: `warren:status:<id>` holds the JSON status and
@@ -292,6 +300,21 @@ impl StatusStore for RedisStore {
             p.cmd("GET").arg(format!("{}count:{name}", self.prefix));
             let (v,): (Option<u64>,) = self.run(p).await?;
             Ok(Some(v.unwrap_or(0)))
+        })
+    }
+
+    /// `SET warren:claim:<id> 1 NX EX <retention>`.
+    fn claim(&self, id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("SET")
+                .arg(format!("{}claim:{id}", self.prefix))
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(self.retention.as_secs().max(1));
+            let (v,): (Option<String>,) = self.run(p).await?;
+            Ok(v.is_some())
         })
     }
 }

@@ -57,6 +57,7 @@ mod split;
 pub use context::Context;
 pub use error::WorkerError;
 pub use outcome::TaskError;
+pub use process::DUPLICATE_STEPS;
 pub use runtime::{Worker, WorkerBuilder};
 pub use service::Service;
 pub use warren_client::{

@@ -127,6 +127,14 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
     let span = tracing::info_span!("task", svc = %env.svc, method = %env.method, id = %env.id, cid = %env.cid, attempt = env.attempt);
     async {
         tracing::debug!(redelivered = d.redelivered, "received");
+        if duplicate_step(&shared, &env, d.redelivered).await {
+            tracing::info!("chain step already claimed by an earlier copy; dropping this one");
+            if let Some(r) = shared.client.recorder() {
+                r.bump(DUPLICATE_STEPS).await;
+            }
+            ack(&d).await;
+            return;
+        }
         if let Some(r) = shared.client.recorder() {
             if env.channel != Via::Join {
                 r.record(&status_of(&env, TaskState::Running, None, None))
@@ -238,6 +246,29 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
     }
 }
 
+/// The store counter of chain-step copies dropped as duplicates.
+pub const DUPLICATE_STEPS: &str = "chain-steps-dropped";
+
+/// `true` for a chain step that another copy already claimed: a first delivery (not
+/// redelivered) of a step whose id is claimed in the status store was re-sent by a
+/// redelivered predecessor. A redelivered copy always runs (its claimant may have died), and
+/// without a store, or when it fails, every copy runs (at least once).
+async fn duplicate_step(shared: &Shared, env: &Envelope, redelivered: bool) -> bool {
+    if env.chain.is_none() || redelivered {
+        return false;
+    }
+    let Some(r) = shared.client.recorder() else {
+        return false;
+    };
+    match r.store().claim(env.id).await {
+        Ok(first) => !first,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot claim the chain step; running it (at least once)");
+            false
+        }
+    }
+}
+
 /// The merged returned values (their own children's included) of the child chains a
 /// handler enqueued that have ended, later children over earlier.
 fn ended_children(children: &Children) -> Map<String, Value> {
@@ -343,13 +374,7 @@ async fn finish(
         }
     }
     match published {
-        Ok(()) => match d.ack().await {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                "ack not delivered (channel closed); the task will be delivered again"
-            ),
-            Err(e) => tracing::warn!(error = %e, "ack failed; the task will be delivered again"),
-        },
+        Ok(()) => ack(d).await,
         Err(e) => {
             tracing::error!(error = %e, "could not publish the task's outcome; requeueing it");
             if !matches!(d.reject(true).await, Ok(true)) {
@@ -358,6 +383,16 @@ async fn finish(
                 );
             }
         }
+    }
+}
+
+async fn ack(d: &Incoming) {
+    match d.ack().await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("ack not delivered (channel closed); the task will be delivered again");
+        }
+        Err(e) => tracing::warn!(error = %e, "ack failed; the task will be delivered again"),
     }
 }
 
