@@ -91,6 +91,17 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
             Ok::<_, TaskError>(json!({"finished": w.tag}))
         })
         .unwrap()
+        .method("flaky_step", |ctx: Context, _: Value| async move {
+            if ctx.attempt() < 2 {
+                return Err(TaskError::fail("first attempt fails"));
+            }
+            Ok::<_, TaskError>(json!({"attempt": ctx.attempt()}))
+        })
+        .unwrap()
+        .retry_method(
+            "flaky_step",
+            RetryPolicy::fixed(3, Duration::from_millis(10)),
+        )
         .method("scalar", |_: Context, _: Value| async move {
             Ok::<_, TaskError>(7)
         })
@@ -431,6 +442,23 @@ async fn a_handle_is_recreated_from_its_id_through_the_store() {
         .input("x", &5)
         .unwrap();
     let bad = Chain::new().step(&t("boom")).unwrap();
+    // A step's retry is a new copy of the step: with claims on, it must still run.
+    let flaky = Chain::new()
+        .step(&t("flaky_step"))
+        .unwrap()
+        .step(&t("inc"))
+        .unwrap()
+        .input("doubled", &1)
+        .unwrap();
+    let r = f
+        .client
+        .enqueue_chain(flaky)
+        .await
+        .unwrap()
+        .wait_for(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(r.values(&["attempt", "plus_one"]), [json!(2), json!(2)]);
     let (ok_id, bad_id) = {
         let a = f.client.enqueue_chain(ok).await.unwrap();
         let b = f.client.enqueue_chain(bad).await.unwrap();

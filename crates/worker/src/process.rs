@@ -14,6 +14,7 @@ use futures_util::FutureExt;
 use serde_json::{json, Map, Value};
 use tracing::Instrument;
 use warren_client::{Client, Extract};
+use warren_core::amqp::inspect::H_REPLAYED;
 use warren_core::envelope::ReplyOutcome;
 use warren_core::{Envelope, Failure, FailureKind, Incoming, Via};
 
@@ -127,7 +128,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
     let span = tracing::info_span!("task", svc = %env.svc, method = %env.method, id = %env.id, cid = %env.cid, attempt = env.attempt);
     async {
         tracing::debug!(redelivered = d.redelivered, "received");
-        if duplicate_step(&shared, &env, d.redelivered).await {
+        if duplicate_step(&shared, &env, &d).await {
             tracing::info!("chain step already claimed by an earlier copy; dropping this one");
             if let Some(r) = shared.client.recorder() {
                 r.bump(DUPLICATE_STEPS).await;
@@ -250,17 +251,21 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
 pub const DUPLICATE_STEPS: &str = "chain-steps-dropped";
 
 /// `true` for a chain step that another copy already claimed: a first delivery (not
-/// redelivered) of a step whose id is claimed in the status store was re-sent by a
-/// redelivered predecessor. A redelivered copy always runs (its claimant may have died), and
-/// without a store, or when it fails, every copy runs (at least once).
-async fn duplicate_step(shared: &Shared, env: &Envelope, redelivered: bool) -> bool {
-    if env.chain.is_none() || redelivered {
+/// redelivered) of a step whose (id, attempt, replay count) is claimed in the status store
+/// was re-sent by a redelivered predecessor. A redelivered copy always runs (its claimant
+/// may have died); a retry (next attempt) or a replay claims afresh; without a store, or
+/// when it fails, every copy runs (at least once).
+async fn duplicate_step(shared: &Shared, env: &Envelope, d: &Incoming) -> bool {
+    if env.chain.is_none() || d.redelivered {
         return false;
     }
     let Some(r) = shared.client.recorder() else {
         return false;
     };
-    match r.store().claim(env.id).await {
+    let replayed = d.header(H_REPLAYED).and_then(|v| v.as_int()).unwrap_or(0);
+    let mut key = env.attempt.to_be_bytes().to_vec();
+    key.extend_from_slice(&replayed.to_be_bytes());
+    match r.store().claim(uuid::Uuid::new_v5(&env.id, &key)).await {
         Ok(first) => !first,
         Err(e) => {
             tracing::warn!(error = %e, "cannot claim the chain step; running it (at least once)");
