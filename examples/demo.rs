@@ -7,7 +7,8 @@
 //! an oncomplete hook, a split job counting words over chunks of a text on two worker
 //! processes (the demo starts itself twice as `demo worker ...`), a parallel invoke with
 //! on-target and fan-in callbacks, an invoke/retry that goes on in background, and a
-//! publish to a topic with two subscribers, and a graceful shutdown.
+//! publish to a topic with two subscribers, a two-step chain over a shared bog, and a
+//! graceful shutdown.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -18,8 +19,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use warren::{
-    Client, Context, FanInOutcome, InvokeRetry, Parallel, Retried, RetryOutcome, Service, Target,
-    TargetOutcome, Task, TaskError, Worker,
+    Chain, Client, Context, FanInOutcome, InvokeRetry, Parallel, Retried, RetryOutcome, Service,
+    Target, TargetOutcome, Task, TaskError, Worker,
 };
 
 const TEXT: &str = "the quick brown fox jumps over the lazy dog and the dog sleeps while \
@@ -29,6 +30,17 @@ the fox runs far over the hills where the wind blows and the grass grows tall an
 struct CountJob {
     text: String,
     chunks: usize,
+}
+
+/// Chain inputs: each step's input type picks the keys it needs from the bog.
+#[derive(Deserialize)]
+struct Quote {
+    items: u64,
+}
+
+#[derive(Deserialize)]
+struct Subtotal {
+    subtotal: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -196,7 +208,14 @@ async fn main() -> anyhow::Result<()> {
                             }
                         }
                     })?
-                    .subscribe(&topic, "on_shipped")?,
+                    .subscribe(&topic, "on_shipped")?
+                    // Chain steps return key-values merged into the chain's bog.
+                    .method("quote", |_: Context, q: Quote| async move {
+                        Ok::<_, TaskError>(serde_json::json!({"subtotal": q.items * 250}))
+                    })?
+                    .method("tax", |_: Context, s: Subtotal| async move {
+                        Ok::<_, TaskError>(serde_json::json!({"total": s.subtotal + s.subtotal / 5}))
+                    })?,
             )
             .service(Service::new(&audit)?.method("words", {
                 let ev = events.clone();
@@ -445,10 +464,24 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    // 10. Graceful shutdown, then remove the demo's queues.
+    // 10. A chain: billing.quote then billing.tax, sharing a bog; the result is the bog after
+    //     the last step (here: the values the steps returned).
+    let chain = Chain::new()
+        .step(&format!("{billing}.quote"))?
+        .step(&format!("{billing}.tax"))?
+        .input("items", &4)?
+        .with_timeout(Duration::from_secs(30));
+    let result = client.run_chain(chain).await?;
+    println!(
+        "10. chain quote -> tax returned {}; total {}",
+        serde_json::Value::Object(result.returned()),
+        result.values(&["total"])[0]
+    );
+
+    // 11. Graceful shutdown, then remove the demo's queues.
     let _ = stop_tx.send(());
     running.await??;
-    println!("10. workers drained and stopped");
+    println!("11. workers drained and stopped");
     for q in [
         warren::core::topology::subscription_queue(&topic, &billing, "on_shipped"),
         warren::core::topology::subscription_queue(&topic, &audit, "on_shipped"),
