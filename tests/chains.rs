@@ -420,18 +420,20 @@ async fn capped_parallel_chains_never_exceed_the_cap_and_keep_input_order() {
     f.stop().await;
 }
 
-fn redis_url() -> String {
-    std::env::var("WARREN_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+/// A Redis status store under a prefix of its own.
+fn store(name: &str) -> Arc<dyn StatusStore> {
+    let url =
+        std::env::var("WARREN_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned());
+    Arc::new(
+        RedisStore::new(&url, Duration::from_secs(600))
+            .unwrap()
+            .with_prefix(format!("{}:", unique(name))),
+    )
 }
 
 #[tokio::test]
 async fn a_handle_is_recreated_from_its_id_through_the_store() {
-    let prefix = format!("{}:", unique("chainst"));
-    let store: Arc<dyn StatusStore> = Arc::new(
-        RedisStore::new(&redis_url(), Duration::from_secs(600))
-            .unwrap()
-            .with_prefix(prefix),
-    );
+    let store = store("chainst");
     let f = fixture_with(Some(store.clone())).await;
     let t = |m: &str| format!("{}.{m}", f.svc);
     let ok = Chain::new()
@@ -509,12 +511,7 @@ async fn a_handle_is_recreated_from_its_id_through_the_store() {
 async fn a_re_sent_chain_step_runs_once_with_a_store() {
     use warren::core::chain::ChainState;
     use warren::core::{Envelope, Target, Via};
-    let prefix = format!("{}:", unique("chaindup"));
-    let store: Arc<dyn StatusStore> = Arc::new(
-        RedisStore::new(&redis_url(), Duration::from_secs(600))
-            .unwrap()
-            .with_prefix(prefix),
-    );
+    let store = store("chaindup");
     let f = fixture_with(Some(store.clone())).await;
     // What a redelivered predecessor re-sends: a second, first-delivery copy of a step.
     let id = uuid::Uuid::now_v7();
