@@ -165,7 +165,7 @@ fn payload() -> Value {
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
 
 /// The caller side of raw lapin RPC.
-struct RawCaller {
+pub(super) struct RawCaller {
     channel: Channel,
     queue: ShortString,
     reply_to: ShortString,
@@ -175,7 +175,13 @@ struct RawCaller {
 }
 
 impl RawCaller {
-    async fn call(&self) -> anyhow::Result<()> {
+    /// Sends requests of exactly `len` bytes from now on (default: the echo envelope's size).
+    pub(super) fn set_body_len(&mut self, len: usize) {
+        self.body = raw::body_of_len(len);
+    }
+
+    /// One round trip: a confirmed request, then its reply.
+    pub(super) async fn call(&self) -> anyhow::Result<()> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiters
@@ -233,7 +239,7 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
 }
 
 /// Consumes `queue` and answers each request with a confirmed publish, then acks it.
-async fn start_raw_server(
+pub(super) async fn start_raw_server(
     b: &Bench,
     queue: &str,
     consume: &Connection,
@@ -290,7 +296,7 @@ async fn start_raw_server(
 }
 
 /// Declares the caller's exclusive reply queue and routes replies to waiting calls.
-async fn start_raw_caller(queue: &str, conn: &Connection) -> anyhow::Result<RawCaller> {
+pub(super) async fn start_raw_caller(queue: &str, conn: &Connection) -> anyhow::Result<RawCaller> {
     let replies = conn.create_channel().await?;
     let reply_queue = replies
         .queue_declare(

@@ -20,12 +20,16 @@
 //!   publish to the last delivery handled by both; raw: a fanout exchange bound to two
 //!   queues), `status_p50`, `status_p99` (`Client::status` with a Redis store; raw: bare
 //!   Redis `GET`s; skipped when Redis is unreachable).
+//! - `chain`: `chain10_ms` (a chain of 10 no-op steps, enqueue to result; raw: 10 sequential
+//!   RPCs), `chains_cap64_throughput` (1,000 chains of 2 steps, 64 in flight; raw: 1,000
+//!   pairs of sequential RPCs, 64 pairs in flight).
 //! - `raw`: the raw-lapin building blocks the groups share.
 //! - `stats`: percentiles.
 //! - `procfs`: CPU time and peak memory from `/proc`.
 //! - `worker_proc`: the worker process the bench starts (`warren bench-worker`) and how its
 //!   peak memory is read.
 
+mod chain;
 mod fanout;
 mod invoke;
 mod noop;
@@ -114,8 +118,7 @@ pub struct Group {
     pub run: for<'a> fn(&'a Bench) -> GroupRun<'a>,
 }
 
-/// Every group, in the order they run. Later issues add theirs here (split, fanout, retry,
-/// pubsub, chain).
+/// Every group, in the order they run.
 pub const GROUPS: &[Group] = &[
     noop::GROUP,
     invoke::GROUP,
@@ -123,6 +126,7 @@ pub const GROUPS: &[Group] = &[
     fanout::GROUP,
     retry::GROUP,
     pubsub::GROUP,
+    chain::GROUP,
 ];
 
 fn group_parser() -> PossibleValuesParser {
