@@ -118,6 +118,9 @@ pub struct Group {
     pub run: for<'a> fn(&'a Bench) -> GroupRun<'a>,
 }
 
+/// How long one group may run before it counts as failed.
+const GROUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Every group, in the order they run.
 pub const GROUPS: &[Group] = &[
     noop::GROUP,
@@ -357,7 +360,16 @@ pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut failed = Vec::new();
     let all = async {
         for g in &groups {
-            match (g.run)(&bench).await {
+            // A group that hangs (a lost message on a raw side, a blocked broker) fails
+            // with a clear error instead of holding up the run.
+            let ran = tokio::time::timeout(GROUP_DEADLINE, (g.run)(&bench))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "did not finish within {GROUP_DEADLINE:?} (its queues are removed below)"
+                    ))
+                });
+            match ran {
                 Ok(fs) => {
                     if !bench.args.json {
                         for f in &fs {
@@ -386,9 +398,12 @@ pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    // Ctrl-C or SIGTERM (e.g. from `timeout`) stop the run; the queues are removed either way.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let interrupted = tokio::select! {
         () = all => false,
         _ = tokio::signal::ctrl_c() => true,
+        _ = term.recv() => true,
     };
     if interrupted {
         note("interrupted; cleaning up");
