@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -47,6 +47,9 @@ pub const GROUP: Group = Group {
 const IN_FLIGHT: usize = 64;
 /// Deadline of one call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The raw request header counting the republishes still to do (the `retry` group's raw
+/// stand-in for a retry).
+const RETRIES_LEFT: &str = "retries-left";
 
 /// What one side measured.
 struct Measured {
@@ -182,6 +185,12 @@ impl RawCaller {
 
     /// One round trip: a confirmed request, then its reply.
     pub(super) async fn call(&self) -> anyhow::Result<()> {
+        self.call_with(None).await
+    }
+
+    /// A round trip whose request the server republishes to its own queue `retries` times
+    /// before answering (with `None`, the request carries no header).
+    pub(super) async fn call_with(&self, retries: Option<i32>) -> anyhow::Result<()> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiters
@@ -193,6 +202,10 @@ impl RawCaller {
             .with_delivery_mode(2)
             .with_correlation_id(short(&id.to_string()))
             .with_reply_to(self.reply_to.clone());
+        let props = match retries {
+            Some(n) => with_retries_left(props, n),
+            None => props,
+        };
         let confirm = self
             .channel
             .basic_publish(
@@ -238,7 +251,24 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
     result
 }
 
-/// Consumes `queue` and answers each request with a confirmed publish, then acks it.
+fn retries_left(props: &BasicProperties) -> i32 {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(RETRIES_LEFT))
+        .and_then(AMQPValue::as_long_int)
+        .unwrap_or(0)
+}
+
+fn with_retries_left(props: BasicProperties, n: i32) -> BasicProperties {
+    let mut h = FieldTable::default();
+    h.insert(short(RETRIES_LEFT), AMQPValue::LongInt(n));
+    props.with_headers(h)
+}
+
+/// Consumes `queue` and answers each request with a confirmed publish, then acks it. A
+/// request whose `retries-left` header is above 0 is instead republished to `queue` with one
+/// less (persistent, mandatory, confirmed, then acked).
 pub(super) async fn start_raw_server(
     b: &Bench,
     queue: &str,
@@ -258,22 +288,29 @@ pub(super) async fn start_raw_server(
         )
         .await?;
     let out = raw::confirm_channel(publish).await?;
+    let queue = short(queue);
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
-            let out = out.clone();
+            let (out, queue) = (out.clone(), queue.clone());
             tokio::spawn(async move {
                 let answer = async {
-                    let reply_to = d.properties.reply_to().clone().context("no reply_to")?;
-                    let mut props = BasicProperties::default()
-                        .with_content_type(short("application/json"))
-                        .with_delivery_mode(1);
-                    if let Some(c) = d.properties.correlation_id() {
-                        props = props.with_correlation_id(c.clone());
-                    }
+                    let left = retries_left(&d.properties);
+                    let (to, props) = if left > 0 {
+                        (queue, with_retries_left(d.properties.clone(), left - 1))
+                    } else {
+                        let reply_to = d.properties.reply_to().clone().context("no reply_to")?;
+                        let mut props = BasicProperties::default()
+                            .with_content_type(short("application/json"))
+                            .with_delivery_mode(1);
+                        if let Some(c) = d.properties.correlation_id() {
+                            props = props.with_correlation_id(c.clone());
+                        }
+                        (reply_to, props)
+                    };
                     let confirm = out
                         .basic_publish(
                             short(""),
-                            reply_to,
+                            to,
                             BasicPublishOptions {
                                 mandatory: true,
                                 immediate: false,

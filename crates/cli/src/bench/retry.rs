@@ -18,18 +18,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _};
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
-use tokio::sync::Mutex;
+use anyhow::{bail, Context as _};
 use warren_client::{Client, Task};
 use warren_core::{Envelope, RetryPolicy, Target};
 use warren_worker::{Context, Service, TaskError};
 
+use super::invoke::{start_raw_caller, start_raw_server};
 use super::raw::{self, short};
 use super::split::median;
 use super::{note, Bench, Figure, Group, GroupRun};
@@ -49,8 +43,6 @@ const WARMUP: usize = 5;
 const FAILS: u32 = 2;
 /// Deadline of one call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// The raw request header counting the republishes still to do.
-const RETRIES_LEFT: &str = "retries-left";
 
 /// Latencies in ms of one side's plain and retried calls.
 struct Measured {
@@ -125,187 +117,21 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
     let result = async {
         let [server_in, server_out, caller_conn] = &conns;
         start_raw_server(b, &queue, server_in, server_out).await?;
-        let caller = RawCaller::start(&queue, caller_conn).await?;
-        drive(|fails| caller.call(fails)).await
+        let mut caller = start_raw_caller(&queue, caller_conn).await?;
+        let target: Target = "bench-0123456789-retry.flaky".parse()?;
+        caller.set_body_len(
+            Envelope::new(&target, serde_json::json!(FAILS), None)
+                .to_bytes()?
+                .len(),
+        );
+        let caller = &caller;
+        drive(|fails| async move { caller.call_with(Some(i32::try_from(fails)?)).await }).await
     }
     .await;
     for c in &conns {
         let _ = c.close(200, short("bye")).await;
     }
     result
-}
-
-fn retries_left(props: &BasicProperties) -> i32 {
-    props
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(RETRIES_LEFT))
-        .and_then(AMQPValue::as_long_int)
-        .unwrap_or(0)
-}
-
-fn with_retries_left(props: BasicProperties, n: i32) -> BasicProperties {
-    let mut h = FieldTable::default();
-    h.insert(short(RETRIES_LEFT), AMQPValue::LongInt(n));
-    props.with_headers(h)
-}
-
-/// Consumes `queue`: republishes a request with `retries-left` above 0 to `queue` (one
-/// less), else answers it; either publish is confirmed before the ack.
-async fn start_raw_server(
-    b: &Bench,
-    queue: &str,
-    consume: &Connection,
-    publish: &Connection,
-) -> anyhow::Result<()> {
-    let ch = consume.create_channel().await?;
-    raw::declare_queue(&ch, queue, b.queue_type).await?;
-    ch.basic_qos(b.args.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = ch
-        .basic_consume(
-            short(queue),
-            short(""),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let out = raw::confirm_channel(publish).await?;
-    let queue = queue.to_owned();
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let (out, queue) = (out.clone(), queue.clone());
-            tokio::spawn(async move {
-                let handle = async {
-                    let left = retries_left(&d.properties);
-                    let (to, props) = if left > 0 {
-                        (
-                            short(&queue),
-                            with_retries_left(d.properties.clone(), left - 1),
-                        )
-                    } else {
-                        let reply_to = d.properties.reply_to().clone().context("no reply_to")?;
-                        let mut props = BasicProperties::default()
-                            .with_content_type(short("application/json"))
-                            .with_delivery_mode(1);
-                        if let Some(c) = d.properties.correlation_id() {
-                            props = props.with_correlation_id(c.clone());
-                        }
-                        (reply_to, props)
-                    };
-                    let confirm = out
-                        .basic_publish(
-                            short(""),
-                            to,
-                            BasicPublishOptions {
-                                mandatory: true,
-                                immediate: false,
-                            },
-                            &d.data,
-                            props,
-                        )
-                        .await?;
-                    raw::check_confirm(confirm.await)?;
-                    d.acker.ack(BasicAckOptions::default()).await?;
-                    Ok::<_, anyhow::Error>(())
-                };
-                if let Err(e) = handle.await {
-                    tracing::debug!(error = %e, "raw retry server could not handle a request");
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-/// A sequential raw RPC caller: an exclusive server-named reply queue, consumed without acks.
-struct RawCaller {
-    channel: Channel,
-    queue: String,
-    reply_to: lapin::types::ShortString,
-    replies: Mutex<lapin::Consumer>,
-    body: Vec<u8>,
-}
-
-impl RawCaller {
-    async fn start(queue: &str, conn: &Connection) -> anyhow::Result<Self> {
-        let rch = conn.create_channel().await?;
-        let reply_queue = rch
-            .queue_declare(
-                short(""),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let reply_to = reply_queue.name().clone();
-        let replies = rch
-            .basic_consume(
-                reply_to.clone(),
-                short(""),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let target: Target = "bench-0123456789-retry.flaky".parse()?;
-        let len = Envelope::new(&target, serde_json::json!(FAILS), None)
-            .to_bytes()?
-            .len();
-        Ok(Self {
-            channel: raw::confirm_channel(conn).await?,
-            queue: queue.to_owned(),
-            reply_to,
-            replies: Mutex::new(replies),
-            body: raw::body_of_len(len),
-        })
-    }
-
-    /// One call whose request the server republishes `fails` times before answering.
-    async fn call(&self, fails: u32) -> anyhow::Result<()> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let props = BasicProperties::default()
-            .with_content_type(short("application/json"))
-            .with_delivery_mode(2)
-            .with_correlation_id(short(&id))
-            .with_reply_to(self.reply_to.clone());
-        let props = with_retries_left(props, i32::try_from(fails)?);
-        let confirm = self
-            .channel
-            .basic_publish(
-                short(""),
-                short(&self.queue),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &self.body,
-                props,
-            )
-            .await?;
-        raw::check_confirm(confirm.await)?;
-        let mut replies = self.replies.lock().await;
-        let wait = async {
-            loop {
-                let d = replies
-                    .next()
-                    .await
-                    .context("reply stream ended")?
-                    .context("reply consumer failed")?;
-                if d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(id.as_str()) {
-                    return Ok::<_, anyhow::Error>(());
-                }
-            }
-        };
-        tokio::time::timeout(CALL_TIMEOUT, wait)
-            .await
-            .map_err(|_| anyhow!("no reply within {CALL_TIMEOUT:?}"))?
-    }
 }
 
 // ---- warren -------------------------------------------------------------------------
