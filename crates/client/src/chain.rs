@@ -71,17 +71,12 @@ impl Chain {
         self
     }
 
-    /// How long [`Client::run_chain`] waits (default: none; [`ChainHandle::wait_for`]
-    /// bounds one wait).
+    /// How long waiting for the chain lasts ([`Client::run_chain`], [`ChainHandle::wait`],
+    /// `.await` on the handle) before [`Error::Timeout`]; default: no limit.
+    /// [`ChainHandle::wait_for`] sets its own bound.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
-    }
-
-    /// The wait set by [`Chain::with_timeout`].
-    #[must_use]
-    pub fn timeout(&self) -> Option<Duration> {
-        self.timeout
     }
 
     /// Uses `cid` unless the chain already has one; set by handler contexts.
@@ -152,6 +147,7 @@ impl Client {
         let handle = ChainHandle {
             id,
             cid: env.cid.clone(),
+            timeout: chain.timeout,
             ended,
         };
         self.send_envelope(&env, Some(&replies.queue)).await?;
@@ -171,6 +167,7 @@ impl Client {
         Ok(ChainHandle {
             id,
             cid: String::new(),
+            timeout: None,
             ended: shared(poll_store(self.clone(), id)),
         })
     }
@@ -200,11 +197,6 @@ impl Client {
 
     /// Sends `chain` and waits for its result (up to the chain's timeout, if it has one).
     pub async fn run_chain(&self, chain: Chain) -> Result<ChainResult, Error> {
-        let timeout = chain.timeout;
-        let handle = self.enqueue_chain(chain).await?;
-        match timeout {
-            Some(t) => handle.wait_for(t).await,
-            None => handle.wait().await,
-        }
+        self.enqueue_chain(chain).await?.wait().await
     }
 }

@@ -37,6 +37,8 @@ pub struct ChainHandle {
     pub id: Uuid,
     /// The chain's correlation id (empty for a handle re-created from its id).
     pub cid: String,
+    /// How long [`ChainHandle::wait`] waits ([`Chain::with_timeout`](crate::Chain::with_timeout)).
+    pub(crate) timeout: Option<Duration>,
     pub(crate) ended: Shared<BoxFuture<'static, Ended>>,
 }
 
@@ -52,8 +54,16 @@ impl std::fmt::Debug for ChainHandle {
 
 impl ChainHandle {
     /// Waits for the chain to end: its result, or [`Error::Failed`] with the failing step's
-    /// error.
+    /// error. Bounded by the chain's [`Chain::with_timeout`](crate::Chain::with_timeout),
+    /// if it set one ([`Error::Timeout`]).
     pub async fn wait(self) -> Result<ChainResult, Error> {
+        match self.timeout {
+            Some(t) => self.wait_for(t).await,
+            None => self.ended().await,
+        }
+    }
+
+    async fn ended(self) -> Result<ChainResult, Error> {
         let ended = self.ended.clone().await;
         self.result_of(ended)
     }
@@ -62,7 +72,7 @@ impl ChainHandle {
     /// chain goes on; a clone of the handle can wait again).
     pub async fn wait_for(self, timeout: Duration) -> Result<ChainResult, Error> {
         let (id, cid) = (self.id, self.cid.clone());
-        match tokio::time::timeout(timeout, self.wait()).await {
+        match tokio::time::timeout(timeout, self.ended()).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
                 id,

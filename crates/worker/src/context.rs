@@ -169,12 +169,7 @@ impl Context {
 
     /// Sends a chain and waits for its result (a child, as with [`Context::enqueue_chain`]).
     pub async fn run_chain(&self, chain: Chain) -> Result<ChainResult, warren_client::Error> {
-        let timeout = chain.timeout();
-        let h = self.enqueue_chain(chain).await?;
-        match timeout {
-            Some(t) => h.wait_for(t).await,
-            None => h.wait().await,
-        }
+        self.enqueue_chain(chain).await?.wait().await
     }
 
     /// Runs `chains` as children with at most `max_parallel` running at once; results in
