@@ -56,6 +56,8 @@ pub struct BrokerNode {
     root: PathBuf,
     server_bin: PathBuf,
     ctl_bin: PathBuf,
+    /// The Erlang cookie written to the node's private `HOME`.
+    cookie: String,
     running: Option<Running>,
 }
 
@@ -72,6 +74,17 @@ impl BrokerNode {
         find_bins().is_ok()
     }
 
+    /// A free port on 127.0.0.1 from the same pool as the nodes' own ports (never handed out
+    /// twice in this process), for an extra listener set in `extra_conf`, e.g.
+    /// `listeners.ssl.default = 127.0.0.1:<port>` for TLS.
+    pub fn reserve_port() -> Result<u16> {
+        let ports = pick_ports(1).context("picking a free port")?;
+        ports
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow!("no free port found"))
+    }
+
     /// Start a fresh private node and wait (up to [`START_DEADLINE`]) until it accepts an
     /// AMQP connection as guest/guest.
     pub async fn start() -> Result<BrokerNode> {
@@ -81,6 +94,14 @@ impl BrokerNode {
     /// Like [`BrokerNode::start`], with extra `rabbitmq.conf` lines appended to the node's
     /// config (e.g. `"consumer_timeout = 5000\n"`).
     pub async fn start_with_config(extra_conf: &str) -> Result<BrokerNode> {
+        let cookie = uuid::Uuid::new_v4().simple().to_string().to_uppercase();
+        Self::start_with_cookie(&cookie, extra_conf).await
+    }
+
+    /// Like [`BrokerNode::start_with_config`], with a given Erlang cookie: nodes (and their
+    /// `rabbitmqctl`) sharing a cookie can talk to each other, e.g. to form a cluster
+    /// (see `super::cluster`).
+    pub async fn start_with_cookie(cookie: &str, extra_conf: &str) -> Result<BrokerNode> {
         let (server_bin, ctl_bin) = find_bins()?;
         let ports = pick_ports(2).context("picking free ports")?;
         let n = NODE_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -97,6 +118,7 @@ impl BrokerNode {
             root,
             server_bin,
             ctl_bin,
+            cookie: cookie.to_owned(),
             running: None,
         };
         node.write_files(extra_conf)?;
@@ -241,10 +263,7 @@ impl BrokerNode {
             fs::create_dir_all(self.root.join(sub))?;
         }
         let cookie = self.root.join("home").join(".erlang.cookie");
-        fs::write(
-            &cookie,
-            uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
-        )?;
+        fs::write(&cookie, &self.cookie)?;
         fs::set_permissions(&cookie, fs::Permissions::from_mode(0o400))?;
         let etc = self.root.join("etc");
         fs::write(

@@ -74,7 +74,10 @@ impl Global {
     /// warren's configuration for `urls`, failing fast (within `--connect-timeout`) when
     /// the broker does not answer, as a command line should.
     pub fn amqp_for(&self, urls: &str, name: &str) -> anyhow::Result<AmqpConfig> {
-        let cfg = AmqpConfig::new(urls).context("invalid --url / WARREN_AMQP_URL")?;
+        let cfg = AmqpConfig::new(urls)
+            .context("invalid --url / WARREN_AMQP_URL")?
+            .with_tls_from_env()
+            .context("invalid TLS settings (WARREN_AMQP_CA_FILE, WARREN_AMQP_CLIENT_*_FILE)")?;
         Ok(cfg
             .with_queue_type(self.queue_type())
             .with_connect_timeout(self.connect_timeout.min(Duration::from_secs(5)))

@@ -105,6 +105,7 @@ impl Client {
         if let Some(c) = &chain.cid {
             crate::task::check_cid(c)?;
         }
+        let started = tokio::time::Instant::now();
         let id = Uuid::now_v7();
         let state = ChainState {
             id,
@@ -148,9 +149,16 @@ impl Client {
             id,
             cid: env.cid.clone(),
             timeout: chain.timeout,
+            started,
             ended,
         };
-        self.send_envelope(&env, Some(&replies.queue)).await?;
+        // A chain timeout bounds the whole call from its start, the publish included.
+        let publish_by = match chain.timeout {
+            Some(t) => (started + t).min(self.publish_deadline()),
+            None => self.publish_deadline(),
+        };
+        self.send_envelope_by(&env, Some(&replies.queue), publish_by)
+            .await?;
         Ok(handle)
     }
 
@@ -168,6 +176,7 @@ impl Client {
             id,
             cid: String::new(),
             timeout: None,
+            started: tokio::time::Instant::now(),
             ended: shared(poll_store(self.clone(), id)),
         })
     }

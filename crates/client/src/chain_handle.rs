@@ -39,6 +39,8 @@ pub struct ChainHandle {
     pub cid: String,
     /// How long [`ChainHandle::wait`] waits ([`Chain::with_timeout`](crate::Chain::with_timeout)).
     pub(crate) timeout: Option<Duration>,
+    /// When the chain was sent: its timeout counts from here.
+    pub(crate) started: tokio::time::Instant,
     pub(crate) ended: Shared<BoxFuture<'static, Ended>>,
 }
 
@@ -55,10 +57,17 @@ impl std::fmt::Debug for ChainHandle {
 impl ChainHandle {
     /// Waits for the chain to end: its result, or [`Error::Failed`] with the failing step's
     /// error. Bounded by the chain's [`Chain::with_timeout`](crate::Chain::with_timeout),
-    /// if it set one ([`Error::Timeout`]).
+    /// if it set one ([`Error::Timeout`]), which counts from the start of the call that sent
+    /// the chain (its publish included), not from this wait.
     pub async fn wait(self) -> Result<ChainResult, Error> {
         match self.timeout {
-            Some(t) => self.wait_for(t).await,
+            Some(t) => {
+                let (id, cid) = (self.id, self.cid.clone());
+                match tokio::time::timeout_at(self.started + t, self.ended()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Timeout { id, cid, after: t }),
+                }
+            }
             None => self.ended().await,
         }
     }

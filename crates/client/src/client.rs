@@ -1,12 +1,12 @@
 //! [`Client`]: connect, enqueue, invoke.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_core::envelope::ReplyOutcome;
@@ -100,7 +100,6 @@ impl ClientBuilder {
                 broker,
                 publisher,
                 invoke_timeout: self.invoke_timeout,
-                declared: Mutex::default(),
                 replies: OnceCell::new(),
                 shutdown: CancellationToken::new(),
                 recorder: self.store.map(Recorder::new),
@@ -121,7 +120,6 @@ struct Inner {
     broker: Broker,
     publisher: Publisher,
     invoke_timeout: Duration,
-    declared: Mutex<HashSet<String>>,
     replies: OnceCell<Replies>,
     shutdown: CancellationToken,
     recorder: Option<Recorder>,
@@ -189,12 +187,28 @@ impl Client {
     /// Invokes a [`Task`] and waits for its typed result (deadline: the task's, else the
     /// client's). A failure on the worker comes back as [`Error::Failed`] with its kind and
     /// message; no answer in time is [`Error::Timeout`].
+    ///
+    /// The deadline bounds the whole call from its start: opening the reply queue, the
+    /// publish (with its retries through nacks and reconnects) and the wait. At the deadline
+    /// the call returns [`Error::Timeout`] if the task was confirmed (it may still run), or
+    /// the publish error ([`warren_core::Error::Unconfirmed`], whose `maybe_stored` says
+    /// whether the task may run anyway).
     pub async fn invoke_task<R: DeserializeOwned>(&self, task: Task) -> Result<R, Error> {
+        let started = Instant::now();
         let (mut env, timeout) = task.into_envelope()?;
         env.channel = Via::Invoke;
-        self.record_pending(&env).await;
         let timeout = timeout.unwrap_or(self.inner.invoke_timeout);
-        let replies = self.replies().await?;
+        let deadline = started + timeout;
+        let timed_out = |env: &Envelope| Error::Timeout {
+            id: env.id,
+            cid: env.cid.clone(),
+            after: timeout,
+        };
+        let Ok(replies) = tokio::time::timeout_at(deadline, self.replies()).await else {
+            return Err(timed_out(&env));
+        };
+        let replies = replies?;
+        self.record_pending(&env).await;
         let rx = replies
             .register(env.id)
             .ok_or_else(|| Error::ReplyListener(replies.stop_reason()))?;
@@ -202,17 +216,12 @@ impl Client {
             replies,
             id: env.id,
         };
-        self.send_envelope(&env, Some(&replies.queue)).await?;
-        let reply = match tokio::time::timeout(timeout, rx).await {
+        self.send_envelope_by(&env, Some(&replies.queue), deadline)
+            .await?;
+        let reply = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => return Err(Error::ReplyListener(replies.stop_reason())),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    id: env.id,
-                    cid: env.cid,
-                    after: timeout,
-                })
-            }
+            Err(_) => return Err(timed_out(&env)),
         };
         drop(forget);
         match reply.outcome {
@@ -273,24 +282,31 @@ impl Client {
     }
 
     /// Publishes a prepared envelope to its service queue (declaring the queue on first use),
-    /// with an optional reply queue. Used by the worker for hooks and by tools; most callers
-    /// want [`Client::send`].
+    /// with an optional reply queue, within the publish timeout. Used by the worker for hooks
+    /// and by tools; most callers want [`Client::send`].
     pub async fn send_envelope(&self, env: &Envelope, reply_to: Option<&str>) -> Result<(), Error> {
+        let deadline = self.publish_deadline();
+        self.send_envelope_by(env, reply_to, deadline).await
+    }
+
+    /// Like [`Client::send_envelope`], giving up at `deadline`.
+    pub(crate) async fn send_envelope_by(
+        &self,
+        env: &Envelope,
+        reply_to: Option<&str>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
         let body = env.to_bytes().map_err(Error::Encode)?;
         let mut msg = Outgoing::new(TASK_EXCHANGE, env.svc.clone(), body);
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid.clone());
         msg.reply_to = reply_to.map(str::to_owned);
-        self.ensure_service(&env.svc).await?;
-        match self.inner.publisher.publish(&msg).await {
-            Err(warren_core::Error::Unroutable { .. }) => {
-                // The queue was deleted since we declared it: declare again, send once more.
-                self.forget_declared(&env.svc);
-                self.ensure_service(&env.svc).await?;
-                self.inner.publisher.publish(&msg).await?;
-            }
-            other => other?,
-        }
+        let qt = self.inner.broker.config().queue_type;
+        let svc = env.svc.as_str();
+        self.inner
+            .publisher
+            .publish_routed(&msg, svc, &|| service_specs(svc, qt), deadline)
+            .await?;
         tracing::debug!(id = %env.id, cid = %env.cid, svc = %env.svc, method = %env.method, "task sent");
         Ok(())
     }
@@ -310,71 +326,58 @@ impl Client {
         }
         let qt = self.inner.broker.config().queue_type;
         let spec = delay_queue(&env.svc, delay_step_ms(delay), qt)?;
-        // The service queue the wait queue dead-letters into must exist.
-        self.ensure_service(&env.svc).await?;
-        // Redeclared before every publish: the wait queue expires when unused.
-        self.inner
-            .broker
-            .declare(std::slice::from_ref(&spec))
-            .await?;
         let body = env.to_bytes().map_err(Error::Encode)?;
-        let mut msg = Outgoing::new("", spec.name, body);
+        let mut msg = Outgoing::new("", spec.name.clone(), body);
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid.clone());
         msg.reply_to = reply_to.map(str::to_owned);
-        // A quorum wait queue that was just created may nack publishes until its leader is
-        // elected: a nack here is transient, so try a few more times.
-        let mut pause = Duration::from_millis(20);
-        for _ in 0..6 {
-            match self.inner.publisher.publish(&msg).await {
-                Err(warren_core::Error::Nacked { .. }) => {
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                other => return Ok(other?),
-            }
-        }
-        Ok(self.inner.publisher.publish(&msg).await?)
+        // The wait queue expires when unused: a publish that comes back unroutable declares
+        // it (and the service queue it dead-letters into) again. A quorum wait queue that
+        // was just created may nack until its leader is elected: the publisher retries.
+        let svc = env.svc.as_str();
+        let declare = || {
+            let mut specs = service_specs(svc, qt)?;
+            specs.push(spec.clone());
+            Ok(specs)
+        };
+        self.inner
+            .publisher
+            .publish_routed(&msg, &spec.name, &declare, self.publish_deadline())
+            .await?;
+        Ok(())
     }
 
-    /// Publishes a raw message through the client's confirmed publisher.
+    /// Publishes a raw message through the client's confirmed publisher (nacks and lost
+    /// connections are retried until the publish timeout; see [`Publisher::publish_by`]).
     pub async fn publish_raw(&self, msg: &Outgoing) -> Result<(), Error> {
         Ok(self.inner.publisher.publish(msg).await?)
+    }
+
+    /// The client's publisher: the one publish path of warren (confirms, declare cache,
+    /// redeclare on unroutable, retries within a deadline).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn publisher(&self) -> &Publisher {
+        &self.inner.publisher
+    }
+
+    /// When a publish started now must give up.
+    pub(crate) fn publish_deadline(&self) -> Instant {
+        Instant::now() + self.inner.broker.config().publish_timeout
     }
 
     /// Declares a service's queue (and dead-letter queue) so tasks can wait in it before any
     /// worker exists. Done automatically before the first publish to each service.
     pub async fn ensure_service(&self, svc: &str) -> Result<(), Error> {
-        if self.inner.declared.lock().is_ok_and(|d| d.contains(svc)) {
-            return Ok(());
-        }
         let qt = self.inner.broker.config().queue_type;
-        self.inner
-            .broker
-            .declare(&[QueueSpec::dead(svc, qt)?, QueueSpec::service(svc, qt)?])
-            .await?;
-        if let Ok(mut d) = self.inner.declared.lock() {
-            d.insert(svc.to_owned());
-        }
-        Ok(())
-    }
-
-    pub(crate) fn forget_declared(&self, key: &str) {
-        if let Ok(mut d) = self.inner.declared.lock() {
-            d.remove(key);
-        }
-    }
-
-    /// Declares `specs` once per client under `key` (again after [`Client::forget_declared`]).
-    pub(crate) async fn declare_cached(&self, key: &str, specs: &[QueueSpec]) -> Result<(), Error> {
-        if self.inner.declared.lock().is_ok_and(|d| d.contains(key)) {
+        if self.inner.publisher.is_declared(svc) {
             return Ok(());
         }
-        self.inner.broker.declare(specs).await?;
-        if let Ok(mut d) = self.inner.declared.lock() {
-            d.insert(key.to_owned());
-        }
-        Ok(())
+        Ok(self
+            .inner
+            .publisher
+            .declare_cached(svc, &service_specs(svc, qt)?)
+            .await?)
     }
 
     /// Stops waiting for a reply to `id` (a dropped handle).
@@ -407,6 +410,14 @@ impl Client {
         }
         self.inner.broker.close().await;
     }
+}
+
+/// A service's dead-letter queue and its queue, in the order they must be declared.
+fn service_specs(svc: &str, qt: warren_core::QueueType) -> warren_core::Result<Vec<QueueSpec>> {
+    Ok(vec![
+        QueueSpec::dead(svc, qt)?,
+        QueueSpec::service(svc, qt)?,
+    ])
 }
 
 struct ForgetOnDrop<'a> {

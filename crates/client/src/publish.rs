@@ -59,17 +59,14 @@ impl Client {
         msg.correlation_id = Some(env.cid.clone());
         // The topic's recent-messages queue makes it routable before anyone subscribes.
         let key = format!("topic:{topic}");
-        self.declare_cached(&key, std::slice::from_ref(&recent))
+        self.publisher()
+            .publish_routed(
+                &msg,
+                &key,
+                &|| Ok(vec![recent.clone()]),
+                self.publish_deadline(),
+            )
             .await?;
-        match self.publish_raw(&msg).await {
-            Err(Error::Broker(warren_core::Error::Unroutable { .. })) => {
-                self.forget_declared(&key);
-                self.declare_cached(&key, std::slice::from_ref(&recent))
-                    .await?;
-                self.publish_raw(&msg).await?;
-            }
-            other => other?,
-        }
         if let Some(r) = self.recorder() {
             r.bump(&format!("published:{topic}")).await;
         }

@@ -1,10 +1,12 @@
-//! Broker configuration: URLs (several for a cluster), heartbeats, reconnect policy and the
-//! queue type of the queues warren declares.
+//! Broker configuration: URLs (several for a cluster), heartbeats, reconnect policy, TLS
+//! trust for `amqps://` URLs and the queue type of the queues warren declares.
 //!
 //! Precedence: values set with the `with_*` builder methods win over `WARREN_AMQP_URL`, which
-//! wins over the default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+//! wins over the default `amqp://guest:guest@127.0.0.1:5672/%2f`. The same goes for the TLS
+//! settings and their variables ([`CA_FILE_ENV`], [`CLIENT_CERT_ENV`], [`CLIENT_KEY_ENV`]).
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -12,6 +14,18 @@ use crate::error::{Error, Result};
 /// The environment variable read by [`AmqpConfig::from_env`]: one URL or a comma-separated
 /// list (a cluster; warren fails over between them in order).
 pub const URL_ENV: &str = "WARREN_AMQP_URL";
+
+/// The environment variable read by [`AmqpConfig::from_env`]: a PEM file of CA certificates
+/// to trust for `amqps://` URLs, besides the system's (see [`AmqpConfig::with_tls_ca_file`]).
+pub const CA_FILE_ENV: &str = "WARREN_AMQP_CA_FILE";
+
+/// The environment variable read by [`AmqpConfig::from_env`]: a PEM client certificate (chain)
+/// for mutual TLS; needs [`CLIENT_KEY_ENV`] too (see [`AmqpConfig::with_tls_client_cert`]).
+pub const CLIENT_CERT_ENV: &str = "WARREN_AMQP_CLIENT_CERT_FILE";
+
+/// The environment variable read by [`AmqpConfig::from_env`]: the PEM private key of the
+/// client certificate named by [`CLIENT_CERT_ENV`].
+pub const CLIENT_KEY_ENV: &str = "WARREN_AMQP_CLIENT_KEY_FILE";
 
 /// The URL used when nothing else is configured.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -186,6 +200,70 @@ pub struct AmqpConfig {
     pub publish_timeout: Duration,
     /// Name shown for the connection in RabbitMQ's tools.
     pub connection_name: String,
+    /// Extra TLS trust and client identity for `amqps://` URLs.
+    tls: TlsSettings,
+}
+
+/// TLS settings for `amqps://` URLs: extra trusted CAs and a client identity. Its `Debug`
+/// shows file names only, never certificate or key material.
+#[derive(Clone, Default)]
+struct TlsSettings {
+    /// The CA file read, for messages.
+    ca_file: Option<PathBuf>,
+    /// Its PEM text (one or more certificates).
+    ca_pem: Option<String>,
+    /// Client certificate for mutual TLS.
+    client: Option<ClientIdentity>,
+}
+
+#[derive(Clone)]
+struct ClientIdentity {
+    cert_file: PathBuf,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca_file", &self.ca_file)
+            .field(
+                "client_cert_file",
+                &self.client.as_ref().map(|c| &c.cert_file),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// A non-empty environment variable.
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Reads a file for a TLS setting; errors name the file and the setting, never its content.
+fn read_tls_file(what: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::Config(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// Checks that `pem` holds at least one well-formed PEM certificate.
+fn check_certificates(what: &str, path: &Path, pem: &[u8]) -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut count = 0usize;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| {
+            Error::Config(format!("{what} {} is not valid PEM: {e}", path.display()))
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Config(format!(
+            "{what} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 impl AmqpConfig {
@@ -206,14 +284,116 @@ impl AmqpConfig {
             queue_type: QueueType::default(),
             publish_timeout: Duration::from_secs(30),
             connection_name: String::from("warren"),
+            tls: TlsSettings::default(),
         })
     }
 
-    /// `WARREN_AMQP_URL` if set, else `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// `WARREN_AMQP_URL` if set, else `amqp://guest:guest@127.0.0.1:5672/%2f`, with the TLS
+    /// settings of [`with_tls_from_env`](Self::with_tls_from_env).
     pub fn from_env() -> Result<Self> {
-        match std::env::var(URL_ENV) {
-            Ok(v) if !v.trim().is_empty() => Self::new(&v),
-            _ => Self::new(DEFAULT_URL),
+        let cfg = match env_value(URL_ENV) {
+            Some(v) => Self::new(&v)?,
+            None => Self::new(DEFAULT_URL)?,
+        };
+        cfg.with_tls_from_env()
+    }
+
+    /// Applies the TLS files named by `WARREN_AMQP_CA_FILE`
+    /// ([`with_tls_ca_file`](Self::with_tls_ca_file)) and `WARREN_AMQP_CLIENT_CERT_FILE` +
+    /// `WARREN_AMQP_CLIENT_KEY_FILE` ([`with_tls_client_cert`](Self::with_tls_client_cert)),
+    /// when set. An unreadable or malformed file, or only one of the client variables, is an
+    /// [`Error::Config`] here, not at connect time.
+    pub fn with_tls_from_env(mut self) -> Result<Self> {
+        if let Some(ca) = env_value(CA_FILE_ENV) {
+            self = self.with_tls_ca_file(ca.trim())?;
+        }
+        match (env_value(CLIENT_CERT_ENV), env_value(CLIENT_KEY_ENV)) {
+            (Some(cert), Some(key)) => self.with_tls_client_cert(cert.trim(), key.trim()),
+            (None, None) => Ok(self),
+            (Some(_), None) => Err(Error::Config(format!(
+                "{CLIENT_CERT_ENV} is set but {CLIENT_KEY_ENV} is not"
+            ))),
+            (None, Some(_)) => Err(Error::Config(format!(
+                "{CLIENT_KEY_ENV} is set but {CLIENT_CERT_ENV} is not"
+            ))),
+        }
+    }
+
+    /// Trusts the CA certificates in the PEM file at `path` for `amqps://` URLs, in addition
+    /// to the system's trusted roots (for a broker whose certificate a private CA issued).
+    /// The file is read and checked now: an unreadable file, or one without a PEM
+    /// certificate, is an [`Error::Config`]. Ignored for `amqp://` URLs.
+    ///
+    /// The server's certificate must also be valid for the host name in the URL (a DNS or
+    /// IP subject alternative name); otherwise connecting fails with [`Error::Tls`].
+    pub fn with_tls_ca_file(mut self, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let pem = read_tls_file("TLS CA file", path)?;
+        check_certificates("TLS CA file", path, &pem)?;
+        let pem = String::from_utf8(pem).map_err(|_| {
+            Error::Config(format!("TLS CA file {} is not PEM text", path.display()))
+        })?;
+        self.tls.ca_file = Some(path.to_path_buf());
+        self.tls.ca_pem = Some(pem);
+        Ok(self)
+    }
+
+    /// Presents a client certificate for mutual TLS on `amqps://` URLs: `cert` is a PEM file
+    /// with the certificate (and any intermediates), `key` a PEM file with its unencrypted
+    /// private key (PKCS#8, PKCS#1 or SEC1). Both are read and checked now ([`Error::Config`]
+    /// if unusable; the key's content never appears in errors or `Debug`). Authenticating
+    /// *as* the certificate's subject (RabbitMQ's `EXTERNAL` mechanism) is not done: the
+    /// URL's user name and password still log in.
+    pub fn with_tls_client_cert(
+        mut self,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::PrivateKeyDer;
+        let (cert, key) = (cert.as_ref(), key.as_ref());
+        let cert_pem = read_tls_file("TLS client certificate file", cert)?;
+        check_certificates("TLS client certificate file", cert, &cert_pem)?;
+        let key_pem = read_tls_file("TLS client key file", key)?;
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            Error::Config(format!(
+                "TLS client key file {} holds no usable unencrypted PEM private key: {e}",
+                key.display()
+            ))
+        })?;
+        self.tls.client = Some(ClientIdentity {
+            cert_file: cert.to_path_buf(),
+            cert_pem,
+            key_pem,
+        });
+        Ok(self)
+    }
+
+    /// The CA file given to [`with_tls_ca_file`](Self::with_tls_ca_file), if any.
+    #[must_use]
+    pub fn tls_ca_file(&self) -> Option<&Path> {
+        self.tls.ca_file.as_deref()
+    }
+
+    /// The client certificate file given to
+    /// [`with_tls_client_cert`](Self::with_tls_client_cert), if any.
+    #[must_use]
+    pub fn tls_client_cert_file(&self) -> Option<&Path> {
+        self.tls.client.as_ref().map(|c| c.cert_file.as_path())
+    }
+
+    /// lapin's TLS configuration for these settings.
+    pub(crate) fn lapin_tls(&self) -> lapin::tcp::OwnedTLSConfig {
+        lapin::tcp::OwnedTLSConfig {
+            identity: self
+                .tls
+                .client
+                .as_ref()
+                .map(|c| lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: c.cert_pem.clone(),
+                    key: c.key_pem.clone(),
+                }),
+            cert_chain: self.tls.ca_pem.clone(),
         }
     }
 

@@ -80,9 +80,45 @@ pub enum Error {
     /// A JSON body could not be encoded or decoded.
     #[error("JSON codec error: {0}")]
     Json(#[from] serde_json::Error),
+    /// A publish was not confirmed before its deadline, although it was tried again through
+    /// nacks, lost connections and failovers. `maybe_stored` tells whether sending it again
+    /// could duplicate it: `true` when an attempt reached the broker without a definite
+    /// answer (sent, then nacked or the confirm was lost: a nack during a leader election
+    /// may still have stored a first copy); `false` when no attempt can have been stored
+    /// (the broker could not be reached, or every attempt came back unroutable).
+    #[error("publishing to {exchange:?} with key {routing_key:?} was not confirmed within {after:?} ({}){}",
+        if *maybe_stored { "the broker may hold it" } else { "it was not stored" },
+        last.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default())]
+    Unconfirmed {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+        /// How long warren kept trying.
+        after: Duration,
+        /// Whether the broker may hold the message (a retry could duplicate it).
+        maybe_stored: bool,
+        /// The last error seen.
+        #[source]
+        last: Option<Box<Error>>,
+    },
     /// The process is shutting down and the operation was abandoned.
     #[error("shutting down")]
     Shutdown,
+    /// The TLS handshake with the broker failed on a certificate: the server's certificate is
+    /// not issued by a trusted CA, not valid for the host name connected to, expired, or the
+    /// server refused the client certificate. Not transient: the same settings fail again.
+    #[error("TLS certificate problem connecting to {url}: {reason}")]
+    Tls {
+        /// The URL connected to, credentials removed.
+        url: String,
+        /// What is wrong, in words.
+        reason: String,
+        /// lapin's error, carrying the TLS library's own description (boxed to keep
+        /// [`Error`] small).
+        #[source]
+        source: Box<AmqpError>,
+    },
 }
 
 impl Error {
@@ -92,8 +128,23 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Unavailable { .. } | Error::ConnectionLost { .. } | Error::Timeout { .. }
+            Error::Unavailable { .. }
+                | Error::ConnectionLost { .. }
+                | Error::Timeout { .. }
+                | Error::Unconfirmed { .. }
         )
+    }
+
+    /// For a publish error: `Some(true)` when the broker may hold the message anyway (sending
+    /// it again could duplicate it), `Some(false)` when it surely does not, `None` when the
+    /// error is not about an unconfirmed publish.
+    #[must_use]
+    pub fn maybe_stored(&self) -> Option<bool> {
+        match self {
+            Error::Unconfirmed { maybe_stored, .. } => Some(*maybe_stored),
+            Error::Unroutable { .. } | Error::Name(_) | Error::Nacked { .. } => Some(false),
+            _ => None,
+        }
     }
 }
 

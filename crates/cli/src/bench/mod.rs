@@ -23,6 +23,10 @@
 //! - `chain`: `chain10_ms` (a chain of 10 no-op steps, enqueue to result; raw: 10 sequential
 //!   RPCs), `chains_cap64_throughput` (1,000 chains of 2 steps, 64 in flight; raw: 1,000
 //!   pairs of sequential RPCs, 64 pairs in flight).
+//! - `jobs`: `jobs10_throughput` (1,000 split jobs of 10 no-op parts, 64 in flight,
+//!   enqueue to hook; raw: per job a queue declare, 10 parts, 10 results into the job's
+//!   queue, a hook and a queue delete), `jobs_queues_left` (per-job queues still on the
+//!   broker once the joins' completion window has passed; should be 0).
 //! - `raw`: the raw-lapin building blocks the groups share.
 //! - `stats`: percentiles.
 //! - `procfs`: CPU time and peak memory from `/proc`.
@@ -32,6 +36,7 @@
 mod chain;
 mod fanout;
 mod invoke;
+mod jobs;
 mod noop;
 mod procfs;
 mod pubsub;
@@ -130,6 +135,7 @@ pub const GROUPS: &[Group] = &[
     retry::GROUP,
     pubsub::GROUP,
     chain::GROUP,
+    jobs::GROUP,
 ];
 
 fn group_parser() -> PossibleValuesParser {

@@ -143,29 +143,56 @@ impl Broker {
     }
 
     /// Tries every URL with backoff until one answers or the policy gives up.
+    ///
+    /// A TLS certificate problem ([`Error::Tls`]) is not retried: when every URL of a round
+    /// failed on one, the first such error is returned at once.
     async fn reconnect(&self) -> Result<Connection> {
         let cfg = &self.inner.config;
         let policy = &cfg.reconnect;
+        let tls = cfg.lapin_tls();
         let started = Instant::now();
         let mut delay = policy.min_delay;
         let mut last: Option<AmqpError> = None;
         loop {
+            let mut tls_failure: Option<Error> = None;
+            let mut other_failure = false;
             for url in cfg.urls() {
                 let props = ConnectionProperties::default().with_connection_name(LongString::from(
                     cfg.connection_name.as_bytes().to_vec(),
                 ));
-                let attempt = Connection::connect(url.secret(), props);
+                let attempt = async {
+                    let runtime = lapin::runtime::default_runtime()?;
+                    Connection::connect_with_config(url.secret(), props, tls.clone(), runtime).await
+                };
                 match tokio::time::timeout(cfg.connect_timeout, attempt).await {
                     Ok(Ok(conn)) => {
                         tracing::info!(url = %url, "connected to RabbitMQ");
                         return Ok(conn);
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(url = %url, error = %e, "connect failed");
-                        last = Some(AmqpError(e));
+                    Ok(Err(e)) => match tls_problem(&e, url.host_port().as_str()) {
+                        Some(reason) => {
+                            tracing::warn!(url = %url, %reason, error = %e, "TLS certificate problem");
+                            last = Some(AmqpError(e.clone()));
+                            tls_failure.get_or_insert(Error::Tls {
+                                url: url.redacted().to_owned(),
+                                reason,
+                                source: Box::new(AmqpError(e)),
+                            });
+                        }
+                        None => {
+                            tracing::debug!(url = %url, error = %e, "connect failed");
+                            last = Some(AmqpError(e));
+                            other_failure = true;
+                        }
+                    },
+                    Err(_) => {
+                        tracing::debug!(url = %url, "connect timed out");
+                        other_failure = true;
                     }
-                    Err(_) => tracing::debug!(url = %url, "connect timed out"),
                 }
+            }
+            if let Some(err) = tls_failure.filter(|_| !other_failure) {
+                return Err(err);
             }
             let waited = started.elapsed();
             if policy.give_up_after.is_some_and(|max| waited + delay > max) {
@@ -448,6 +475,72 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
         .map_err(|e| classify(format!("binding queue {}", spec.name), e))?;
     }
     Ok(())
+}
+
+/// When `err` (from connecting to `host_port`) is a TLS certificate problem, says what is
+/// wrong; `None` for every other failure (refused, reset, timed out, not TLS at all, ...).
+fn tls_problem(err: &lapin::Error, host_port: &str) -> Option<String> {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as T};
+    let tls = rustls_error(err)?;
+    let host = host_port
+        .rsplit_once(':')
+        .map_or(host_port, |(host, _)| host);
+    let trust = "trust the CA that issued it with WARREN_AMQP_CA_FILE or \
+                 AmqpConfig::with_tls_ca_file";
+    let reason = match tls {
+        T::InvalidCertificate(C::UnknownIssuer) => {
+            format!("the server's certificate is not issued by a trusted CA; {trust}")
+        }
+        T::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+            "the server's certificate is not valid for the host name {host:?} in the URL \
+             (connect with a name listed in its subject alternative names)"
+        ),
+        T::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => String::from("the server's certificate has expired or is not yet valid"),
+        T::InvalidCertificate(C::Revoked) => String::from("the server's certificate is revoked"),
+        T::InvalidCertificate(_) => String::from("the server's certificate was rejected"),
+        T::NoCertificatesPresented => String::from("the server presented no certificate"),
+        T::InvalidCertRevocationList(_) => String::from("a certificate revocation list is invalid"),
+        T::AlertReceived(
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::CertificateRequired
+            | A::AccessDenied,
+        ) => String::from(
+            "the server refused the client certificate (or wants one: see \
+             AmqpConfig::with_tls_client_cert)",
+        ),
+        // The trust store could not be built (e.g. a CA certificate that does not parse).
+        T::General(_) | T::Other(_) => String::from("the TLS trust settings are unusable"),
+        _ => return None,
+    };
+    Some(format!("{reason} ({tls})"))
+}
+
+/// The rustls error inside a lapin connect error, if there is one.
+fn rustls_error(err: &lapin::Error) -> Option<&rustls::Error> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // `io::Error::source` skips the error it wraps; look at that one directly.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                return Some(tls);
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// `d` plus up to 50% random jitter, so reconnecting processes do not stampede.

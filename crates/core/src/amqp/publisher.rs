@@ -1,18 +1,20 @@
 //! [`Publisher`]: confirmed, mandatory publishes that survive reconnects.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::broker::{jitter, Broker, ChannelSlot};
+use super::broker::{Broker, ChannelSlot};
 use super::message::{short, Outgoing};
 use crate::error::{classify, Error, Result};
+use crate::topology::QueueSpec;
 
 /// One confirm channel and the connection generation it belongs to, opened on first use.
 type Slot = Mutex<ChannelSlot>;
@@ -36,6 +38,7 @@ pub struct Publisher {
     slots: Arc<Vec<Slot>>,
     next: Arc<AtomicUsize>,
     strays: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    declared: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 /// Most returns parked for other publishes kept at once (their owners normally pick them up
@@ -68,6 +71,7 @@ impl Publisher {
             slots: Arc::new(slots),
             next: Arc::new(AtomicUsize::new(0)),
             strays: Arc::default(),
+            declared: Arc::default(),
         }
     }
 
@@ -148,21 +152,97 @@ impl Publisher {
         ))
     }
 
-    /// Publishes `msg` and waits for the broker's confirm.
+    /// Publishes `msg` and waits for the broker's confirm, within the configured publish
+    /// timeout ([`crate::AmqpConfig::publish_timeout`]). See [`Publisher::publish_by`].
+    pub async fn publish(&self, msg: &Outgoing) -> Result<()> {
+        let deadline = Instant::now() + self.broker.config().publish_timeout;
+        self.publish_by(msg, deadline).await
+    }
+
+    /// Publishes `msg` and waits for the broker's confirm, trying again until `deadline`.
+    ///
+    /// `Ok` means confirmed (acked and not returned). What is tried again, with exponential
+    /// backoff and jitter and always with the same message (same message id):
+    /// - a **nack**: in a cluster a quorum queue nacks publishes while it elects a new
+    ///   leader, so a nack is "not now", not "never";
+    /// - a lost connection or closed channel before the confirm arrived.
     ///
     /// Errors: [`Error::Name`] for an over-long name (nothing is sent), [`Error::Unroutable`]
-    /// when no queue is bound for it, [`Error::Nacked`] when the broker refused to store it,
-    /// [`Error::Refused`] for a protocol error (e.g. the exchange does not exist), and
-    /// [`Error::Timeout`] when reconnects did not succeed within the publish timeout.
-    pub async fn publish(&self, msg: &Outgoing) -> Result<()> {
+    /// when no queue is bound for it (use [`Publisher::publish_routed`] to declare and try
+    /// again), [`Error::Refused`] for a protocol error (e.g. the exchange does not exist),
+    /// and [`Error::Unconfirmed`] at the deadline, whose `maybe_stored` says whether an
+    /// attempt may have reached a queue (then sending again may duplicate the message).
+    pub async fn publish_by(&self, msg: &Outgoing, deadline: Instant) -> Result<()> {
+        self.publish_inner(msg, deadline, None).await
+    }
+
+    /// Like [`Publisher::publish_by`], for a message whose queues `declare` describes: they
+    /// are declared before the first publish under `key` (once per publisher), and declared
+    /// again when a publish comes back unroutable (a queue deleted or expired since, or
+    /// whose node was down), then the publish is tried again, until `deadline`.
+    pub async fn publish_routed(
+        &self,
+        msg: &Outgoing,
+        key: &str,
+        declare: &(dyn Fn() -> Result<Vec<QueueSpec>> + Send + Sync),
+        deadline: Instant,
+    ) -> Result<()> {
+        self.publish_inner(msg, deadline, Some((key, declare)))
+            .await
+    }
+
+    /// Declares `specs` once per publisher under `key` (again after
+    /// [`Publisher::forget_declared`], or after a publish under that key came back
+    /// unroutable). The cache is bounded: it is cleared when it reaches 10,000 keys.
+    pub async fn declare_cached(&self, key: &str, specs: &[QueueSpec]) -> Result<()> {
+        if self.is_declared(key) {
+            return Ok(());
+        }
+        self.broker.declare(specs).await?;
+        if let Ok(mut d) = self.declared.lock() {
+            if d.len() >= MAX_DECLARED {
+                d.clear();
+            }
+            d.insert(key.to_owned());
+        }
+        Ok(())
+    }
+
+    /// `true` when `key` was declared through this publisher (and not forgotten since).
+    #[must_use]
+    pub fn is_declared(&self, key: &str) -> bool {
+        self.declared.lock().is_ok_and(|d| d.contains(key))
+    }
+
+    /// Forgets that `key` was declared: the next [`Publisher::declare_cached`] declares it.
+    pub fn forget_declared(&self, key: &str) {
+        if let Ok(mut d) = self.declared.lock() {
+            d.remove(key);
+        }
+    }
+
+    async fn publish_inner(
+        &self,
+        msg: &Outgoing,
+        deadline: Instant,
+        route: Option<Route<'_>>,
+    ) -> Result<()> {
         msg.validate()?;
-        let timeout = self.broker.config().publish_timeout;
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let what = || format!("publishing to {}/{}", msg.exchange, msg.routing_key);
         let props = msg.properties();
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut pause = Duration::from_millis(50);
+        let mut pauses = backoff(Duration::from_millis(20), Duration::from_secs(1));
+        // Whether an attempt may have reached a queue (sent, then nacked or not confirmed).
+        let mut maybe_stored = false;
+        let mut last: Option<Error> = None;
+        let mut declare_now = route.is_some_and(|(key, _)| !self.is_declared(key));
         loop {
             let attempt = async {
+                if let (true, Some((key, specs))) = (declare_now, route) {
+                    self.forget_declared(key);
+                    self.declare_cached(key, &specs()?).await?;
+                }
                 let (ch, generation) = self.channel(slot).await?;
                 let sent = ch
                     .basic_publish(
@@ -177,69 +257,131 @@ impl Publisher {
                     )
                     .await;
                 let confirm = match sent {
-                    Ok(pending) => pending.await,
-                    Err(e) => Err(e),
+                    Ok(pending) => Ok((pending.await, generation)),
+                    Err(e) => {
+                        self.drop_channel(slot, generation).await;
+                        Err(classify(what(), e))
+                    }
                 };
-                Ok::<_, Error>((confirm, generation))
+                Ok::<_, Error>(confirm?)
             };
-            let (confirm, generation) = match tokio::time::timeout_at(deadline, attempt).await {
+            let outcome = match tokio::time::timeout_at(deadline, attempt).await {
                 Err(_) => {
-                    return Err(Error::Timeout {
-                        what: format!("publishing to {}/{}", msg.exchange, msg.routing_key),
-                        after: timeout,
-                    })
+                    // The attempt in flight may have been sent.
+                    return Err(unconfirmed(msg, started, true, last));
                 }
-                Ok(Err(e)) if e.is_transient() && Instant::now() < deadline => {
-                    tokio::time::sleep(jitter(pause)).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(v)) => v,
+                Ok(v) => v,
             };
-            let unroutable = |reply_text: String| Error::Unroutable {
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-                reply_text,
+            let err = match outcome {
+                Ok((confirm, generation)) => {
+                    match self
+                        .settle(msg, confirm.map(|c| self.sort_return(c, msg)))
+                        .await
+                    {
+                        Ok(()) => return Ok(()),
+                        Err(e @ Error::ConnectionLost { .. }) => {
+                            self.drop_channel(slot, generation).await;
+                            maybe_stored = true;
+                            e
+                        }
+                        Err(e @ Error::Nacked { .. }) => {
+                            maybe_stored = true;
+                            e
+                        }
+                        Err(e @ Error::Unroutable { .. }) if route.is_some() => {
+                            declare_now = true;
+                            e
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if e.is_transient() || is_home_node_down(&e) => e,
+                Err(e) => return Err(e),
             };
-            let confirm = confirm.map(|c| self.sort_return(c, msg));
-            match confirm {
-                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
-                    // Our return may have been handed to another publish of this channel.
-                    // Whoever got it was resolved in the same batch as us: give its task
-                    // a chance to run and park it first (this narrows the race; it cannot
-                    // close it: lapin does not say which publish a return belongs to).
-                    for _ in 0..2 {
-                        tokio::task::yield_now().await;
-                    }
-                    return match self.take_stray(msg) {
-                        Some(text) => Err(unroutable(text)),
-                        None => Ok(()),
-                    };
+            tracing::debug!(error = %err, "publish not confirmed; trying again");
+            last = Some(err);
+            let pause = pauses.next().unwrap_or(Duration::from_secs(1));
+            if Instant::now() + pause >= deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Err(unconfirmed(msg, started, maybe_stored, last));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// What one confirm means: `Ok` when acked and not returned.
+    async fn settle(
+        &self,
+        msg: &Outgoing,
+        confirm: std::result::Result<Confirmation, lapin::Error>,
+    ) -> Result<()> {
+        let unroutable = |reply_text: String| Error::Unroutable {
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
+            reply_text,
+        };
+        match confirm {
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
+                // Our return may have been handed to another publish of this channel.
+                // Whoever got it was resolved in the same batch as us: give its task a
+                // chance to run and park it first (this narrows the race; it cannot close
+                // it: lapin does not say which publish a return belongs to).
+                for _ in 0..2 {
+                    tokio::task::yield_now().await;
                 }
-                Ok(Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret))) => {
-                    return Err(unroutable(ret.reply_text.as_str().to_owned()))
-                }
-                Ok(Confirmation::Nack(None)) => {
-                    return Err(Error::Nacked {
-                        exchange: msg.exchange.clone(),
-                        routing_key: msg.routing_key.clone(),
-                    })
-                }
-                Err(e) => {
-                    self.drop_channel(slot, generation).await;
-                    let err = classify(
-                        format!("publishing to {}/{}", msg.exchange, msg.routing_key),
-                        e,
-                    );
-                    if !err.is_transient() {
-                        return Err(err);
-                    }
-                    tracing::debug!(error = %err, "publish lost to a connection failure; sending again");
-                    tokio::time::sleep(jitter(pause)).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
+                match self.take_stray(msg) {
+                    Some(text) => Err(unroutable(text)),
+                    None => Ok(()),
                 }
             }
+            Ok(Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret))) => {
+                Err(unroutable(ret.reply_text.as_str().to_owned()))
+            }
+            Ok(Confirmation::Nack(None)) => Err(Error::Nacked {
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
+            }),
+            Err(e) => Err(classify(
+                format!("publishing to {}/{}", msg.exchange, msg.routing_key),
+                e,
+            )),
         }
+    }
+}
+
+/// What a routed publish declares: the cache key and how to build the queue specs.
+type Route<'a> = (
+    &'a str,
+    &'a (dyn Fn() -> Result<Vec<QueueSpec>> + Send + Sync),
+);
+
+/// Most declare-cache keys kept at once.
+const MAX_DECLARED: usize = 10_000;
+
+/// The backoff every retry loop of the AMQP layer uses: exponential from `min` to `max`,
+/// with jitter, without a count limit (callers stop at their deadline).
+pub(crate) fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// `true` for a refusal that a cluster failover causes: a durable classic queue whose home
+/// node is down answers `NOT_FOUND ... down or inaccessible` until the node is back.
+pub(crate) fn is_home_node_down(e: &Error) -> bool {
+    matches!(e, Error::Refused { source, .. }
+        if source.reply_code() == Some(404) && source.to_string().contains("down or inaccessible"))
+}
+
+fn unconfirmed(msg: &Outgoing, started: Instant, maybe_stored: bool, last: Option<Error>) -> Error {
+    Error::Unconfirmed {
+        exchange: msg.exchange.clone(),
+        routing_key: msg.routing_key.clone(),
+        after: started.elapsed(),
+        maybe_stored,
+        last: last.map(Box::new),
     }
 }

@@ -1,0 +1,578 @@
+//! `jobs`: many small split jobs at once, and what they leave on the broker.
+//!
+//! - `jobs10_throughput`: [`JOBS`] split jobs of [`PARTS`] no-op parts, [`CAP`] jobs in
+//!   flight, jobs/s from the first enqueue to the last `oncomplete` hook handled, median of
+//!   [`ROUNDS`] rounds per side.
+//!
+//!   warren: one service with a splitter `job_part` (returns `PARTS` numbers), a no-op `job`
+//!   and the hook `done` (gets the `Vec` of results). Each job is one `Client::send` of a
+//!   task for `job` with `on_complete(done)`; a job counts as done when its hook handler
+//!   runs. The worker is the bench's in-process worker (same settings as every group).
+//!
+//!   raw lapin, the floor, per job: the driver declares the job's queue (durable, classic,
+//!   `x-expires` like a part queue; on one of [`POOL`] plain channels, as warren's broker
+//!   handle has a pool of channels for declares) and publishes `PARTS` persistent messages
+//!   (confirmed, mandatory, on one confirm channel) to a shared work queue (the run's queue
+//!   type, like a service queue), each carrying the job's queue name as correlation id. A
+//!   raw consumer (prefetch `--prefetch`, deliveries handled concurrently) publishes a
+//!   confirmed persistent result into that job queue, counts the job's results in memory
+//!   and, for the job's last result, publishes a confirmed persistent hook to a hook queue
+//!   (the run's queue type) and deletes the job queue (one of `POOL` channels); then it
+//!   acks the part. The driver consumes the hook queue (acking each hook); a job counts as
+//!   done when its hook arrives. Results are never read back: the job queue is deleted
+//!   with them. Bodies are 300 bytes, as in the `split` group.
+//!
+//!   So per job the raw floor is 1 declare, `PARTS` parts, `PARTS` results, 1 hook and
+//!   1 delete; warren also sends the split task, declares the lease and done-marker queues,
+//!   counts the part queue after each result, takes the lease, checks the marker, reads
+//!   the results back and fires through the join exchange (docs/joins.md).
+//!
+//! - `jobs_queues_left` (`queues`, no raw counterpart): once every warren round is over, the
+//!   per-job queues of every warren job ([`job_queues`]: its part queue and the join's
+//!   per-job queues, named by `warren_core::topology`) that still exist once the joins'
+//!   completion window [`WINDOW`] has passed. Should be 0. The worker keeps running while
+//!   they are counted (a worker may remove them itself). Counted by passive declares,
+//!   polled until none is left or [`LEFT_DEADLINE`] after the last hook; each round checks
+//!   only the queues the previous round found. A passive declare counts as a use of a
+//!   classic queue and restarts its `x-expires` timer (RabbitMQ's `stat`; checked on
+//!   3.10: a 1.5 s queue polled every 300 ms never expires), so rounds are
+//!   [`PROBE_GAP`] apart, longer than the window: polling faster would keep alive the very
+//!   queues it counts.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures_util::stream::{self, FuturesUnordered, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::oneshot;
+use warren_client::{Client, Task};
+use warren_core::topology::{part_queue, JobKey, QueueSpec};
+use warren_core::{Broker, Target};
+use warren_worker::{Context, Service, TaskError};
+
+use super::raw::{self, short};
+use super::split::median;
+use super::{note, Bench, Figure, Group, GroupRun};
+
+/// The group.
+pub const GROUP: Group = Group {
+    name: "jobs",
+    about: "1,000 split jobs of 10 no-op parts, 64 in flight, enqueue to hook; per-job queues \
+            left after the completion window",
+    run,
+};
+
+/// Jobs per round.
+const JOBS: usize = 1_000;
+/// Parts per job.
+const PARTS: u32 = 10;
+/// Jobs in flight at once.
+const CAP: usize = 64;
+/// Rounds per side (the throughput is their median).
+const ROUNDS: usize = 3;
+/// Deadline of one job, enqueue to hook.
+const JOB_DEADLINE: Duration = Duration::from_secs(60);
+/// Channels for the raw side's declares (driver) and deletes (consumer).
+const POOL: usize = 8;
+/// `x-expires` of the raw job queues (like the bench worker's part queues).
+const PART_EXPIRY: Duration = Duration::from_secs(120);
+/// The joins' completion window the bench worker is meant to run with.
+const WINDOW: Duration = Duration::from_secs(2);
+/// Time between two checks of the same queue: longer than [`WINDOW`] (see the module docs).
+const PROBE_GAP: Duration = WINDOW.saturating_add(Duration::from_millis(500));
+/// How long after the last hook queues are polled before the rest count as left.
+const LEFT_DEADLINE: Duration = WINDOW.saturating_add(Duration::from_secs(8));
+/// Passive declares in flight while counting.
+const PROBES_IN_FLIGHT: usize = 8;
+/// Raw message bodies (as in the `split` group).
+const BODY_LEN: usize = 300;
+
+fn run(b: &Bench) -> GroupRun<'_> {
+    Box::pin(async move {
+        note(format!(
+            "jobs: raw lapin floor, {ROUNDS} rounds of {JOBS} jobs x {PARTS} parts, {CAP} in flight"
+        ));
+        let raw = raw_side(b).await.context("raw lapin side")?;
+        note(format!(
+            "jobs: warren, {ROUNDS} rounds of {JOBS} split jobs x {PARTS} parts, {CAP} in flight"
+        ));
+        let warren = warren_side(b).await.context("warren side")?;
+        Ok(vec![
+            Figure {
+                name: "jobs10_throughput",
+                value: median(warren.throughput),
+                unit: "jobs/s",
+                raw: Some(median(raw)),
+                decimals: 0,
+            },
+            Figure {
+                name: "jobs_queues_left",
+                #[allow(clippy::cast_precision_loss)]
+                value: warren.left as f64,
+                unit: "queues",
+                raw: None,
+                decimals: 0,
+            },
+        ])
+    })
+}
+
+/// Jobs per second.
+#[allow(clippy::cast_precision_loss)]
+fn per_sec(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+/// Who waits for which job's hook: job → sender.
+type Waiting<T> = Arc<Mutex<HashMap<String, oneshot::Sender<T>>>>;
+
+fn wake<T>(waiting: &Waiting<T>, job: &str, value: T) -> bool {
+    let tx = waiting.lock().ok().and_then(|mut w| w.remove(job));
+    tx.is_some_and(|tx| tx.send(value).is_ok())
+}
+
+fn mandatory() -> BasicPublishOptions {
+    BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    }
+}
+
+// ---- raw lapin ----------------------------------------------------------------------
+
+/// Returns jobs/s per round.
+async fn raw_side(b: &Bench) -> anyhow::Result<Vec<f64>> {
+    let (work_q, hook_q) = (b.raw_queue("jobs-work"), b.raw_queue("jobs-hook"));
+    let driver = raw::connect(b.raw_url(), "warren bench raw jobs driver").await?;
+    let worker_in = raw::connect(b.raw_url(), "warren bench raw jobs worker (consume)").await?;
+    let worker_out = raw::connect(b.raw_url(), "warren bench raw jobs worker (publish)").await?;
+    let conns = [driver, worker_in, worker_out];
+    let result = async {
+        let [driver, worker_in, worker_out] = &conns;
+        let pch = raw::confirm_channel(driver).await?;
+        raw::declare_queue(&pch, &work_q, b.queue_type).await?;
+        raw::declare_queue(&pch, &hook_q, b.queue_type).await?;
+        let mut worker = start_raw_worker(b, &work_q, &hook_q, worker_in, worker_out).await?;
+        let waiting: Waiting<()> = Arc::default();
+        let mut listener = start_hook_listener(driver, &hook_q, waiting.clone()).await?;
+        let declare = pool(driver).await?;
+        let body = raw::body_of_len(BODY_LEN);
+        let props = BasicProperties::default()
+            .with_content_type(short("application/json"))
+            .with_delivery_mode(2);
+        let mut out = Vec::with_capacity(ROUNDS);
+        for round in 0..ROUNDS {
+            let jobs: Vec<String> = (0..JOBS)
+                .map(|i| b.raw_queue(&format!("job{round}-{i}")))
+                .collect();
+            let (jobs, pch, declare, body, props, waiting, work_q) =
+                (&jobs, &pch, &declare, &body, &props, &waiting, &work_q);
+            let started = Instant::now();
+            let all = stream::iter(0..JOBS)
+                .map(|i| async move {
+                    let job = &jobs[i];
+                    let (tx, rx) = oneshot::channel();
+                    if let Ok(mut w) = waiting.lock() {
+                        w.insert(job.clone(), tx);
+                    }
+                    declare_job_queue(&declare[i % POOL], job).await?;
+                    let props = props.clone().with_correlation_id(short(job));
+                    let mut confirms = Vec::with_capacity(PARTS as usize);
+                    for _ in 0..PARTS {
+                        confirms.push(
+                            pch.basic_publish(
+                                short(""),
+                                short(work_q),
+                                mandatory(),
+                                body,
+                                props.clone(),
+                            )
+                            .await?,
+                        );
+                    }
+                    for c in confirms {
+                        raw::check_confirm(c.await)?;
+                    }
+                    tokio::time::timeout(JOB_DEADLINE, rx)
+                        .await
+                        .with_context(|| format!("raw job {job} timed out"))?
+                        .context("the hook listener stopped")?;
+                    Ok::<_, anyhow::Error>(())
+                })
+                .buffer_unordered(CAP)
+                .collect::<Vec<_>>();
+            let results = tokio::select! {
+                r = all => r,
+                w = &mut worker => bail!("the raw consumer stopped: {}", stopped(w)),
+                l = &mut listener => bail!("the raw hook listener stopped: {}", stopped(l)),
+            };
+            let took = started.elapsed();
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                return Err(e.context(format!("{failed} of {JOBS} raw jobs failed")));
+            }
+            out.push(per_sec(JOBS, took));
+        }
+        worker.abort();
+        listener.abort();
+        Ok(out)
+    }
+    .await;
+    for c in &conns {
+        let _ = c.close(200, short("bye")).await;
+    }
+    result
+}
+
+fn stopped(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => String::from("its stream ended"),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// [`POOL`] plain channels.
+async fn pool(conn: &Connection) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(POOL);
+    for _ in 0..POOL {
+        out.push(conn.create_channel().await?);
+    }
+    Ok(out)
+}
+
+/// A raw job queue: durable, classic, expiring when unused, like a part queue.
+async fn declare_job_queue(ch: &Channel, name: &str) -> anyhow::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        short("x-queue-type"),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert(
+        short("x-expires"),
+        AMQPValue::LongLongInt(i64::try_from(PART_EXPIRY.as_millis()).unwrap_or(i64::MAX)),
+    );
+    ch.queue_declare(
+        short(name),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .with_context(|| format!("declaring {name}"))?;
+    Ok(())
+}
+
+/// The raw consumer: per part, a confirmed result into the job's queue; for a job's last
+/// result, a confirmed hook and the job queue's delete; then the part's ack.
+async fn start_raw_worker(
+    b: &Bench,
+    work_q: &str,
+    hook_q: &str,
+    conn_in: &Connection,
+    conn_out: &Connection,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let cch = conn_in.create_channel().await?;
+    cch.basic_qos(b.args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut parts = cch
+        .basic_consume(
+            short(work_q),
+            short("raw-jobs-worker"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let pch = raw::confirm_channel(conn_out).await?;
+    let delete = Arc::new(pool(conn_out).await?);
+    let next_delete = Arc::new(AtomicUsize::new(0));
+    let counts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let props = BasicProperties::default()
+        .with_content_type(short("application/json"))
+        .with_delivery_mode(2);
+    let hook_q = hook_q.to_owned();
+    Ok(tokio::spawn(async move {
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                d = parts.next() => {
+                    let Some(d) = d else { return Ok(()) };
+                    let d = d?;
+                    let (pch, delete, next_delete, counts, props, hook_q) = (
+                        pch.clone(),
+                        delete.clone(),
+                        next_delete.clone(),
+                        counts.clone(),
+                        props.clone(),
+                        hook_q.clone(),
+                    );
+                    inflight.push(async move {
+                        let job = d
+                            .properties
+                            .correlation_id()
+                            .as_ref()
+                            .context("a part without its job")?
+                            .as_str()
+                            .to_owned();
+                        let props = props.with_correlation_id(short(&job));
+                        let c = pch
+                            .basic_publish(short(""), short(&job), mandatory(), &d.data, props.clone())
+                            .await?
+                            .await;
+                        raw::check_confirm(c)?;
+                        let last = counts.lock().is_ok_and(|mut c| {
+                            let n = c.entry(job.clone()).or_insert(0);
+                            *n += 1;
+                            let last = *n == PARTS;
+                            if last {
+                                c.remove(&job);
+                            }
+                            last
+                        });
+                        if last {
+                            let c = pch
+                                .basic_publish(short(""), short(&hook_q), mandatory(), &d.data, props)
+                                .await?
+                                .await;
+                            raw::check_confirm(c)?;
+                            let i = next_delete.fetch_add(1, Ordering::Relaxed) % POOL;
+                            delete[i]
+                                .queue_delete(short(&job), QueueDeleteOptions::default())
+                                .await
+                                .with_context(|| format!("deleting {job}"))?;
+                        }
+                        if !d.acker.ack(BasicAckOptions::default()).await? {
+                            bail!("ack not delivered");
+                        }
+                        Ok::<_, anyhow::Error>(())
+                    });
+                }
+                Some(r) = inflight.next() => r?,
+            }
+        }
+    }))
+}
+
+/// Consumes the hook queue (acking each hook) and wakes the job a hook names.
+async fn start_hook_listener(
+    conn: &Connection,
+    hook_q: &str,
+    waiting: Waiting<()>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut hooks = ch
+        .basic_consume(
+            short(hook_q),
+            short("raw-jobs-hooks"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(tokio::spawn(async move {
+        while let Some(d) = hooks.next().await {
+            let d = d?;
+            if let Some(job) = d.properties.correlation_id() {
+                wake(&waiting, job.as_str(), ());
+            }
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Ok(())
+    }))
+}
+
+// ---- warren -------------------------------------------------------------------------
+
+/// What the warren side measured.
+struct Measured {
+    /// Jobs per second, one per round.
+    throughput: Vec<f64>,
+    /// Per-job queues left after the window.
+    left: usize,
+}
+
+/// The per-job broker queues of the job split from task `id` of `svc.job`: its part queue
+/// and the join's per-job queues. The one place that lists them.
+fn job_queues(svc: &str, id: &uuid::Uuid) -> anyhow::Result<Vec<String>> {
+    let part = part_queue(svc, "job", id)?;
+    let key = JobKey::of(&part);
+    // Expiry arguments do not change the names.
+    Ok(vec![
+        QueueSpec::claim(&key, 0, 0).name,
+        QueueSpec::done(&key, 0).name,
+        part,
+    ])
+}
+
+async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
+    let svc = b.service("jobs")?;
+    let waiting: Waiting<usize> = Arc::default();
+    let extra_hooks = Arc::new(AtomicUsize::new(0));
+    let (w, extra) = (waiting.clone(), extra_hooks.clone());
+    let service = Service::new(&svc)?
+        .method("job_part", |_: Context, n: u32| async move {
+            Ok::<_, TaskError>((0..n).collect::<Vec<u32>>())
+        })?
+        .method(
+            "job",
+            |_: Context, i: u32| async move { Ok::<_, TaskError>(i) },
+        )?
+        .method("done", move |ctx: Context, results: Vec<u32>| {
+            let (w, extra) = (w.clone(), extra.clone());
+            async move {
+                if !wake(&w, ctx.cid(), results.len()) {
+                    extra.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<_, TaskError>(())
+            }
+        })?;
+    let builder = b
+        .worker_builder("warren bench jobs worker")?
+        .service(service)
+        .part_queue_expiry(PART_EXPIRY);
+    // TODO(completion_window): once `WorkerBuilder::completion_window` exists, set the short
+    // window here, `let builder = builder.completion_window(WINDOW);`, so `jobs_queues_left`
+    // counts what is left once it has passed. Until then the join's per-job queues live for
+    // `part_queue_expiry` (120 s) and the figure counts them.
+    let worker = builder.build().await?;
+    let guard = b.spawn_worker(worker);
+    let client = Client::builder()
+        .amqp(b.amqp("warren bench jobs client")?)
+        .connect()
+        .await?;
+    let result = async {
+        client.ensure_service(&svc).await?;
+        let mut throughput = Vec::with_capacity(ROUNDS);
+        let mut queues = Vec::with_capacity(ROUNDS * JOBS * 3);
+        for round in 0..ROUNDS {
+            let (took, mut names) = warren_round(b, &client, &svc, &waiting, round).await?;
+            note(format!(
+                "jobs: warren round {round}: {JOBS} jobs in {:.2} s",
+                took.as_secs_f64()
+            ));
+            throughput.push(per_sec(JOBS, took));
+            queues.append(&mut names);
+        }
+        let last_hook = Instant::now();
+        let left = queues_left(b, queues, last_hook).await?;
+        let extra = extra_hooks.load(Ordering::Relaxed);
+        if extra > 0 {
+            note(format!("jobs: {extra} hooks ran more than once"));
+        }
+        Ok(Measured { throughput, left })
+    }
+    .await;
+    client.close().await;
+    guard.stop().await;
+    result
+}
+
+/// One round: returns its duration and the per-job queue names of its jobs.
+async fn warren_round(
+    b: &Bench,
+    client: &Client,
+    svc: &str,
+    waiting: &Waiting<usize>,
+    round: usize,
+) -> anyhow::Result<(Duration, Vec<String>)> {
+    let hook = Target::new(svc, "done")?;
+    let target = format!("{svc}.job");
+    let (hook, target) = (&hook, &target);
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Vec<String>>> = stream::iter(0..JOBS)
+        .map(|k| async move {
+            let cid = format!("bench-jobs-{round}-{k}");
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut w) = waiting.lock() {
+                w.insert(cid.clone(), tx);
+            }
+            let sent = client
+                .send(Task::new(target, &PARTS)?.with_cid(&cid).on_complete(hook))
+                .await?;
+            let names = job_queues(svc, &sent.id)?;
+            for q in &names {
+                b.track(q.clone());
+            }
+            let n = tokio::time::timeout(JOB_DEADLINE, rx)
+                .await
+                .with_context(|| format!("job {cid} timed out"))?
+                .context("the hook handler is gone")?;
+            if n != PARTS as usize {
+                bail!("job {cid}: the hook got {n} results, not {PARTS}");
+            }
+            Ok(names)
+        })
+        .buffer_unordered(CAP)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let mut names = Vec::with_capacity(JOBS * 3);
+    for r in results {
+        match r {
+            Ok(mut n) => names.append(&mut n),
+            Err(e) => return Err(e.context(format!("{failed} of {JOBS} jobs failed"))),
+        }
+    }
+    Ok((took, names))
+}
+
+/// How many of `queues` still exist once the window has passed: polled every
+/// [`PROBE_GAP`] from `since` until none is left or [`LEFT_DEADLINE`] has passed.
+async fn queues_left(b: &Bench, queues: Vec<String>, since: Instant) -> anyhow::Result<usize> {
+    let broker = Broker::connect(b.amqp("warren bench jobs probe")?).await?;
+    let result = async {
+        let total = queues.len();
+        let mut present = queues;
+        let mut at = since;
+        loop {
+            tokio::time::sleep_until(at.into()).await;
+            present = existing(&broker, present).await?;
+            note(format!(
+                "jobs: {:.1} s after the last hook, {} of {total} per-job queues exist",
+                since.elapsed().as_secs_f64(),
+                present.len()
+            ));
+            at += PROBE_GAP;
+            if present.is_empty() || at > since + LEFT_DEADLINE {
+                break;
+            }
+        }
+        Ok(present.len())
+    }
+    .await;
+    broker.close().await;
+    result
+}
+
+/// The ones of `queues` that exist (passive declares).
+async fn existing(broker: &Broker, queues: Vec<String>) -> anyhow::Result<Vec<String>> {
+    let found: Vec<anyhow::Result<Option<String>>> = stream::iter(queues)
+        .map(|q| async move {
+            let stats = broker
+                .queue_stats(&q)
+                .await
+                .with_context(|| format!("checking {q}"))?;
+            Ok(stats.map(|_| q))
+        })
+        .buffer_unordered(PROBES_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for f in found {
+        if let Some(q) = f? {
+            out.push(q);
+        }
+    }
+    Ok(out)
+}

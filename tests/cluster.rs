@@ -1,0 +1,732 @@
+//! Cluster faults on a private three-node RabbitMQ cluster (tests/support/cluster.rs), started
+//! once for this binary; the tests take turns (`Cluster::lock`). Clients and fixture worker
+//! processes are given all three URLs, so they fail over when the node they use dies.
+//!
+//! * `enqueue_through_a_leader_kill`: 20,000 enqueues from 16 callers while the leader of the
+//!   service's quorum queue is SIGKILLed and restarted: no enqueue fails, every acknowledged
+//!   enqueue runs, and every second run of a task is marked (redelivered or attempt > 1).
+//! * `split_job_through_a_node_kill`: a 200-part split job whose part queue's node is
+//!   SIGKILLed mid-job and restarted: the hook fires once, with all 200 results in order.
+//! * `invokes_through_a_node_kill`: 64 invokes in flight while the service queue's leader
+//!   is killed: each returns by its deadline + 1 s, with its result or a timeout.
+//! * `queues_with_their_node_down`: what the broker itself does (raw lapin) with a classic
+//!   queue whose home node is down and a quorum queue whose leader died; printed for the
+//!   record, and the recoveries asserted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{config_for, ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::Value;
+use support::cluster::Cluster;
+use warren::{Client, QueueType, Target, Task};
+
+async fn client_for(urls: &str) -> Client {
+    Client::builder()
+        .amqp(config_for(urls, QueueType::Quorum))
+        .connect()
+        .await
+        .expect("client connects to the cluster")
+}
+
+/// Polls `check` every 50 ms until it is true; panics with `what` after `deadline`.
+async fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + deadline;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ledger runs per key: `(attempt, redelivered)` in ledger order.
+fn runs_by_key(ledger: &Path) -> HashMap<String, Vec<(u32, bool)>> {
+    let mut runs: HashMap<String, Vec<(u32, bool)>> = HashMap::new();
+    for (k, attempt, red) in read_ledger(ledger) {
+        runs.entry(k).or_default().push((attempt, red));
+    }
+    runs
+}
+
+/// Re-runs in the ledger: (all of them, those neither redelivered nor a later attempt).
+fn duplicates(runs: &HashMap<String, Vec<(u32, bool)>>) -> (usize, Vec<String>) {
+    let mut dups = 0;
+    let mut unmarked = Vec::new();
+    for (k, r) in runs {
+        dups += r.len() - 1;
+        if r[1..].iter().any(|&(attempt, red)| !red && attempt <= 1) {
+            unmarked.push(format!("{k}: {r:?}"));
+        }
+    }
+    unmarked.sort();
+    (dups, unmarked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_through_a_leader_kill() {
+    const N: usize = 20_000;
+    const CALLERS: usize = 16;
+    const KILL_AT: usize = 5_000;
+    let cluster = Cluster::shared().await;
+    let _turn = cluster.lock().await;
+    let started = Instant::now();
+    let urls = cluster.url_list();
+    let svc = unique("clenq");
+    let _cleanup = Cleanup::on(&urls, &[&svc]);
+    let ledger = ledger_path("clenq");
+    let worker = FixtureWorker::start(&urls, &svc, QueueType::Quorum, &ledger, 32).await;
+    let client = client_for(&urls).await;
+    let queue = format!("warren.svc.{svc}");
+    let leader = cluster
+        .leader_of(&queue)
+        .await
+        .expect("service queue leader");
+    eprintln!("[enqueue] service queue leader: node {leader}");
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    // (key index, ms since start, error)
+    let errors: Arc<Mutex<Vec<(usize, u128, String)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let t0 = Instant::now();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (client, svc, next, ok, errors, acked) = (
+                client.clone(),
+                svc.clone(),
+                next.clone(),
+                ok.clone(),
+                errors.clone(),
+                acked.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= N {
+                        return;
+                    }
+                    let payload = serde_json::json!({"key": format!("k{i}"), "ms": 0});
+                    match client.enqueue(&format!("{svc}.work"), &payload).await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                            acked.lock().unwrap().push(i);
+                        }
+                        Err(e) => errors.lock().unwrap().push((
+                            i,
+                            t0.elapsed().as_millis(),
+                            format!("{e:#}"),
+                        )),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Kill the leader once a quarter of the enqueues are acknowledged, then bring it back
+    // while the callers go on.
+    wait_for("the first enqueues", Duration::from_secs(120), || {
+        ok.load(Ordering::SeqCst) >= KILL_AT
+    })
+    .await;
+    let killed_at = t0.elapsed();
+    cluster.kill(leader).await.expect("kill the leader");
+    eprintln!(
+        "[enqueue] killed node {leader} at {killed_at:?} after {} acked enqueues",
+        ok.load(Ordering::SeqCst)
+    );
+    let restart_started = Instant::now();
+    cluster.restart(leader).await.expect("leader node restarts");
+    eprintln!(
+        "[enqueue] node {leader} back in {:?} ({} acked so far); new leader: {:?}",
+        restart_started.elapsed(),
+        ok.load(Ordering::SeqCst),
+        cluster.leader_of(&queue).await.ok()
+    );
+    for c in callers {
+        tokio::time::timeout(Duration::from_secs(300), c)
+            .await
+            .expect("callers finish")
+            .expect("caller task");
+    }
+    let enqueue_time = t0.elapsed();
+    let errors = std::mem::take(&mut *errors.lock().unwrap());
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    eprintln!(
+        "[enqueue] {} acked, {} failed in {enqueue_time:?}",
+        acked.len(),
+        errors.len()
+    );
+    let mut kinds: BTreeMap<String, (usize, u128, u128)> = BTreeMap::new();
+    for (_, at, e) in &errors {
+        let k = kinds.entry(e.clone()).or_insert((0, u128::MAX, 0));
+        k.0 += 1;
+        k.1 = k.1.min(*at);
+        k.2 = k.2.max(*at);
+    }
+    for (e, (n, first, last)) in &kinds {
+        eprintln!("[enqueue]   {n} x (from {first} ms to {last} ms): {e}");
+    }
+
+    // Every acknowledged enqueue runs.
+    let want: HashSet<String> = acked.iter().map(|i| format!("k{i}")).collect();
+    let end = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let ran: HashSet<String> = read_ledger(&ledger)
+            .into_iter()
+            .map(|(k, _, _)| k)
+            .collect();
+        let missing = want.difference(&ran).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{missing} of {} acknowledged enqueues never ran",
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then the queue drains; the worker stops (finishing what it holds) so the ledger is final.
+    let broker = client.broker().clone();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(s)) = broker.queue_stats(&queue).await {
+            if s.ready == 0 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < end, "service queue drains");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(worker.terminate().await, "worker exits cleanly");
+    client.close().await;
+    let runs = runs_by_key(&ledger);
+    let (dups, unmarked) = duplicates(&runs);
+    let extra = runs.keys().filter(|k| !want.contains(*k)).count();
+    eprintln!(
+        "[enqueue] {} tasks ran, {dups} re-runs ({} unmarked), {extra} ran though their enqueue failed; test took {:?}",
+        runs.len(),
+        unmarked.len(),
+        started.elapsed()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} enqueues failed with two of three nodes up: {kinds:?}",
+        errors.len()
+    );
+    assert!(
+        unmarked.is_empty(),
+        "{} tasks ran again without a redelivery mark, e.g. {:?}",
+        unmarked.len(),
+        &unmarked[..unmarked.len().min(10)]
+    );
+}
+
+fn hook_lines(path: &Path, cid: &str) -> Vec<(String, Value)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ' ');
+            let (m, c, p) = (it.next()?, it.next()?, it.next()?);
+            if c != cid {
+                return None;
+            }
+            Some((m.to_owned(), serde_json::from_str(p).ok()?))
+        })
+        .collect()
+}
+
+/// Distinct parts of job `cid` in the ledger (lines `<cid>/<i> …`).
+fn parts_done(ledger: &Path, cid: &str) -> usize {
+    let prefix = format!("{cid}/");
+    read_ledger(ledger)
+        .into_iter()
+        .filter(|(k, _, _)| k.starts_with(&prefix))
+        .map(|(k, _, _)| k)
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_job_through_a_node_kill() {
+    const N: u64 = 200;
+    let cluster = Cluster::shared().await;
+    let _turn = cluster.lock().await;
+    let started = Instant::now();
+    let urls = cluster.url_list();
+    let svc = unique("clsplit");
+    let _cleanup = Cleanup::on(&urls, &[&svc]);
+    let ledger = ledger_path("clsplit");
+    let hooks = ledger.with_extension("hooks");
+    let env = [
+        ("FIXTURE_HOOKS", hooks.display().to_string()),
+        ("FIXTURE_JOIN_LEASE_MS", "1500".to_owned()),
+    ];
+    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, 8, &env).await;
+    let client = client_for(&urls).await;
+    let cid = unique("job");
+    let task = Task::new(
+        &format!("{svc}.sum"),
+        &serde_json::json!({"n": N, "ms": 100}),
+    )
+    .unwrap()
+    .with_cid(&cid)
+    .on_complete(&Target::new(&svc, "done").unwrap())
+    .on_error(&Target::new(&svc, "failed").unwrap());
+    let receipt = client.send(task).await.expect("split job enqueued");
+    let part_queue = format!("part.{svc}-sum-{}", receipt.id);
+
+    // Mid-job: a quarter of the parts ran.
+    wait_for("a quarter of the parts", Duration::from_secs(120), || {
+        parts_done(&ledger, &cid) >= N as usize / 4
+    })
+    .await;
+    let home = cluster
+        .leader_of(&part_queue)
+        .await
+        .expect("part queue's node");
+    let done_before = parts_done(&ledger, &cid);
+    cluster
+        .kill(home)
+        .await
+        .expect("kill the part queue's node");
+    eprintln!("[split] killed node {home} (the part queue's) after {done_before} parts");
+    // What the client's broker connection sees of the part queue while its node is down.
+    match client.broker().queue_stats(&part_queue).await {
+        Ok(s) => eprintln!("[split] passive declare with its node down: Ok({s:?})"),
+        Err(e) => eprintln!("[split] passive declare with its node down: Err({e:#})"),
+    }
+    let t = Instant::now();
+    cluster.restart(home).await.expect("node restarts");
+    eprintln!(
+        "[split] node {home} back in {:?}; {} parts done",
+        t.elapsed(),
+        parts_done(&ledger, &cid)
+    );
+
+    // The hook fires, the part queue goes, the service queue is idle.
+    let broker = client.broker().clone();
+    let end = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let fired = !hook_lines(&hooks, &cid).is_empty();
+        let gone = matches!(broker.queue_stats(&part_queue).await, Ok(None));
+        let idle = matches!(
+            broker.queue_stats(&format!("warren.svc.{svc}")).await,
+            Ok(Some(s)) if s.ready == 0
+        );
+        if fired && gone && idle {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "job {cid} did not finish (hook {fired}, part queue gone {gone}, idle {idle}; {} parts ran)",
+            parts_done(&ledger, &cid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(worker.terminate().await, "worker exits cleanly");
+    common::cleanup_job(&urls, &part_queue).await;
+    client.close().await;
+    let fired = hook_lines(&hooks, &cid);
+    eprintln!(
+        "[split] hooks: {:?}; test took {:?}",
+        fired.iter().map(|(m, _)| m).collect::<Vec<_>>(),
+        started.elapsed()
+    );
+    assert_eq!(fired.len(), 1, "exactly one hook: {fired:?}");
+    assert_eq!(fired[0].0, "done", "the job completed: {fired:?}");
+    let squares = Value::Array((0..N).map(|i| Value::from(i * i)).collect());
+    assert_eq!(fired[0].1, squares, "every result, in part order");
+    assert_eq!(parts_done(&ledger, &cid), N as usize, "every part ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invokes_through_a_node_kill() {
+    const N: usize = 64;
+    const DEADLINE: Duration = Duration::from_secs(10);
+    let cluster = Cluster::shared().await;
+    let _turn = cluster.lock().await;
+    let started = Instant::now();
+    let urls = cluster.url_list();
+    let svc = unique("clinv");
+    let _cleanup = Cleanup::on(&urls, &[&svc]);
+    let ledger = ledger_path("clinv");
+    let starts = ledger.with_extension("starts");
+    let env = [("FIXTURE_STARTS", starts.display().to_string())];
+    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, N, &env).await;
+    let client = client_for(&urls).await;
+    let queue = format!("warren.svc.{svc}");
+    let leader = cluster
+        .leader_of(&queue)
+        .await
+        .expect("service queue leader");
+
+    let calls: Vec<_> = (0..N)
+        .map(|i| {
+            let (client, svc) = (client.clone(), svc.clone());
+            tokio::spawn(async move {
+                let key = format!("k{i}");
+                let task = Task::new(
+                    &format!("{svc}.work"),
+                    &serde_json::json!({"key": key, "ms": 3000}),
+                )
+                .unwrap()
+                .with_timeout(DEADLINE);
+                let t = Instant::now();
+                let res = client.invoke_task::<String>(task).await;
+                (key, t.elapsed(), res)
+            })
+        })
+        .collect();
+    // In flight: all of them are running on the worker (all 64 at once, 3 s each).
+    wait_for("the invokes running", Duration::from_secs(30), || {
+        read_ledger(&starts).len() >= N
+    })
+    .await;
+    let t_kill = Instant::now();
+    cluster.kill(leader).await.expect("kill the leader");
+    eprintln!("[invoke] killed node {leader} (the service queue's leader)");
+    // When the queue lists a new leader.
+    let watch = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let end = tokio::time::Instant::now() + Duration::from_secs(20);
+            while tokio::time::Instant::now() < end {
+                if let Ok(row) = cluster.queue_fields(&queue, &["leader", "online"]).await {
+                    if cluster.index_of(&row[1]) != Some(leader) {
+                        return format!("{row:?} {:?} after the kill", t_kill.elapsed());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            "no new leader listed within 20 s".to_owned()
+        })
+    };
+
+    let mut ok = 0;
+    let mut timeouts = 0;
+    let mut bad = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for c in calls {
+        // Not a bound on the invoke: a hung call must show as late, not hang the test.
+        let (key, took, res) = match tokio::time::timeout(DEADLINE * 4, c).await {
+            Ok(r) => r.expect("invoke task"),
+            Err(_) => {
+                bad.push(format!("an invoke still pending after {:?}", DEADLINE * 4));
+                continue;
+            }
+        };
+        slowest = slowest.max(took);
+        match res {
+            Ok(v) if v == key && took <= DEADLINE + Duration::from_secs(1) => ok += 1,
+            Err(warren::ClientError::Timeout { .. })
+                if took <= DEADLINE + Duration::from_secs(1) =>
+            {
+                timeouts += 1;
+            }
+            other => bad.push(format!("{key} after {took:?}: {other:?}")),
+        }
+    }
+    eprintln!(
+        "[invoke] {ok} results, {timeouts} timeouts, {} bad; slowest {slowest:?}; all back {:?} after the kill",
+        bad.len(),
+        t_kill.elapsed()
+    );
+    eprintln!("[invoke] new leader: {}", watch.await.unwrap());
+    let t = Instant::now();
+    cluster.restart(leader).await.expect("node restarts");
+    eprintln!("[invoke] node {leader} back in {:?}", t.elapsed());
+    assert!(worker.terminate().await, "worker exits cleanly");
+    client.close().await;
+    eprintln!("[invoke] test took {:?}", started.elapsed());
+    assert!(
+        bad.is_empty(),
+        "{} invokes missed their deadline or failed otherwise: {bad:#?}",
+        bad.len()
+    );
+}
+
+// ---- the broker's own behaviour with a node down (raw lapin) ----
+
+async fn connect(url: &str) -> Connection {
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect")
+}
+
+async fn declare(conn: &Connection, queue: &str, quorum: bool) {
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    if quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+}
+
+/// A mandatory persistent publish with confirms on a fresh channel, described.
+async fn publish_outcome(conn: &Connection, queue: &str) -> String {
+    let ch = match conn.create_channel().await {
+        Ok(ch) => ch,
+        Err(e) => return format!("channel error: {e}"),
+    };
+    if let Err(e) = ch.confirm_select(ConfirmSelectOptions::default()).await {
+        return format!("confirm_select error: {e}");
+    }
+    let res = publish_on(&ch, queue).await;
+    let _ = ch.close(200, "ok".into()).await;
+    res
+}
+
+async fn publish_on(ch: &lapin::Channel, queue: &str) -> String {
+    match start_publish(ch, queue).await {
+        Ok(confirm) => describe_confirm(confirm).await,
+        Err(e) => e,
+    }
+}
+
+async fn start_publish(
+    ch: &lapin::Channel,
+    queue: &str,
+) -> Result<lapin::PublisherConfirm, String> {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        b"probe",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .map_err(|e| format!("publish error: {e}"))
+}
+
+async fn describe_confirm(confirm: lapin::PublisherConfirm) -> String {
+    match tokio::time::timeout(Duration::from_secs(10), confirm).await {
+        Err(_) => "no confirm within 10 s".into(),
+        Ok(Err(e)) => format!("confirm error: {e}"),
+        Ok(Ok(c)) if c.is_ack() => match c.take_message() {
+            None => "ack".into(),
+            Some(m) => format!("ack with return {} {}", m.reply_code, m.reply_text.as_str()),
+        },
+        Ok(Ok(c)) => format!("nack ({c:?})"),
+    }
+}
+
+/// A passive declare on a fresh channel, described.
+async fn passive_outcome(conn: &Connection, queue: &str) -> String {
+    let ch = match conn.create_channel().await {
+        Ok(ch) => ch,
+        Err(e) => return format!("channel error: {e}"),
+    };
+    let res = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = ch.close(200, "ok".into()).await;
+    match res {
+        Ok(q) => format!("ok, {} messages", q.message_count()),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_with_their_node_down() {
+    let cluster = Cluster::shared().await;
+    let _turn = cluster.lock().await;
+    let started = Instant::now();
+    // The queues live on node 2 (declared through it: client-local placement); node 0
+    // observes.
+    let (home, observer) = (2, 0);
+    let classic = unique("probe-classic");
+    let quorum = unique("probe-quorum");
+    let at_home = connect(cluster.url(home)).await;
+    declare(&at_home, &classic, false).await;
+    declare(&at_home, &quorum, true).await;
+    for _ in 0..5 {
+        assert_eq!(publish_outcome(&at_home, &classic).await, "ack");
+    }
+    assert_eq!(cluster.leader_of(&classic).await.unwrap(), home);
+    assert_eq!(cluster.leader_of(&quorum).await.unwrap(), home);
+    let obs = connect(cluster.url(observer)).await;
+
+    // Publish to the quorum queue without pause from the observer's node across the kill.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pub_conn = connect(cluster.url(observer)).await;
+    let published = Arc::new(AtomicUsize::new(0));
+    let (q, stop2, published2) = (quorum.clone(), stop.clone(), published.clone());
+    let t_kill: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let t_kill2 = t_kill.clone();
+    let publisher = tokio::spawn(async move {
+        let mut log: Vec<(Option<i128>, String)> = Vec::new();
+        let mut ch = pub_conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        while !stop2.load(Ordering::SeqCst) {
+            // A window of 32 publishes in flight, like a busy publisher.
+            let mut window = Vec::new();
+            for _ in 0..32 {
+                window.push(start_publish(&ch, &q).await);
+            }
+            let mut failed = false;
+            for p in window {
+                let out = match p {
+                    Ok(confirm) => describe_confirm(confirm).await,
+                    Err(e) => e,
+                };
+                let since = t_kill2
+                    .lock()
+                    .unwrap()
+                    .map(|t| t.elapsed().as_millis() as i128);
+                failed |= out.contains("error");
+                log.push((since, out));
+                published2.fetch_add(1, Ordering::SeqCst);
+            }
+            if failed {
+                // A channel error closes the channel: open another one.
+                if let Ok(c) = pub_conn.create_channel().await {
+                    if c.confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .is_ok()
+                    {
+                        ch = c;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        log
+    });
+    wait_for("a few quorum publishes", Duration::from_secs(10), || {
+        published.load(Ordering::SeqCst) >= 200
+    })
+    .await;
+    cluster.kill(home).await.unwrap();
+    *t_kill.lock().unwrap() = Some(Instant::now());
+
+    let passive = passive_outcome(&obs, &classic).await;
+    let publish = publish_outcome(&obs, &classic).await;
+    let redeclare = {
+        let ch = obs.create_channel().await.unwrap();
+        let r = ch
+            .queue_declare(
+                classic.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match r {
+            Ok(q) => format!("ok, {} messages", q.message_count()),
+            Err(e) => format!("error: {e}"),
+        }
+    };
+    eprintln!("[probe] classic queue, home node down: passive declare -> {passive}");
+    eprintln!("[probe] classic queue, home node down: mandatory publish -> {publish}");
+    eprintln!("[probe] classic queue, home node down: durable re-declare -> {redeclare}");
+
+    // The quorum publisher sees acks again (a new leader) within 30 s of the kill.
+    let t_kill_at = t_kill.lock().unwrap().unwrap();
+    let leader_end = tokio::time::Instant::now() + Duration::from_secs(30);
+    let new_leader = loop {
+        if let Ok(l) = cluster.leader_of(&quorum).await {
+            if l != home {
+                break Some(l);
+            }
+        }
+        if tokio::time::Instant::now() > leader_end {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "[probe] quorum queue: new leader {new_leader:?} listed {:?} after the kill",
+        t_kill_at.elapsed()
+    );
+    wait_for("the election settles", Duration::from_secs(30), || {
+        t_kill_at.elapsed() > Duration::from_secs(8)
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let log = publisher.await.unwrap();
+    let after: Vec<&(Option<i128>, String)> = log.iter().filter(|(t, _)| t.is_some()).collect();
+    let mut summary: BTreeMap<String, (usize, i128, i128)> = BTreeMap::new();
+    for (t, out) in &after {
+        let t = t.unwrap();
+        let e = summary.entry(out.clone()).or_insert((0, i128::MAX, 0));
+        e.0 += 1;
+        e.1 = e.1.min(t);
+        e.2 = e.2.max(t);
+    }
+    eprintln!(
+        "[probe] quorum queue publishes from node {observer}: {} before the kill, after it:",
+        log.len() - after.len()
+    );
+    for (out, (n, first, last)) in &summary {
+        eprintln!("[probe]   {n} x {out} (from {first} ms to {last} ms after the kill)");
+    }
+
+    let t = Instant::now();
+    cluster.restart(home).await.unwrap();
+    eprintln!("[probe] node {home} back in {:?}", t.elapsed());
+    let back = passive_outcome(&obs, &classic).await;
+    eprintln!("[probe] classic queue after its node restarted: passive declare -> {back}");
+    let ch = obs.create_channel().await.unwrap();
+    for q in [&classic, &quorum] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = obs.close(200, "bye".into()).await;
+    eprintln!("[probe] test took {:?}", started.elapsed());
+    assert!(
+        summary.keys().any(|k| k == "ack"),
+        "the quorum queue takes publishes again after its leader died"
+    );
+    assert!(
+        back.starts_with("ok, 5") || back.starts_with("ok, 6"),
+        "the durable classic queue is back with its messages: {back}"
+    );
+}
