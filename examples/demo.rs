@@ -499,12 +499,9 @@ async fn main() -> anyhow::Result<()> {
             let _ = client.broker().delete_queue(&q).await;
         }
     }
-    let fanin =
-        warren::core::topology::JobKey::of(&warren::core::topology::fanout_queue(&receipt.job));
-    for q in [
-        warren::core::topology::QueueSpec::claim(&fanin, 0, 0).name,
-        warren::core::topology::QueueSpec::done(&fanin, 0).name,
-    ] {
+    // The fan-in's done marker would expire by itself after the completion window.
+    let fanin = warren::core::topology::fanout_queue(&receipt.job);
+    for q in warren::core::topology::job_queues(&fanin) {
         let _ = client.broker().delete_queue(&q).await;
     }
     client.close().await;

@@ -275,7 +275,7 @@ async fn split_job_through_a_node_kill() {
     let hooks = ledger.with_extension("hooks");
     let env = [
         ("FIXTURE_HOOKS", hooks.display().to_string()),
-        ("FIXTURE_JOIN_LEASE_MS", "1500".to_owned()),
+        ("FIXTURE_COMPLETION_WINDOW_MS", "30000".to_owned()),
     ];
     let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, 8, &env).await;
     let client = client_for(&urls).await;
@@ -376,28 +376,29 @@ async fn invokes_through_a_node_kill() {
         .await
         .expect("service queue leader");
 
-    let calls: Vec<_> = (0..N)
-        .map(|i| {
-            let (client, svc) = (client.clone(), svc.clone());
-            tokio::spawn(async move {
-                let key = format!("k{i}");
-                let task = Task::new(
-                    &format!("{svc}.work"),
-                    &serde_json::json!({"key": key, "ms": 3000}),
-                )
-                .unwrap()
-                .with_timeout(DEADLINE);
-                let t = Instant::now();
-                let res = client.invoke_task::<String>(task).await;
-                (key, t.elapsed(), res)
-            })
+    let invoke = |i: usize| {
+        let (client, svc) = (client.clone(), svc.clone());
+        tokio::spawn(async move {
+            let key = format!("k{i}");
+            let task = Task::new(
+                &format!("{svc}.work"),
+                &serde_json::json!({"key": key, "ms": 3000}),
+            )
+            .unwrap()
+            .with_timeout(DEADLINE);
+            let t = Instant::now();
+            let res = client.invoke_task::<String>(task).await;
+            (key, t.elapsed(), res)
         })
-        .collect();
-    // In flight: all of them are running on the worker (all 64 at once, 3 s each).
-    wait_for("the invokes running", Duration::from_secs(30), || {
-        read_ledger(&starts).len() >= N
+    };
+    // Half of them running on the worker (3 s each), the other half being sent, when the
+    // service queue's leader dies.
+    let mut calls: Vec<_> = (0..N / 2).map(invoke).collect();
+    wait_for("the first invokes running", Duration::from_secs(30), || {
+        read_ledger(&starts).len() >= N / 2
     })
     .await;
+    calls.extend((N / 2..N).map(invoke));
     let t_kill = Instant::now();
     cluster.kill(leader).await.expect("kill the leader");
     eprintln!("[invoke] killed node {leader} (the service queue's leader)");
@@ -420,6 +421,7 @@ async fn invokes_through_a_node_kill() {
 
     let mut ok = 0;
     let mut timeouts = 0;
+    let mut unconfirmed = 0;
     let mut bad = Vec::new();
     let mut slowest = Duration::ZERO;
     for c in calls {
@@ -439,11 +441,17 @@ async fn invokes_through_a_node_kill() {
             {
                 timeouts += 1;
             }
+            // The deadline passed before the broker confirmed the request: a timeout too.
+            Err(warren::ClientError::Broker(warren::core::Error::Unconfirmed { .. }))
+                if took <= DEADLINE + Duration::from_secs(1) =>
+            {
+                unconfirmed += 1;
+            }
             other => bad.push(format!("{key} after {took:?}: {other:?}")),
         }
     }
     eprintln!(
-        "[invoke] {ok} results, {timeouts} timeouts, {} bad; slowest {slowest:?}; all back {:?} after the kill",
+        "[invoke] {ok} results, {timeouts} timeouts, {unconfirmed} unconfirmed at the deadline, {} bad; slowest {slowest:?}; all back {:?} after the kill",
         bad.len(),
         t_kill.elapsed()
     );
@@ -569,6 +577,77 @@ async fn passive_outcome(conn: &Connection, queue: &str) -> String {
     }
 }
 
+type PublishLog = Vec<(Option<i128>, String)>;
+
+/// Publishes to `queue` in windows of 32 in flight (like a busy publisher) until `stop`,
+/// logging each outcome with the ms since `t_kill` (None before it); counts acks in `acked`.
+async fn publish_loop(
+    conn: Connection,
+    queue: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    t_kill: Arc<Mutex<Option<Instant>>>,
+    acked: Arc<AtomicUsize>,
+) -> PublishLog {
+    let mut log = PublishLog::new();
+    let mut ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        let mut window = Vec::new();
+        for _ in 0..32 {
+            window.push(start_publish(&ch, &queue).await);
+        }
+        let mut failed = false;
+        for p in window {
+            let out = match p {
+                Ok(confirm) => describe_confirm(confirm).await,
+                Err(e) => e,
+            };
+            let since = t_kill
+                .lock()
+                .unwrap()
+                .map(|t| t.elapsed().as_millis() as i128);
+            failed |= out.contains("error");
+            if out == "ack" {
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+            log.push((since, out));
+        }
+        if failed {
+            // A channel error closes the channel: open another one.
+            if let Ok(c) = conn.create_channel().await {
+                if c.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .is_ok()
+                {
+                    ch = c;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    log
+}
+
+/// (publishes before the kill, outcome -> (count, first ms, last ms after the kill)).
+fn summarize(log: &PublishLog) -> (usize, BTreeMap<String, (usize, i128, i128)>) {
+    let mut summary: BTreeMap<String, (usize, i128, i128)> = BTreeMap::new();
+    let mut before = 0;
+    for (t, out) in log {
+        let Some(t) = *t else {
+            before += 1;
+            continue;
+        };
+        let e = summary.entry(out.clone()).or_insert((0, i128::MAX, 0));
+        e.0 += 1;
+        e.1 = e.1.min(t);
+        e.2 = e.2.max(t);
+    }
+    (before, summary)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_with_their_node_down() {
     let cluster = Cluster::shared().await;
@@ -589,60 +668,33 @@ async fn queues_with_their_node_down() {
     assert_eq!(cluster.leader_of(&quorum).await.unwrap(), home);
     let obs = connect(cluster.url(observer)).await;
 
-    // Publish to the quorum queue without pause from the observer's node across the kill.
+    // Publish to the quorum queue without pause from the observer's node across the kill,
+    // and, from the kill on, from a new connection to the third node.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let pub_conn = connect(cluster.url(observer)).await;
-    let published = Arc::new(AtomicUsize::new(0));
-    let (q, stop2, published2) = (quorum.clone(), stop.clone(), published.clone());
     let t_kill: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let t_kill2 = t_kill.clone();
-    let publisher = tokio::spawn(async move {
-        let mut log: Vec<(Option<i128>, String)> = Vec::new();
-        let mut ch = pub_conn.create_channel().await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        while !stop2.load(Ordering::SeqCst) {
-            // A window of 32 publishes in flight, like a busy publisher.
-            let mut window = Vec::new();
-            for _ in 0..32 {
-                window.push(start_publish(&ch, &q).await);
-            }
-            let mut failed = false;
-            for p in window {
-                let out = match p {
-                    Ok(confirm) => describe_confirm(confirm).await,
-                    Err(e) => e,
-                };
-                let since = t_kill2
-                    .lock()
-                    .unwrap()
-                    .map(|t| t.elapsed().as_millis() as i128);
-                failed |= out.contains("error");
-                log.push((since, out));
-                published2.fetch_add(1, Ordering::SeqCst);
-            }
-            if failed {
-                // A channel error closes the channel: open another one.
-                if let Ok(c) = pub_conn.create_channel().await {
-                    if c.confirm_select(ConfirmSelectOptions::default())
-                        .await
-                        .is_ok()
-                    {
-                        ch = c;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        log
-    });
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = tokio::spawn(publish_loop(
+        connect(cluster.url(observer)).await,
+        quorum.clone(),
+        stop.clone(),
+        t_kill.clone(),
+        published.clone(),
+    ));
     wait_for("a few quorum publishes", Duration::from_secs(10), || {
         published.load(Ordering::SeqCst) >= 200
     })
     .await;
     cluster.kill(home).await.unwrap();
     *t_kill.lock().unwrap() = Some(Instant::now());
+    let third = 3 - home - observer;
+    let late_acked = Arc::new(AtomicUsize::new(0));
+    let late_publisher = tokio::spawn(publish_loop(
+        connect(cluster.url(third)).await,
+        quorum.clone(),
+        stop.clone(),
+        t_kill.clone(),
+        late_acked.clone(),
+    ));
 
     let passive = passive_outcome(&obs, &classic).await;
     let publish = publish_outcome(&obs, &classic).await;
@@ -685,32 +737,43 @@ async fn queues_with_their_node_down() {
         "[probe] quorum queue: new leader {new_leader:?} listed {:?} after the kill",
         t_kill_at.elapsed()
     );
-    wait_for("the election settles", Duration::from_secs(30), || {
-        t_kill_at.elapsed() > Duration::from_secs(8)
-    })
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    let log = publisher.await.unwrap();
-    let after: Vec<&(Option<i128>, String)> = log.iter().filter(|(t, _)| t.is_some()).collect();
-    let mut summary: BTreeMap<String, (usize, i128, i128)> = BTreeMap::new();
-    for (t, out) in &after {
-        let t = t.unwrap();
-        let e = summary.entry(out.clone()).or_insert((0, i128::MAX, 0));
-        e.0 += 1;
-        e.1 = e.1.min(t);
-        e.2 = e.2.max(t);
+    // Until the late publisher gets acks too (or 20 s), then restart the node and keep
+    // publishing until it does (or 20 s more).
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while late_acked.load(Ordering::SeqCst) == 0 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!(
-        "[probe] quorum queue publishes from node {observer}: {} before the kill, after it:",
-        log.len() - after.len()
-    );
-    for (out, (n, first, last)) in &summary {
-        eprintln!("[probe]   {n} x {out} (from {first} ms to {last} ms after the kill)");
-    }
-
+    let restart_at = t_kill_at.elapsed();
     let t = Instant::now();
     cluster.restart(home).await.unwrap();
-    eprintln!("[probe] node {home} back in {:?}", t.elapsed());
+    eprintln!(
+        "[probe] node {home} restarted {restart_at:?} after the kill, back in {:?}",
+        t.elapsed()
+    );
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    let at_back = late_acked.load(Ordering::SeqCst);
+    while late_acked.load(Ordering::SeqCst) < at_back + 100 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let early = summarize(&publisher.await.unwrap());
+    let late = summarize(&late_publisher.await.unwrap());
+    for (who, (before, summary)) in [
+        (
+            format!("from node {observer}, connected before the kill"),
+            &early,
+        ),
+        (
+            format!("from node {third}, connected after the kill"),
+            &late,
+        ),
+    ] {
+        eprintln!("[probe] quorum queue publishes {who}: {before} before the kill, after it:");
+        for (out, (n, first, last)) in summary {
+            eprintln!("[probe]   {n} x {out} (from {first} ms to {last} ms after the kill)");
+        }
+    }
+
     let back = passive_outcome(&obs, &classic).await;
     eprintln!("[probe] classic queue after its node restarted: passive declare -> {back}");
     let ch = obs.create_channel().await.unwrap();
@@ -722,7 +785,7 @@ async fn queues_with_their_node_down() {
     let _ = obs.close(200, "bye".into()).await;
     eprintln!("[probe] test took {:?}", started.elapsed());
     assert!(
-        summary.keys().any(|k| k == "ack"),
+        early.1.contains_key("ack") && late.1.contains_key("ack"),
         "the quorum queue takes publishes again after its leader died"
     );
     assert!(

@@ -46,7 +46,7 @@ async fn fan_in_of_100_targets_survives_a_sigkill() {
     let hooks = ledger.with_extension("hooks");
     let env = [
         ("FIXTURE_HOOKS", hooks.display().to_string()),
-        ("FIXTURE_JOIN_LEASE_MS", "1500".to_owned()),
+        ("FIXTURE_COMPLETION_WINDOW_MS", "30000".to_owned()),
     ];
     let start = || FixtureWorker::start_with(&url, &svc, QueueType::Quorum, &ledger, 2, &env);
     let mut workers = vec![start().await, start().await];

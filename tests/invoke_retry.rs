@@ -89,7 +89,7 @@ async fn fixture() -> Fixture {
     let worker = Worker::builder()
         .amqp(config(QueueType::Quorum))
         .service(service)
-        .join_lease(Duration::from_secs(3))
+        .completion_window(Duration::from_secs(30))
         // The per-call lease and done-marker queues of callbacks expire soon after the test.
         .part_queue_expiry(Duration::from_secs(20))
         .build()

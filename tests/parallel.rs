@@ -92,7 +92,7 @@ async fn fixture(qt: QueueType) -> Fixture {
     let worker = Worker::builder()
         .amqp(config(qt))
         .service(service(&svc, &calls))
-        .join_lease(Duration::from_secs(3))
+        .completion_window(Duration::from_secs(30))
         .build()
         .await
         .unwrap();

@@ -51,7 +51,7 @@ impl Setup {
     async fn worker(&self, concurrency: usize) -> FixtureWorker {
         let env = [
             ("FIXTURE_HOOKS", self.hooks.display().to_string()),
-            ("FIXTURE_JOIN_LEASE_MS", "1500".to_owned()),
+            ("FIXTURE_COMPLETION_WINDOW_MS", "30000".to_owned()),
         ];
         FixtureWorker::start_with(
             &self.url,

@@ -102,7 +102,7 @@ async fn fixture(qt: QueueType, barrier: Option<Arc<Barrier>>) -> Fixture {
         .amqp(config(qt))
         .service(service)
         .concurrency(64)
-        .join_lease(Duration::from_secs(2))
+        .completion_window(Duration::from_secs(30))
         // Claim and done-marker queues of test jobs disappear a minute after use.
         .part_queue_expiry(Duration::from_secs(60))
         .build()

@@ -289,20 +289,15 @@ pub fn check_ledger(ledger: &Path, n: usize) -> usize {
     dups
 }
 
-/// Deletes the lease and done-marker queues of the split job whose part queue is
-/// `part_queue` (they outlive the job on purpose, until their expiry).
+/// Deletes the per-job queues of the split job whose part queue is `part_queue` (its done
+/// marker outlives the job on purpose, for the completion window).
 pub async fn cleanup_job(url: &str, part_queue: &str) {
     let Ok(broker) = Broker::connect(config_for(url, QueueType::Classic)).await else {
         return;
     };
-    let key = warren_core::topology::JobKey::of(part_queue);
-    for spec in [
-        warren_core::topology::QueueSpec::claim(&key, 0, 0),
-        warren_core::topology::QueueSpec::done(&key, 0),
-    ] {
-        let _ = broker.delete_queue(&spec.name).await;
+    for q in warren_core::topology::job_queues(part_queue) {
+        let _ = broker.delete_queue(&q).await;
     }
-    let _ = broker.delete_queue(part_queue).await;
     broker.close().await;
 }
 

@@ -237,6 +237,7 @@ fn letter_json(l: &DeadLetter) -> LetterJson<'_> {
                 HeaderValue::Str(s) | HeaderValue::Other(s) => Value::from(s.as_str()),
                 HeaderValue::Int(i) => Value::from(*i),
                 HeaderValue::Bool(b) => Value::from(*b),
+                HeaderValue::StrList(l) => Value::from(l.clone()),
             };
             (k.clone(), v)
         })

@@ -166,6 +166,22 @@ impl Client {
     /// Enqueues a [`Task`] built with options (cid, hooks, parent).
     pub async fn send(&self, task: Task) -> Result<Receipt, Error> {
         let (env, _) = task.into_envelope()?;
+        if let Some(p) = &env.part {
+            // A part the caller attached by hand: its job's part queue exists from the first
+            // part's send (results never create it: a result whose part queue is gone
+            // belongs to a finished job).
+            let spec = QueueSpec::part(&p.part_queue, crate::parallel::FANIN_QUEUE_EXPIRY_MS)?;
+            match self
+                .inner
+                .publisher
+                .declare_cached(&p.part_queue, &[spec])
+                .await
+            {
+                // Declared by its job's creator with another expiry: it exists.
+                Err(warren_core::Error::Refused { .. }) => {}
+                other => other?,
+            }
+        }
         self.record_pending(&env).await;
         self.send_envelope(&env, None).await?;
         Ok(Receipt {
@@ -361,8 +377,10 @@ impl Client {
         &self.inner.publisher
     }
 
-    /// When a publish started now must give up.
-    pub(crate) fn publish_deadline(&self) -> Instant {
+    /// When a publish started now must give up (now + the publish timeout).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn publish_deadline(&self) -> Instant {
         Instant::now() + self.inner.broker.config().publish_timeout
     }
 

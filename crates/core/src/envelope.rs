@@ -154,6 +154,11 @@ pub struct Envelope {
     /// A topic the task's final status (`succeeded` or `failed`) is published to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
+    /// `true` when this task may have been sent before: a part task published again by a
+    /// split task that was redelivered after a crash. A worker shows it to the handler as
+    /// `ctx.redelivered()`, so a re-run part is always marked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
 }
 
 fn first_attempt() -> u32 {
@@ -192,6 +197,7 @@ impl Envelope {
             caller_retries: false,
             topic: None,
             notify: None,
+            resent: false,
         }
     }
 

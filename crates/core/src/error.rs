@@ -135,6 +135,15 @@ impl Error {
         )
     }
 
+    /// `true` for a refusal that a cluster failover causes: a durable classic queue whose
+    /// home node is down answers `NOT_FOUND ... down or inaccessible` until the node is back.
+    /// Retrying later helps.
+    #[must_use]
+    pub fn is_node_down(&self) -> bool {
+        matches!(self, Error::Refused { source, .. }
+            if source.reply_code() == Some(404) && source.to_string().contains("down or inaccessible"))
+    }
+
     /// For a publish error: `Some(true)` when the broker may hold the message anyway (sending
     /// it again could duplicate it), `Some(false)` when it surely does not, `None` when the
     /// error is not about an unconfirmed publish.

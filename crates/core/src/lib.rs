@@ -32,7 +32,7 @@ pub mod topology;
 
 pub use amqp::{
     Broker, ConsumerEvent, HeaderValue, Incoming, Outgoing, Publisher, QueueStats, Subscription,
-    SubscriptionSpec,
+    SubscriptionSpec, Take,
 };
 pub use config::{AmqpConfig, AmqpUrl, QueueType, ReconnectPolicy};
 pub use envelope::{

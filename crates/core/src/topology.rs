@@ -190,45 +190,42 @@ impl QueueSpec {
         })
     }
 
-    /// A job's lease: holds at most one message, which expires after `lease_ms`.
-    #[must_use]
-    pub fn claim(job: &JobKey, lease_ms: u64, expires_ms: u64) -> Self {
-        Self {
-            name: format!("{PREFIX}claim.{}", job.0),
-            durable: true,
-            queue_type: Some(QueueType::Classic),
-            message_ttl_ms: Some(lease_ms),
-            expires_ms: Some(expires_ms),
-            max_length_reject: Some(1),
-            ..Self::default()
-        }
-    }
-
-    /// A job's done marker, bound to [`JOIN_EXCHANGE`] by the job's header.
+    /// A job's done marker: `warren.done.<job>`, declared when the job's join fires and
+    /// deleted by RabbitMQ `expires_ms` after its last use (the completion window). Each
+    /// fired hook or callback leaves one message in it, routed there by the `BCC` header of
+    /// the hook's own publish.
     #[must_use]
     pub fn done(job: &JobKey, expires_ms: u64) -> Self {
         Self {
-            name: format!("{PREFIX}done.{}", job.0),
+            name: done_queue(job),
             durable: true,
             queue_type: Some(QueueType::Classic),
             expires_ms: Some(expires_ms),
-            bind: Some((JOIN_EXCHANGE.to_owned(), String::new())),
-            bind_headers: vec![(H_JOB.to_owned(), job.0.to_string())],
             ..Self::default()
         }
     }
 }
 
-/// The headers exchange a join's hook is published through: bound to [`TASK_EXCHANGE`]
-/// (exchange-to-exchange, matching every message) so the hook reaches its service, and to
-/// the job's done-marker queue by the [`H_JOB`] header, in one confirmed publish.
-pub const JOIN_EXCHANGE: &str = "warren.join";
-/// Header: the job a hook or done marker belongs to. (Not `x-`: RabbitMQ's headers
-/// exchange ignores `x-` keys when matching, so such a binding would match every message.)
-pub const H_JOB: &str = "warren-job";
+/// `warren.done.<job>`: the done-marker queue of a job.
+#[must_use]
+pub fn done_queue(job: &JobKey) -> String {
+    format!("{PREFIX}done.{}", job.0)
+}
+
+/// Every per-job queue of the job whose part queue is `part_queue`: the part queue and the
+/// done marker. Both are gone once the job joined and its completion window passed.
+#[must_use]
+pub fn job_queues(part_queue: &str) -> [String; 2] {
+    [part_queue.to_owned(), done_queue(&JobKey::of(part_queue))]
+}
+
+/// Header: sender-selected distribution (RabbitMQ): the message is also routed to these
+/// routing keys, and the header is removed before delivery. A join's hook names its done
+/// marker queue here, so the hook and its marker are one publish.
+pub const H_BCC: &str = "BCC";
 
 /// The identity of a split job, derived from its part queue name (fixed length, so the
-/// claim and done queue names always fit).
+/// done queue name always fits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct JobKey(pub uuid::Uuid);
 

@@ -1,33 +1,35 @@
-//! The exactly-once join of a split job. `docs/joins.md` explains the protocol and walks
-//! through every crash point; in short:
+//! The exactly-once join of a split job (and of a fan-in, and of a background invoke/retry's
+//! callback). `docs/joins.md` explains the protocol and walks through every crash point; in
+//! short:
 //!
 //! 1. Every finished part publishes its result (ok or error) to the job's part queue, then,
-//!    while its own part task is still unacked, tries to join.
+//!    while its own part task is still unacked, tries to join. A result whose part queue is
+//!    gone belongs to a finished (or abandoned) job: it is dropped, never re-creates it.
 //! 2. A join starts only when the part queue holds at least `total_parts` ready messages.
-//! 3. **Lease**: the joiner publishes into `warren.claim.<job>`, a queue that holds at most one
-//!    message (`x-overflow=reject-publish`): exactly one publish is acked; the others are
-//!    nacked. The lease message expires (`x-message-ttl`), so a dead joiner's lease frees
-//!    itself. A contender that lost schedules a delayed re-check of the join.
-//! 4. **Done marker**: if `warren.done.<job>` holds a message, the hook already fired: the
-//!    joiner only removes the part queue.
+//! 3. **Hold**: the joiner consumes the part queue through an *exclusive* consumer on a
+//!    private channel. RabbitMQ grants one exclusive consumer per queue; every other
+//!    contender is refused (and stops: the holder is alive, or its unacked delivery is
+//!    redelivered when it dies, and the hold ends with its channel).
+//! 4. **Done marker**: if `warren.done.<job>` holds markers, the hook (or some callbacks)
+//!    already fired: the joiner fires only what is left, then removes the part queue.
 //! 5. The joiner takes every result, unacked, and de-duplicates them by `part_id`. Missing
-//!    parts (duplicates filled the count): it puts them back, frees the lease, and starts over.
-//! 6. **Fire**: one publish to the `warren.join` headers exchange reaches both the hook's
-//!    service (through the exchange-to-exchange binding to `warren.tasks`) and the done
-//!    marker queue, so "the hook was sent" and "the job is done" are one broker event.
+//!    parts (duplicates filled the count): it puts them back, lets go, and starts over.
+//! 6. **Fire**: one publish per hook or callback, to its service queue, with the done
+//!    marker queue in its `BCC` header: "the hook was sent" and "the job is done" are one
+//!    broker event. The marker queue expires after the completion window.
 //! 7. The part queue is deleted; the joiner's part task is acked.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 use warren_core::envelope::ReplyOutcome;
-use warren_core::topology::{JobKey, QueueSpec, H_JOB, JOIN_EXCHANGE};
+use warren_core::topology::{service_queue, JobKey, QueueSpec, H_BCC};
 use warren_core::{
     Envelope, Failure, FailureKind, FanOut, HeaderValue, HookTarget, Hooks, Outgoing,
-    PartDecorator, Target, Via,
+    PartDecorator, Take, Target, Via,
 };
 
 use crate::fanout;
@@ -39,6 +41,10 @@ type Res<T = ()> = Result<T, warren_client::Error>;
 
 /// How many times one join attempt starts over after finding parts missing.
 const MAX_ROUNDS: u32 = 5;
+/// How long a joiner waits for one more result before it counts what it holds.
+const TAKE_IDLE: Duration = Duration::from_secs(2);
+/// When a scheduled join re-check runs.
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
 
 /// Everything a joiner needs to know about a job; carried by each part task.
 #[derive(Debug, Clone)]
@@ -84,9 +90,9 @@ impl Job {
     }
 
     /// How many done markers a finished join leaves: one per fired callback (at least one).
-    fn markers_when_done(&self) -> u32 {
+    fn markers_when_done(&self) -> usize {
         match &self.fanout {
-            Some(f) => u32::try_from(f.on_final.len()).unwrap_or(u32::MAX).max(1),
+            Some(f) => f.on_final.len().max(1),
             None => 1,
         }
     }
@@ -99,12 +105,17 @@ impl Job {
         }
     }
 
-    pub(crate) fn claim(&self, shared: &Shared) -> QueueSpec {
-        QueueSpec::claim(&self.key, ms(shared.joins.lease), ms(shared.joins.expiry))
+    pub(crate) fn done(&self, shared: &Shared) -> QueueSpec {
+        QueueSpec::done(&self.key, ms(shared.joins.completion_window))
     }
 
-    pub(crate) fn done(&self, shared: &Shared) -> QueueSpec {
-        QueueSpec::done(&self.key, ms(shared.joins.expiry))
+    /// The id of the job's `i`-th hook or callback: the same in every joiner, so a marker
+    /// says which callback it stands for (and a consumer can de-duplicate by task id).
+    fn callback_id(&self, i: usize) -> Uuid {
+        Uuid::new_v5(
+            &self.key.0,
+            &u64::try_from(i).unwrap_or(u64::MAX).to_be_bytes(),
+        )
     }
 }
 
@@ -130,26 +141,58 @@ pub(crate) struct PartResult {
     pub(crate) attempt: Option<u32>,
 }
 
-/// How many of the job's done markers exist: one per callback fired so far. Callbacks are
-/// fired one at a time, in a fixed order, each in the same publish as its marker, so a
-/// joiner that resumes after a crash knows exactly which ones are left.
-async fn markers(shared: &Shared, job: &Job) -> Res<u32> {
+/// Which of the job's hooks or callbacks have fired, from its done markers.
+async fn fired(shared: &Shared, job: &Job) -> Res<BTreeSet<usize>> {
+    let done = job.done(shared);
+    let broker = shared.client.broker();
+    let ready = broker.queue_stats(&done.name).await?.map_or(0, |s| s.ready);
+    if ready == 0 {
+        return Ok(BTreeSet::new());
+    }
+    let wanted = job.markers_when_done();
+    if wanted == 1 {
+        return Ok(BTreeSet::from([0]));
+    }
+    // Several callbacks: read which ones the markers stand for (a marker is the callback's
+    // own message, whose id is the callback's deterministic id).
+    let ids: BTreeMap<Uuid, usize> = (0..wanted).map(|i| (job.callback_id(i), i)).collect();
+    let Some(batch) = broker
+        .take(
+            &done.name,
+            ready as usize,
+            Duration::from_millis(500),
+            |_| false,
+        )
+        .await?
+    else {
+        return Ok(BTreeSet::new());
+    };
+    let fired = batch
+        .bodies
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .filter_map(|env| ids.get(&env.id).copied())
+        .collect();
+    batch.release().await;
+    Ok(fired)
+}
+
+/// `true` when the job's join has fired (or started firing) its hook or callbacks.
+pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
     let done = job.done(shared);
     Ok(shared
         .client
         .broker()
         .queue_stats(&done.name)
         .await?
-        .map_or(0, |s| s.ready))
+        .is_some_and(|s| s.ready > 0))
 }
 
-/// `true` when the job's join has fired (or started firing) its hook or callbacks.
-pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
-    Ok(markers(shared, job).await? > 0)
-}
-
-/// Publishes a part's result to the job's part queue (declaring it if a hand-split job's
-/// queue does not exist yet). A result for a job that already joined is dropped.
+/// Publishes a part's result to the job's part queue. A result whose part queue does not
+/// exist belongs to a job that already joined (or was abandoned and expired): it is dropped
+/// and counted, and never re-creates the queue, so a straggler can never fire a hook again.
+/// A part queue whose node is down is waited for (the publisher retries until its
+/// deadline; then the error is transient and the part task is delivered again).
 pub(crate) async fn record_part(
     shared: &Shared,
     job: &Job,
@@ -169,143 +212,111 @@ pub(crate) async fn record_part(
     let mut msg = Outgoing::new("", job.part_queue.clone(), body);
     msg.message_id = Some(env.id.to_string());
     msg.correlation_id = Some(job.cid.clone());
-    match shared.client.publish_raw(&msg).await {
-        Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) => {
-            if is_done(shared, job).await? {
-                tracing::debug!(part_id, "late part result for a job that already joined");
+    let publisher = shared.client.publisher();
+    let deadline = shared.client.publish_deadline();
+    loop {
+        match publisher.publish_by(&msg, deadline).await {
+            Err(warren_core::Error::Unroutable { .. }) => {}
+            other => return Ok(other?),
+        }
+        // Gone, or on a node that is down (a refusal the publisher's retry understands)?
+        match shared.client.broker().queue_stats(&job.part_queue).await {
+            Ok(None) => {
+                tracing::info!(part_id, part_queue = %job.part_queue, "part result for a finished or abandoned job; dropped");
                 return Ok(());
             }
-            let spec = QueueSpec::part(&job.part_queue, ms(shared.joins.expiry))?;
-            match shared.client.broker().declare(&[spec]).await {
-                // Declared by its producer with other arguments (a client's fan-in, another
-                // worker's expiry setting): it exists, which is all this needs.
-                Err(warren_core::Error::Refused { .. }) => {}
-                other => other?,
-            }
-            shared.client.publish_raw(&msg).await
+            Ok(Some(_)) => {}
+            Err(e) if e.is_node_down() => {}
+            Err(e) => return Err(e.into()),
         }
-        other => other,
+        if tokio::time::Instant::now() >= deadline {
+            return Err(warren_core::Error::Timeout {
+                what: format!("publishing a part result to {}", job.part_queue),
+                after: shared.client.broker().config().publish_timeout,
+            }
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Tries to finish the job's join; returns when it fired, when it is not this caller's to
-/// fire (not all parts in, already done, another joiner holds the lease), or after
+/// fire (not all parts in, already done, another joiner holds the part queue), or after
 /// scheduling a re-check.
 ///
 /// Every joiner runs inside an unacked delivery (a part task, a split task or a join check),
-/// so a joiner that dies is redelivered and tries again. A first-time contender that loses
-/// the lease therefore just stops: the holder is alive, or its redelivery will follow. Only
-/// a `redelivered` contender (possibly the dead holder's own retry, facing its own lease)
-/// schedules a re-check for after the lease runs out.
-pub(crate) async fn try_join(shared: &Shared, job: &Job, redelivered: bool) -> Res {
+/// so a joiner that dies is redelivered and tries again; a contender refused by the
+/// exclusive hold therefore just stops.
+pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
+    if job.total == 0 {
+        return join_empty(shared, job).await;
+    }
     let broker = shared.client.broker();
-    // When a re-check runs: after any lease that may block the join has expired.
-    let recheck_after = shared.joins.lease + Duration::from_millis(500);
+    let total = job.total as usize;
     for _ in 0..MAX_ROUNDS {
         if held_here(shared, job) {
-            // A joiner in this process holds the lease and is alive (it is us). Our result
-            // was recorded before this check, so the holder's next look at the part queue
-            // (after it lets go: see `LocalHold`) counts it; nothing is left for us to do.
-            tracing::debug!(job = %job.key.0, "a joiner in this process holds the lease");
+            // A joiner in this process holds the part queue and is alive. Our result was
+            // recorded before this check, so the holder's next look (after it lets go: see
+            // `LocalHold`) counts it; nothing is left for us to do.
+            tracing::debug!(job = %job.key.0, "a joiner in this process holds the job");
             return Ok(());
         }
-        let ready = if job.total == 0 {
-            0
-        } else {
-            match broker.queue_stats(&job.part_queue).await? {
-                None => return Ok(()), // joined (and deleted) or expired
-                Some(s) if s.ready < job.total => return Ok(()),
-                Some(s) => s.ready,
-            }
+        let ready = match broker.queue_stats(&job.part_queue).await? {
+            None => return Ok(()), // joined (and deleted) or expired
+            Some(s) if s.ready < job.total => return Ok(()),
+            Some(s) => s.ready,
         };
-        // The lease: only one contender's publish is acked. The claim queue is declared when
-        // the job is split (or here, on first use, for a job split by its caller).
-        let claim = job.claim(shared);
-        declare_once(shared, &claim).await?;
-        let leased_at = Instant::now();
-        let mut lease = Outgoing::new("", claim.name.clone(), b"{}".to_vec());
-        lease.persistent = false;
-        // A unique id, so a return for this publish is never confused with another's.
-        lease.message_id = Some(Uuid::now_v7().to_string());
-        let mut published = shared.client.publish_raw(&lease).await;
-        if let Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) = published
-        {
-            broker.declare(std::slice::from_ref(&claim)).await?;
-            published = shared.client.publish_raw(&lease).await;
-        }
-        match published {
-            Err(warren_client::Error::Broker(warren_core::Error::Nacked { .. })) => {
-                tracing::debug!(job = %job.key.0, redelivered, "another joiner holds the lease");
-                if redelivered {
-                    return schedule_check(shared, job, recheck_after).await;
+        let _hold = LocalHold::new(shared, job);
+        let mut seen = BTreeSet::<u32>::new();
+        let taken = broker
+            .take_exclusive(&job.part_queue, ready as usize, TAKE_IDLE, |bodies| {
+                if let Some(last) = bodies.last() {
+                    if let Ok(r) = serde_json::from_slice::<PartResult>(last) {
+                        seen.insert(r.part_id);
+                    }
                 }
+                seen.len() >= total
+            })
+            .await?;
+        let batch = match taken {
+            Take::Held(b) => b,
+            Take::Missing => return Ok(()),
+            Take::Busy => {
+                tracing::debug!(job = %job.key.0, "another joiner holds the job");
                 return Ok(());
             }
-            other => other?,
-        }
-        tracing::debug!(job = %job.key.0, ready, "lease won");
-        let _hold = LocalHold::new(shared, job);
-        // The done-marker queue: declared at split time for split jobs, here for fan-ins.
-        declare_once(shared, &job.done(shared)).await?;
-        let fired = markers(shared, job).await?;
-        if fired >= job.markers_when_done() {
-            let _ = broker.delete_queue(&job.part_queue).await?;
-            return Ok(());
-        }
-        if job.total == 0 {
-            let payload = Value::Array(Vec::new());
-            if !fire(shared, job, true, payload, fired, leased_at).await? {
-                return schedule_check(shared, job, recheck_after).await;
-            }
-            return Ok(());
-        }
-        tracing::debug!(job = %job.key.0, "not done yet; taking results");
-        let total = job.total as usize;
-        let mut seen = BTreeSet::<u32>::new();
-        let batch = broker
-            .take(
-                &job.part_queue,
-                ready as usize,
-                Duration::from_secs(2),
-                |bodies| {
-                    if let Some(last) = bodies.last() {
-                        if let Ok(r) = serde_json::from_slice::<PartResult>(last) {
-                            seen.insert(r.part_id);
-                        }
-                    }
-                    seen.len() >= total
-                },
-            )
-            .await?;
-        let Some(batch) = batch else { return Ok(()) };
+        };
         tracing::debug!(job = %job.key.0, taken = batch.bodies.len(), "part results taken");
+        let fired = fired(shared, job).await?;
+        if fired.len() >= job.markers_when_done() {
+            // Joined before, by a joiner that died before it removed the part queue.
+            batch.delete_queue(&job.part_queue).await?;
+            return Ok(());
+        }
         let results = distinct(&batch.bodies, job.total);
         if results.len() < total {
             tracing::debug!(job = %job.key.0, have = results.len(), total, "parts missing; releasing");
             batch.release().await;
-            if !release_lease(shared, &claim.name, leased_at).await {
-                // Our lease still blocks everyone until it expires: re-check after that.
-                return schedule_check(shared, job, recheck_after).await;
-            }
             continue;
         }
-        if leased_at.elapsed() > shared.joins.lease.mul_f64(0.8) {
-            // Our lease may have run out: another joiner could be firing. Let the check decide.
-            batch.release().await;
-            return schedule_check(shared, job, recheck_after).await;
-        }
         let (ok, payload) = hook_payload(job, &results)?;
-        if !fire(shared, job, ok, payload, fired, leased_at).await? {
-            // The lease ran short between two callbacks: the rest fire after a re-check.
-            batch.release().await;
-            return schedule_check(shared, job, recheck_after).await;
-        }
-        tracing::debug!(job = %job.key.0, "hook fired");
+        fire(shared, job, ok, &payload, &fired).await?;
         batch.delete_queue(&job.part_queue).await?;
         tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
         return Ok(());
     }
-    schedule_check(shared, job, recheck_after).await
+    schedule_check(shared, job, RECHECK_AFTER).await
+}
+
+/// The join of a job without parts: only its split task (or that task's redelivery) fires
+/// it, so no hold is needed; the done marker stops a redelivered split task firing again.
+async fn join_empty(shared: &Shared, job: &Job) -> Res {
+    let fired = fired(shared, job).await?;
+    if fired.len() >= job.markers_when_done() {
+        return Ok(());
+    }
+    fire(shared, job, true, &Value::Array(Vec::new()), &fired).await?;
+    Ok(())
 }
 
 /// One result per part id; a success wins over a failure of the same part (a part that
@@ -368,61 +379,86 @@ fn hook_payload(job: &Job, results: &BTreeMap<u32, PartResult>) -> Res<(bool, Va
     ))
 }
 
-/// Fires the job's hook (or its callbacks after the `fired` ones already sent), each with
-/// its done marker in one publish. Returns `false` when it stopped because the lease was
-/// running out (the remaining callbacks fire after a re-check).
+/// Fires the job's hook (or those of its callbacks not in `fired`), each in one publish
+/// with its done marker: the hook goes to its service's queue and, through the `BCC`
+/// header, to the job's marker queue (declared here, expiring after the completion window).
+/// Callbacks are sent one at a time, in their fixed order.
 async fn fire(
     shared: &Shared,
     job: &Job,
     ok: bool,
-    payload: Value,
-    fired: u32,
-    leased_at: Instant,
-) -> Res<bool> {
+    payload: &Value,
+    fired: &BTreeSet<usize>,
+) -> Res {
     let done = job.done(shared);
+    let publisher = shared.client.publisher();
+    let declare_done = || Ok(vec![done.clone()]);
     let targets = job.fire_targets(ok);
     if targets.is_empty() {
-        if fired == 0 {
+        // Nothing to call: the marker alone says the job is done.
+        if fired.is_empty() {
             let mut marker = Outgoing::new("", done.name.clone(), b"{}".to_vec());
-            marker.message_id = Some(Uuid::now_v7().to_string());
-            shared.client.publish_raw(&marker).await?;
+            marker.message_id = Some(job.callback_id(0).to_string());
+            publisher
+                .publish_routed(
+                    &marker,
+                    &done.name,
+                    &declare_done,
+                    shared.client.publish_deadline(),
+                )
+                .await?;
         }
-        return Ok(true);
+        return Ok(());
     }
-    for (i, t) in targets.iter().enumerate().skip(fired as usize) {
-        if i > fired as usize && leased_at.elapsed() > shared.joins.lease.mul_f64(0.8) {
-            return Ok(false);
+    publisher
+        .declare_cached(&done.name, &declare_done()?)
+        .await?;
+    for (i, t) in targets.iter().enumerate() {
+        if fired.contains(&i) {
+            continue;
         }
-        // The callback's queue must exist, or the publish would reach only the done marker.
+        // The callback's queue must exist, or the publish would reach only the marker.
         shared.client.ensure_service(&t.svc).await?;
         let mut env = Envelope::new(
             &Target::new(&t.svc, &t.method)?,
             payload.clone(),
             Some(job.cid.clone()),
         );
+        env.id = job.callback_id(i);
         env.channel = job.via();
         env.parent = Some(job.id);
         let mut msg = Outgoing::new(
-            JOIN_EXCHANGE,
-            t.svc.clone(),
+            "",
+            service_queue(&t.svc)?,
             env.to_bytes().map_err(warren_client::Error::Encode)?,
         );
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid);
-        msg.headers = vec![(H_JOB.to_owned(), HeaderValue::Str(job.key.0.to_string()))];
-        shared.client.publish_raw(&msg).await?;
+        msg.headers = vec![(
+            H_BCC.to_owned(),
+            HeaderValue::StrList(vec![done.name.clone()]),
+        )];
+        // Unroutable means the marker queue expired or was removed under us: declare again.
+        publisher
+            .publish_routed(
+                &msg,
+                &done.name,
+                &declare_done,
+                shared.client.publish_deadline(),
+            )
+            .await?;
     }
-    Ok(true)
+    Ok(())
 }
 
-/// `true` when a joiner of this process holds `job`'s lease right now.
+/// `true` when a joiner of this process holds `job`'s part queue right now.
 fn held_here(shared: &Shared, job: &Job) -> bool {
     shared.holding.lock().is_ok_and(|h| h.contains(&job.key.0))
 }
 
-/// Marks a job's lease as held by a joiner of this process, so this process's other
-/// contenders skip their (doomed) lease attempts. Released when the holder leaves the
-/// round that won the lease: before it looks at the part queue again, so any result a
+/// Marks a job as held by a joiner of this process, so this process's other contenders
+/// skip their (doomed) attempts. Released when the holder leaves the round that won the
+/// hold: before it looks at the part queue again, so any result a
 /// skipper recorded is counted by the holder's next round or by a scheduled re-check.
 struct LocalHold<'a> {
     shared: &'a Shared,
@@ -447,34 +483,6 @@ impl Drop for LocalHold<'_> {
             h.remove(&self.key);
         }
     }
-}
-
-/// Declares a join queue unless this process already did (a queue deleted since is declared
-/// again by the callers' unroutable fallbacks).
-async fn declare_once(shared: &Shared, spec: &QueueSpec) -> Res {
-    let known = shared.declared.lock().is_ok_and(|d| d.contains(&spec.name));
-    if known {
-        return Ok(());
-    }
-    shared
-        .client
-        .broker()
-        .declare(std::slice::from_ref(spec))
-        .await?;
-    if let Ok(mut d) = shared.declared.lock() {
-        if d.len() >= 10_000 {
-            d.clear();
-        }
-        d.insert(spec.name.clone());
-    }
-    Ok(())
-}
-
-/// Frees our lease early if it cannot have expired yet (purging later could remove the
-/// lease of the next holder); `false` when it was left to expire.
-async fn release_lease(shared: &Shared, claim: &str, leased_at: Instant) -> bool {
-    leased_at.elapsed() < shared.joins.lease / 2
-        && shared.client.broker().purge_queue(claim).await.is_ok()
 }
 
 /// Sends a join re-check for `job` after `delay` (a task on the job's own service).

@@ -51,9 +51,9 @@ impl HostedService {
 /// Split-job settings.
 #[derive(Debug, Clone)]
 pub(crate) struct JoinSettings {
-    /// How long a joiner's lease lasts.
-    pub(crate) lease: Duration,
-    /// How long unused part, claim and done queues live.
+    /// How long a job's done marker lives after the join (its last use).
+    pub(crate) completion_window: Duration,
+    /// How long an unused part queue lives (an abandoned job's).
     pub(crate) expiry: Duration,
 }
 
@@ -62,9 +62,7 @@ pub(crate) struct Shared {
     pub(crate) services: HashMap<String, HostedService>,
     pub(crate) client: Client,
     pub(crate) joins: JoinSettings,
-    /// Join queues (lease, done marker) this process declared, so each is declared once.
-    pub(crate) declared: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Jobs whose join lease a joiner of this process holds right now.
+    /// Jobs whose part queue a joiner of this process holds right now.
     pub(crate) holding: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
@@ -186,7 +184,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         svc: env.svc.clone(),
         method: env.method.clone(),
         attempt: env.attempt,
-        redelivered,
+        redelivered: redelivered || env.resent,
         via: env.channel,
         part: env.part.clone(),
         topic: env.topic.clone(),
@@ -423,9 +421,7 @@ async fn publish_outcome(
     // its own (the job's hooks fire at the join).
     let part = env.and_then(|e| e.part.as_ref().map(|p| (e, p)));
     match (resolution, part) {
-        (Resolution::JoinCheck, Some((env, p))) => {
-            join::try_join(shared, &Job::of(env, p), true).await
-        }
+        (Resolution::JoinCheck, Some((env, p))) => join::try_join(shared, &Job::of(env, p)).await,
         (Resolution::JoinCheck, None) => Ok(()),
         (Resolution::Split(parts), _) => match env {
             Some(env) => split::split(shared, d, env, parts).await,
@@ -440,7 +436,7 @@ async fn publish_outcome(
             on_target(shared, Some(env), &outcome).await?;
             let job = Job::of(env, p);
             join::record_part(shared, &job, env, p.part_id, outcome).await?;
-            join::try_join(shared, &job, d.redelivered).await
+            join::try_join(shared, &job).await
         }
         (Resolution::Dead(f), Some((env, p))) => {
             dead_letter(shared, route, d, &f).await?;
@@ -448,7 +444,7 @@ async fn publish_outcome(
             on_target(shared, Some(env), &outcome).await?;
             let job = Job::of(env, p);
             join::record_part(shared, &job, env, p.part_id, outcome).await?;
-            join::try_join(shared, &job, d.redelivered).await
+            join::try_join(shared, &job).await
         }
         (Resolution::Done(v) | Resolution::Step(v, _), None) => {
             let outcome = ReplyOutcome::Ok(v.clone());

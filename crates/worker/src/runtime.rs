@@ -38,6 +38,9 @@ pub struct WorkerBuilder {
     store: Option<Arc<dyn StatusStore>>,
 }
 
+/// Default of [`WorkerBuilder::completion_window`].
+pub const DEFAULT_COMPLETION_WINDOW: Duration = Duration::from_secs(300);
+
 impl Default for WorkerBuilder {
     fn default() -> Self {
         Self {
@@ -48,7 +51,7 @@ impl Default for WorkerBuilder {
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(30),
             joins: JoinSettings {
-                lease: Duration::from_secs(15),
+                completion_window: DEFAULT_COMPLETION_WINDOW,
                 expiry: Duration::from_secs(24 * 3600),
             },
             store: None,
@@ -104,19 +107,22 @@ impl WorkerBuilder {
         self
     }
 
-    /// How long a split job's part queue (and its claim and done-marker queues) may stay
-    /// unused before RabbitMQ deletes it (default 24 h). A job whose parts stop arriving is
-    /// abandoned after this long; a job's done marker, which stops a late duplicate from
-    /// firing its hook again, lives this long after its join.
+    /// How long a split job's (or fan-in's) part queue may stay unused before RabbitMQ
+    /// deletes it (default 24 h): the window after which an **abandoned** job (its splitter
+    /// or every worker gone for good) is cleaned up. A running job's part queue is used by
+    /// every result that arrives; a job that joins removes its part queue at once.
     pub fn part_queue_expiry(mut self, expiry: Duration) -> Self {
         self.joins.expiry = expiry.max(Duration::from_secs(1));
         self
     }
 
-    /// How long a joiner's lease lasts (default 15 s). A joiner that dies mid-join delays its
-    /// job by up to this long; a join that takes longer than 80% of it gives up and retries.
-    pub fn join_lease(mut self, lease: Duration) -> Self {
-        self.joins.lease = lease.max(Duration::from_millis(500));
+    /// How long a job's done marker (`warren.done.<job>`) lives after the join (default
+    /// 5 min, at least 1 s). Within it, a split task redelivered after its job joined does
+    /// nothing and a joiner that died after firing does not fire again; after it, nothing
+    /// of the job is left on the broker. A part result arriving later still never fires a
+    /// hook again (its part queue is gone, and results never re-create it): it is dropped.
+    pub fn completion_window(mut self, window: Duration) -> Self {
+        self.joins.completion_window = window.max(Duration::from_secs(1));
         self
     }
 
@@ -202,7 +208,6 @@ impl WorkerBuilder {
                 services,
                 client,
                 joins: self.joins,
-                declared: std::sync::Mutex::default(),
                 holding: std::sync::Mutex::default(),
             }),
             consume,

@@ -47,29 +47,19 @@ pub(crate) async fn split(
         tracing::info!("split task redelivered after its job joined; nothing to do");
         return Ok(());
     }
-    let expiry = u64::try_from(shared.joins.expiry.as_millis()).unwrap_or(u64::MAX);
-    // The part queue, the lease queue and the done marker, declared side by side (a job
-    // without parts needs no part queue).
-    let broker = shared.client.broker();
-    let (claim, done) = (job.claim(shared), job.done(shared));
-    let part = QueueSpec::part(&queue, expiry)?;
-    let declare_part = async {
-        if total == 0 {
-            Ok(())
-        } else {
-            broker.declare(std::slice::from_ref(&part)).await
-        }
-    };
-    let (a, b, c) = tokio::join!(
-        declare_part,
-        broker.declare(std::slice::from_ref(&claim)),
-        broker.declare(std::slice::from_ref(&done)),
-    );
-    a.and(b).and(c)?;
     tracing::info!(parts = total, part_queue = %queue, "split");
     if total == 0 {
-        return join::try_join(shared, &job, d.redelivered).await;
+        return join::try_join(shared, &job).await;
     }
+    let expiry = u64::try_from(shared.joins.expiry.as_millis()).unwrap_or(u64::MAX);
+    shared
+        .client
+        .publisher()
+        .declare_cached(&queue, &[QueueSpec::part(&queue, expiry)?])
+        .await?;
+    // A redelivered split task may have published some parts already: every part it sends
+    // now is marked, so a part that runs twice is always seen as a possible re-run.
+    let resent = d.redelivered;
     futures_util::stream::iter(parts.into_iter().enumerate())
         .map(|(i, payload)| {
             let part_id = u32::try_from(i).unwrap_or(u32::MAX);
@@ -80,6 +70,7 @@ pub(crate) async fn split(
             part.channel = Via::Part;
             part.attempt = 1;
             part.parent = Some(env.id);
+            part.resent = resent;
             part.part = Some(PartDecorator {
                 part_id,
                 total_parts: total,

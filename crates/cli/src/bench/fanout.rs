@@ -126,7 +126,6 @@ async fn warren_fanout(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
             let part_queue = fanout_queue(&receipt.job);
             let key = JobKey::of(&part_queue);
             b.track(part_queue.clone());
-            b.track(QueueSpec::claim(&key, 0, 0).name);
             b.track(QueueSpec::done(&key, 0).name);
             let Ok(fired) = tokio::time::timeout(DEADLINE, rx).await else {
                 let left = client.broker().queue_stats(&part_queue).await;

@@ -23,21 +23,23 @@
 //!   with them. Bodies are 300 bytes, as in the `split` group.
 //!
 //!   So per job the raw floor is 1 declare, `PARTS` parts, `PARTS` results, 1 hook and
-//!   1 delete; warren also sends the split task, declares the lease and done-marker queues,
-//!   counts the part queue after each result, takes the lease, checks the marker, reads
-//!   the results back and fires through the join exchange (docs/joins.md).
+//!   1 delete, with the join reduced to an in-memory counter in one process. warren also
+//!   sends the split task and runs its exactly-once join on the broker (docs/joins.md):
+//!   the part queue is checked after each result, the joiner holds it, checks the done
+//!   marker, reads the results back and fires the hook with its marker.
 //!
 //! - `jobs_queues_left` (`queues`, no raw counterpart): once every warren round is over, the
 //!   per-job queues of every warren job ([`job_queues`]: its part queue and the join's
 //!   per-job queues, named by `warren_core::topology`) that still exist once the joins'
-//!   completion window [`WINDOW`] has passed. Should be 0. The worker keeps running while
-//!   they are counted (a worker may remove them itself). Counted by passive declares,
-//!   polled until none is left or [`LEFT_DEADLINE`] after the last hook; each round checks
+//!   completion window has passed; the bench worker runs with
+//!   `completion_window(`[`WINDOW`]`)`. Should be 0. The worker keeps running while they
+//!   are counted (a worker may remove them itself). Counted by passive declares, polled from
+//!   the last hook until none is left or [`LEFT_DEADLINE`] has passed; each round checks
 //!   only the queues the previous round found. A passive declare counts as a use of a
 //!   classic queue and restarts its `x-expires` timer (RabbitMQ's `stat`; checked on
-//!   3.10: a 1.5 s queue polled every 300 ms never expires), so rounds are
-//!   [`PROBE_GAP`] apart, longer than the window: polling faster would keep alive the very
-//!   queues it counts.
+//!   3.10: a 1.5 s queue polled every 300 ms never expires), so a round starts
+//!   [`PROBE_GAP`] (longer than the window) after the previous one ended: polling faster
+//!   would keep alive the very queues it counts.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,7 +56,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::oneshot;
 use warren_client::{Client, Task};
-use warren_core::topology::{part_queue, JobKey, QueueSpec};
+use warren_core::topology::{self, part_queue};
 use warren_core::{Broker, Target};
 use warren_worker::{Context, Service, TaskError};
 
@@ -92,6 +94,12 @@ const PROBE_GAP: Duration = WINDOW.saturating_add(Duration::from_millis(500));
 const LEFT_DEADLINE: Duration = WINDOW.saturating_add(Duration::from_secs(8));
 /// Passive declares in flight while counting.
 const PROBES_IN_FLIGHT: usize = 8;
+/// Passive declares on one connection. Each one that finds no queue gets its channel
+/// closed by the broker; after 2,047 of those on one connection (the channel-id space),
+/// lapin 4.12's `create_channel` fails with the error of an old closed channel, and
+/// warren's broker handle then drops the connection. Found by this group; checked with
+/// bare lapin.
+const PROBES_PER_CONNECTION: usize = 1_000;
 /// Raw message bodies (as in the `split` group).
 const BODY_LEN: usize = 300;
 
@@ -219,6 +227,10 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Vec<f64>> {
             if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
                 return Err(e.context(format!("{failed} of {JOBS} raw jobs failed")));
             }
+            note(format!(
+                "jobs: raw round {round}: {JOBS} jobs in {:.2} s",
+                took.as_secs_f64()
+            ));
             out.push(per_sec(JOBS, took));
         }
         worker.abort();
@@ -401,17 +413,10 @@ struct Measured {
     left: usize,
 }
 
-/// The per-job broker queues of the job split from task `id` of `svc.job`: its part queue
-/// and the join's per-job queues. The one place that lists them.
+/// The per-job broker queues of the job split from task `id` of `svc.job`
+/// (`warren_core::topology::job_queues`: its part queue and its done marker).
 fn job_queues(svc: &str, id: &uuid::Uuid) -> anyhow::Result<Vec<String>> {
-    let part = part_queue(svc, "job", id)?;
-    let key = JobKey::of(&part);
-    // Expiry arguments do not change the names.
-    Ok(vec![
-        QueueSpec::claim(&key, 0, 0).name,
-        QueueSpec::done(&key, 0).name,
-        part,
-    ])
+    Ok(topology::job_queues(&part_queue(svc, "job", id)?).to_vec())
 }
 
 async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
@@ -436,15 +441,13 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
                 Ok::<_, TaskError>(())
             }
         })?;
-    let builder = b
+    let worker = b
         .worker_builder("warren bench jobs worker")?
         .service(service)
-        .part_queue_expiry(PART_EXPIRY);
-    // TODO(completion_window): once `WorkerBuilder::completion_window` exists, set the short
-    // window here, `let builder = builder.completion_window(WINDOW);`, so `jobs_queues_left`
-    // counts what is left once it has passed. Until then the join's per-job queues live for
-    // `part_queue_expiry` (120 s) and the figure counts them.
-    let worker = builder.build().await?;
+        .part_queue_expiry(PART_EXPIRY)
+        .completion_window(WINDOW)
+        .build()
+        .await?;
     let guard = b.spawn_worker(worker);
     let client = Client::builder()
         .amqp(b.amqp("warren bench jobs client")?)
@@ -453,7 +456,7 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let result = async {
         client.ensure_service(&svc).await?;
         let mut throughput = Vec::with_capacity(ROUNDS);
-        let mut queues = Vec::with_capacity(ROUNDS * JOBS * 3);
+        let mut queues = Vec::with_capacity(ROUNDS * JOBS * 2);
         for round in 0..ROUNDS {
             let (took, mut names) = warren_round(b, &client, &svc, &waiting, round).await?;
             note(format!(
@@ -517,7 +520,7 @@ async fn warren_round(
         .await;
     let took = started.elapsed();
     let failed = results.iter().filter(|r| r.is_err()).count();
-    let mut names = Vec::with_capacity(JOBS * 3);
+    let mut names = Vec::with_capacity(JOBS * 2);
     for r in results {
         match r {
             Ok(mut n) => names.append(&mut n),
@@ -527,51 +530,53 @@ async fn warren_round(
     Ok((took, names))
 }
 
-/// How many of `queues` still exist once the window has passed: polled every
-/// [`PROBE_GAP`] from `since` until none is left or [`LEFT_DEADLINE`] has passed.
+/// How many of `queues` still exist once the window has passed: polled from `since`, each
+/// round [`PROBE_GAP`] after the previous one ended, until none is left or the next round
+/// would start later than [`LEFT_DEADLINE`] after `since`.
 async fn queues_left(b: &Bench, queues: Vec<String>, since: Instant) -> anyhow::Result<usize> {
-    let broker = Broker::connect(b.amqp("warren bench jobs probe")?).await?;
-    let result = async {
-        let total = queues.len();
-        let mut present = queues;
-        let mut at = since;
-        loop {
-            tokio::time::sleep_until(at.into()).await;
-            present = existing(&broker, present).await?;
-            note(format!(
-                "jobs: {:.1} s after the last hook, {} of {total} per-job queues exist",
-                since.elapsed().as_secs_f64(),
-                present.len()
-            ));
-            at += PROBE_GAP;
-            if present.is_empty() || at > since + LEFT_DEADLINE {
-                break;
-            }
+    let total = queues.len();
+    let mut present = queues;
+    let mut at = since;
+    loop {
+        tokio::time::sleep_until(at.into()).await;
+        present = existing(b, present).await?;
+        note(format!(
+            "jobs: {:.1} s after the last hook, {} of {total} per-job queues exist",
+            since.elapsed().as_secs_f64(),
+            present.len()
+        ));
+        // From the end of this round, so no queue is checked twice within the gap.
+        at = Instant::now() + PROBE_GAP;
+        if present.is_empty() || at > since + LEFT_DEADLINE {
+            return Ok(present.len());
         }
-        Ok(present.len())
     }
-    .await;
-    broker.close().await;
-    result
 }
 
-/// The ones of `queues` that exist (passive declares).
-async fn existing(broker: &Broker, queues: Vec<String>) -> anyhow::Result<Vec<String>> {
-    let found: Vec<anyhow::Result<Option<String>>> = stream::iter(queues)
-        .map(|q| async move {
-            let stats = broker
-                .queue_stats(&q)
-                .await
-                .with_context(|| format!("checking {q}"))?;
-            Ok(stats.map(|_| q))
-        })
-        .buffer_unordered(PROBES_IN_FLIGHT)
-        .collect()
-        .await;
+/// The ones of `queues` that exist (passive declares), at most [`PROBES_PER_CONNECTION`]
+/// on one connection.
+async fn existing(b: &Bench, queues: Vec<String>) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
-    for f in found {
-        if let Some(q) = f? {
-            out.push(q);
+    for chunk in queues.chunks(PROBES_PER_CONNECTION) {
+        let broker = Broker::connect(b.amqp("warren bench jobs probe")?).await?;
+        let broker = &broker;
+        let found: Vec<anyhow::Result<Option<String>>> = stream::iter(0..chunk.len())
+            .map(|i| async move {
+                let q = &chunk[i];
+                let stats = broker
+                    .queue_stats(q)
+                    .await
+                    .with_context(|| format!("checking {q}"))?;
+                Ok(stats.map(|_| q.clone()))
+            })
+            .buffer_unordered(PROBES_IN_FLIGHT)
+            .collect()
+            .await;
+        broker.close().await;
+        for f in found {
+            if let Some(q) = f? {
+                out.push(q);
+            }
         }
     }
     Ok(out)

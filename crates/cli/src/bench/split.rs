@@ -250,7 +250,6 @@ async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
             let (started, cid, id) = one(n, k).await?;
             let pq = format!("part.{svc}-job-{id}");
             let key = JobKey::of(&pq);
-            b.track(QueueSpec::claim(&key, 0, 0).name);
             b.track(QueueSpec::done(&key, 0).name);
             let line = tokio::time::timeout(DEADLINE, rx.recv())
                 .await

@@ -33,6 +33,17 @@ impl std::fmt::Debug for Batch {
     }
 }
 
+/// What [`Broker::take_exclusive`] found.
+#[derive(Debug)]
+pub enum Take {
+    /// The messages, held unacked by this process's exclusive consumer.
+    Held(Batch),
+    /// The queue does not exist.
+    Missing,
+    /// Another consumer holds the queue (exclusively, or at all).
+    Busy,
+}
+
 impl Broker {
     /// Takes messages from `queue` and holds them unacked, until `done(bodies)` returns
     /// `true`, `max` were taken, or no message came for `idle`. `Ok(None)` when the queue
@@ -42,11 +53,45 @@ impl Broker {
         queue: &str,
         max: usize,
         idle: Duration,
-        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+        done: impl FnMut(&[Vec<u8>]) -> bool,
     ) -> Result<Option<Batch>> {
+        match self.take_inner(queue, max, idle, done, false).await? {
+            Take::Held(b) => Ok(Some(b)),
+            Take::Missing | Take::Busy => Ok(None),
+        }
+    }
+
+    /// Like [`Broker::take`], through an **exclusive** consumer: while this process holds
+    /// the batch, nobody else can consume the queue ([`Take::Busy`] for them). The hold ends
+    /// when the batch is released, deleted or dropped, or when this process's connection
+    /// dies (at once for a crashed process; after the heartbeat timeout for a partitioned
+    /// one). Classic queues only: quorum queues ignore exclusivity.
+    pub async fn take_exclusive(
+        &self,
+        queue: &str,
+        max: usize,
+        idle: Duration,
+        done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> Result<Take> {
+        self.take_inner(queue, max, idle, done, true).await
+    }
+
+    async fn take_inner(
+        &self,
+        queue: &str,
+        max: usize,
+        idle: Duration,
+        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+        exclusive: bool,
+    ) -> Result<Take> {
         check_amqp_len("queue", queue)?;
         let (channel, _) = self.channel().await?;
-        tracing::debug!(queue, channel = channel.id(), "take: channel open");
+        tracing::debug!(
+            queue,
+            channel = channel.id(),
+            exclusive,
+            "take: channel open"
+        );
         let prefetch = u16::try_from(max.max(1)).unwrap_or(u16::MAX);
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -56,7 +101,10 @@ impl Broker {
             .basic_consume(
                 short(queue),
                 short(""),
-                BasicConsumeOptions::default(),
+                BasicConsumeOptions {
+                    exclusive,
+                    ..BasicConsumeOptions::default()
+                },
                 FieldTable::default(),
             )
             .await;
@@ -65,8 +113,12 @@ impl Broker {
             Err(e) => {
                 let err = classify(format!("reading queue {queue}"), e);
                 if let Error::Refused { source, .. } = &err {
-                    if source.reply_code() == Some(404) {
-                        return Ok(None);
+                    match source.reply_code() {
+                        Some(404) if !super::publisher::is_home_node_down(&err) => {
+                            return Ok(Take::Missing)
+                        }
+                        Some(403) => return Ok(Take::Busy),
+                        _ => {}
                     }
                 }
                 return Err(err);
@@ -82,10 +134,12 @@ impl Broker {
             }
         }
         tracing::debug!(queue, taken = bodies.len(), "take: cancelling consumer");
-        let _ = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
-        Ok(Some(Batch { channel, bodies }))
+        if !exclusive {
+            let _ = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await;
+        }
+        Ok(Take::Held(Batch { channel, bodies }))
     }
 }
 

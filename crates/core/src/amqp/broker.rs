@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -16,7 +16,7 @@ use super::message::short;
 use crate::config::{AmqpConfig, QueueType};
 use crate::error::{classify, AmqpError, Error, Result};
 use crate::names::check_amqp_len;
-use crate::topology::{QueueSpec, DEAD_EXCHANGE, JOIN_EXCHANGE, TASK_EXCHANGE, TOPIC_EXCHANGE};
+use crate::topology::{QueueSpec, DEAD_EXCHANGE, TASK_EXCHANGE, TOPIC_EXCHANGE};
 
 /// A connection to RabbitMQ that reconnects itself.
 ///
@@ -350,7 +350,6 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
     for (name, kind) in [
         (TASK_EXCHANGE, ExchangeKind::Direct),
         (DEAD_EXCHANGE, ExchangeKind::Direct),
-        (JOIN_EXCHANGE, ExchangeKind::Headers),
         (TOPIC_EXCHANGE, ExchangeKind::Direct),
     ] {
         ch.exchange_declare(
@@ -365,19 +364,6 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
         .await
         .map_err(|e| classify(format!("declaring exchange {name}"), e))?;
     }
-    // Everything published to the join exchange also goes on to the task exchange (routed
-    // there by its routing key): an empty `x-match=all` binding matches every message.
-    let mut all = FieldTable::default();
-    all.insert(short("x-match"), AMQPValue::LongString("all".into()));
-    ch.exchange_bind(
-        short(TASK_EXCHANGE),
-        short(JOIN_EXCHANGE),
-        short(""),
-        ExchangeBindOptions::default(),
-        all,
-    )
-    .await
-    .map_err(|e| classify("binding the join exchange", e))?;
     Ok(())
 }
 

@@ -15,6 +15,9 @@ pub enum HeaderValue {
     Int(i64),
     /// A boolean.
     Bool(bool),
+    /// An array of strings (sent as an AMQP array of long strings; e.g. RabbitMQ's `BCC`
+    /// header for sender-selected distribution).
+    StrList(Vec<String>),
     /// Anything else (tables, arrays, floats, ...), as text.
     Other(String),
 }
@@ -66,6 +69,12 @@ impl From<&HeaderValue> for AMQPValue {
             }
             HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
             HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
+            HeaderValue::StrList(list) => AMQPValue::FieldArray(
+                list.iter()
+                    .map(|s| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())))
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
         }
     }
 }

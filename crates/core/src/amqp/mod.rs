@@ -17,7 +17,7 @@ pub mod inspect;
 mod message;
 mod publisher;
 
-pub use batch::Batch;
+pub use batch::{Batch, Take};
 pub use broker::{Broker, QueueStats};
 pub use consumer::{ConsumerEvent, Incoming, Subscription, SubscriptionSpec};
 pub use message::{HeaderValue, Outgoing};

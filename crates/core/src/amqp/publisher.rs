@@ -256,14 +256,13 @@ impl Publisher {
                         props.clone(),
                     )
                     .await;
-                let confirm = match sent {
-                    Ok(pending) => Ok((pending.await, generation)),
+                match sent {
+                    Ok(pending) => Ok::<_, Error>((pending.await, generation)),
                     Err(e) => {
                         self.drop_channel(slot, generation).await;
                         Err(classify(what(), e))
                     }
-                };
-                Ok::<_, Error>(confirm?)
+                }
             };
             let outcome = match tokio::time::timeout_at(deadline, attempt).await {
                 Err(_) => {
@@ -369,11 +368,8 @@ pub(crate) fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackof
         .build()
 }
 
-/// `true` for a refusal that a cluster failover causes: a durable classic queue whose home
-/// node is down answers `NOT_FOUND ... down or inaccessible` until the node is back.
 pub(crate) fn is_home_node_down(e: &Error) -> bool {
-    matches!(e, Error::Refused { source, .. }
-        if source.reply_code() == Some(404) && source.to_string().contains("down or inaccessible"))
+    e.is_node_down()
 }
 
 fn unconfirmed(msg: &Outgoing, started: Instant, maybe_stored: bool, last: Option<Error>) -> Error {
