@@ -696,6 +696,27 @@ async fn queues_with_their_node_down() {
         late_acked.clone(),
     ));
 
+    // A third publisher whose connection and channel open once the new leader is listed.
+    let elected_acked = Arc::new(AtomicUsize::new(0));
+    let elected_publisher = {
+        let (q, stop, t_kill, acked) = (
+            quorum.clone(),
+            stop.clone(),
+            t_kill.clone(),
+            elected_acked.clone(),
+        );
+        let url = cluster.url(third).to_owned();
+        tokio::spawn(async move {
+            let end = tokio::time::Instant::now() + Duration::from_secs(20);
+            while tokio::time::Instant::now() < end {
+                if matches!(cluster.leader_of(&q).await, Ok(l) if l != home) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            publish_loop(connect(&url).await, q, stop, t_kill, acked).await
+        })
+    };
     let passive = passive_outcome(&obs, &classic).await;
     let publish = publish_outcome(&obs, &classic).await;
     let redeclare = {
@@ -758,6 +779,7 @@ async fn queues_with_their_node_down() {
     stop.store(true, Ordering::SeqCst);
     let early = summarize(&publisher.await.unwrap());
     let late = summarize(&late_publisher.await.unwrap());
+    let elected = summarize(&elected_publisher.await.unwrap());
     for (who, (before, summary)) in [
         (
             format!("from node {observer}, connected before the kill"),
@@ -766,6 +788,10 @@ async fn queues_with_their_node_down() {
         (
             format!("from node {third}, connected after the kill"),
             &late,
+        ),
+        (
+            format!("from node {third}, connected once a new leader was listed"),
+            &elected,
         ),
     ] {
         eprintln!("[probe] quorum queue publishes {who}: {before} before the kill, after it:");

@@ -229,3 +229,53 @@ async fn sigkill_twenty_times_during_a_200_part_job() {
     assert!(broker.queue_stats(&pq).await.unwrap().is_none());
     s.finish(workers).await;
 }
+
+/// A split task redelivered after its worker died while publishing parts publishes them all
+/// again: every part that then runs twice must be marked (`ctx.redelivered()` or attempt > 1)
+/// on all but one of its runs, and the job still joins exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_splitter_marks_every_part_it_sends_again() {
+    const N: u64 = 3000;
+    let s = Setup::new().await;
+    let first = s.worker(4).await;
+    let (cid, pq) = s.job(N, 0).await;
+    // Kill the worker as soon as its first part ran: it is still publishing the other parts,
+    // and its split task is not acked yet.
+    let prefix = format!("{cid}/");
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !common::read_ledger(&s.ledger)
+        .iter()
+        .any(|(k, _, _)| k.starts_with(&prefix))
+    {
+        assert!(tokio::time::Instant::now() < end, "no part ran");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    first.kill9().await;
+    let second = s.worker(4).await;
+    let hooks = s.settle(&cid, &pq, Duration::from_secs(180)).await;
+    assert_eq!(hooks.len(), 1, "exactly one oncomplete: {hooks:?}");
+    assert_eq!(hooks[0].1, squares(N));
+    let mut runs: std::collections::HashMap<String, Vec<(u32, bool)>> = Default::default();
+    for (k, attempt, redelivered) in common::read_ledger(&s.ledger) {
+        if k.starts_with(&prefix) {
+            runs.entry(k).or_default().push((attempt, redelivered));
+        }
+    }
+    assert_eq!(runs.len() as u64, N, "every part ran");
+    let total: usize = runs.values().map(Vec::len).sum();
+    let marked = runs
+        .values()
+        .flatten()
+        .filter(|(attempt, redelivered)| *redelivered || *attempt > 1)
+        .count();
+    eprintln!("{N} parts, {total} runs, {marked} marked");
+    assert!(
+        total as u64 > N,
+        "the split task was not redelivered: the kill came after its ack"
+    );
+    for (part, r) in &runs {
+        let unmarked = r.iter().filter(|(a, red)| *a == 1 && !red).count();
+        assert!(unmarked <= 1, "{part} re-ran unmarked: {r:?}");
+    }
+    s.finish(vec![second]).await;
+}

@@ -150,7 +150,10 @@ impl FixtureWorker {
             .env("FIXTURE_QUEUE_TYPE", qt.as_str())
             .env("FIXTURE_LEDGER", ledger)
             .env("FIXTURE_CONCURRENCY", concurrency.to_string())
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FIXTURE_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -219,6 +219,11 @@ pub fn job_queues(part_queue: &str) -> [String; 2] {
     [part_queue.to_owned(), done_queue(&JobKey::of(part_queue))]
 }
 
+/// Header on a message sent again after an attempt that the broker may have stored (a nack
+/// or a lost confirm), value `true`: a consumer that sees it knows the message may be a
+/// duplicate (warren shows it to handlers as `ctx.redelivered()`).
+pub const H_RESENT: &str = "warren-resent";
+
 /// Header: sender-selected distribution (RabbitMQ): the message is also routed to these
 /// routing keys, and the header is removed before delivery. A join's hook names its done
 /// marker queue here, so the hook and its marker are one publish.

@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
+use warren_core::amqp::Batch;
 use warren_core::envelope::ReplyOutcome;
 use warren_core::topology::{service_queue, JobKey, QueueSpec, H_BCC};
 use warren_core::{
@@ -141,11 +142,13 @@ pub(crate) struct PartResult {
     pub(crate) attempt: Option<u32>,
 }
 
-/// Which of the job's hooks or callbacks have fired, from its done markers.
+/// Which of the job's hooks or callbacks have fired, from its done markers. Declares the
+/// marker queue (the caller is about to fire through it), which also keeps a broker
+/// `NOT_FOUND` from closing a channel on every join.
 async fn fired(shared: &Shared, job: &Job) -> Res<BTreeSet<usize>> {
     let done = job.done(shared);
     let broker = shared.client.broker();
-    let ready = broker.queue_stats(&done.name).await?.map_or(0, |s| s.ready);
+    let ready = broker.declare_counted(&done).await?.ready;
     if ready == 0 {
         return Ok(BTreeSet::new());
     }
@@ -161,7 +164,7 @@ async fn fired(shared: &Shared, job: &Job) -> Res<BTreeSet<usize>> {
             &done.name,
             ready as usize,
             Duration::from_millis(500),
-            |_| false,
+            |b| b.len() >= ready as usize,
         )
         .await?
     else {
@@ -264,6 +267,9 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
         let ready = match broker.queue_stats(&job.part_queue).await? {
             None => return Ok(()), // joined (and deleted) or expired
             Some(s) if s.ready < job.total => return Ok(()),
+            // Another joiner holds it (it will count our result, see `Take::Busy`); asking
+            // for the exclusive hold now would only be refused.
+            Some(s) if s.consumers > 0 => return Ok(()),
             Some(s) => s.ready,
         };
         let _hold = LocalHold::new(shared, job);
@@ -300,7 +306,8 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
             continue;
         }
         let (ok, payload) = hook_payload(job, &results)?;
-        fire(shared, job, ok, &payload, &fired).await?;
+        let mut batch = batch;
+        fire(shared, job, ok, &payload, &fired, Some(&mut batch)).await?;
         batch.delete_queue(&job.part_queue).await?;
         tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
         return Ok(());
@@ -315,7 +322,7 @@ async fn join_empty(shared: &Shared, job: &Job) -> Res {
     if fired.len() >= job.markers_when_done() {
         return Ok(());
     }
-    fire(shared, job, true, &Value::Array(Vec::new()), &fired).await?;
+    fire(shared, job, true, &Value::Array(Vec::new()), &fired, None).await?;
     Ok(())
 }
 
@@ -383,36 +390,34 @@ fn hook_payload(job: &Job, results: &BTreeMap<u32, PartResult>) -> Res<(bool, Va
 /// with its done marker: the hook goes to its service's queue and, through the `BCC`
 /// header, to the job's marker queue (declared here, expiring after the completion window).
 /// Callbacks are sent one at a time, in their fixed order.
+///
+/// With `held` (the part queue's exclusive hold), every publish goes out on the hold's own
+/// channel: if this joiner lost its hold (its connection died and another joiner may have
+/// taken over), the publish fails instead of firing a second time.
 async fn fire(
     shared: &Shared,
     job: &Job,
     ok: bool,
     payload: &Value,
     fired: &BTreeSet<usize>,
+    mut held: Option<&mut Batch>,
 ) -> Res {
     let done = job.done(shared);
-    let publisher = shared.client.publisher();
-    let declare_done = || Ok(vec![done.clone()]);
+    shared
+        .client
+        .publisher()
+        .declare_cached(&done.name, std::slice::from_ref(&done))
+        .await?;
     let targets = job.fire_targets(ok);
     if targets.is_empty() {
         // Nothing to call: the marker alone says the job is done.
         if fired.is_empty() {
             let mut marker = Outgoing::new("", done.name.clone(), b"{}".to_vec());
             marker.message_id = Some(job.callback_id(0).to_string());
-            publisher
-                .publish_routed(
-                    &marker,
-                    &done.name,
-                    &declare_done,
-                    shared.client.publish_deadline(),
-                )
-                .await?;
+            send(shared, &done, held, &marker).await?;
         }
         return Ok(());
     }
-    publisher
-        .declare_cached(&done.name, &declare_done()?)
-        .await?;
     for (i, t) in targets.iter().enumerate() {
         if fired.contains(&i) {
             continue;
@@ -438,15 +443,23 @@ async fn fire(
             H_BCC.to_owned(),
             HeaderValue::StrList(vec![done.name.clone()]),
         )];
-        // Unroutable means the marker queue expired or was removed under us: declare again.
-        publisher
-            .publish_routed(
-                &msg,
-                &done.name,
-                &declare_done,
-                shared.client.publish_deadline(),
-            )
-            .await?;
+        send(shared, &done, held.as_deref_mut(), &msg).await?;
+    }
+    Ok(())
+}
+
+/// One publish of [`fire`]: on the hold's channel, or through the publisher (declaring the
+/// marker queue again if the publish comes back unroutable).
+async fn send(shared: &Shared, done: &QueueSpec, held: Option<&mut Batch>, msg: &Outgoing) -> Res {
+    let publisher = shared.client.publisher();
+    match held {
+        Some(batch) => publisher.publish_held(batch, msg).await?,
+        None => {
+            let deadline = shared.client.publish_deadline();
+            publisher
+                .publish_routed(msg, &done.name, &|| Ok(vec![done.clone()]), deadline)
+                .await?;
+        }
     }
     Ok(())
 }

@@ -140,7 +140,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
                     .await;
             }
         }
-        let resolution = run(&shared, svc, &env, d.redelivered).await;
+        // A copy the publisher sent again (the broker may hold an earlier one) counts as a
+        // possible re-run, like a broker redelivery.
+        let resent = matches!(
+            d.header(warren_core::topology::H_RESENT),
+            Some(warren_core::HeaderValue::Bool(true))
+        );
+        let resolution = run(&shared, svc, &env, d.redelivered || resent).await;
         finish(&shared, &route, &d, Some(&env), resolution).await;
     }
     .instrument(span)

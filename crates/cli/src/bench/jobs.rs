@@ -29,9 +29,9 @@
 //!   marker, reads the results back and fires the hook with its marker.
 //!
 //! - `jobs_queues_left` (`queues`, no raw counterpart): once every warren round is over, the
-//!   per-job queues of every warren job ([`job_queues`]: its part queue and the join's
-//!   per-job queues, named by `warren_core::topology`) that still exist once the joins'
-//!   completion window has passed; the bench worker runs with
+//!   per-job queues of every warren job ([`job_queues`]: its part queue and its done
+//!   marker, as `warren_core::topology::job_queues` names them) that still exist once the
+//!   joins' completion window has passed; the bench worker runs with
 //!   `completion_window(`[`WINDOW`]`)`. Should be 0. The worker keeps running while they
 //!   are counted (a worker may remove them itself). Counted by passive declares, polled from
 //!   the last hook until none is left or [`LEFT_DEADLINE`] has passed; each round checks
@@ -86,9 +86,10 @@ const JOB_DEADLINE: Duration = Duration::from_secs(60);
 const POOL: usize = 8;
 /// `x-expires` of the raw job queues (like the bench worker's part queues).
 const PART_EXPIRY: Duration = Duration::from_secs(120);
-/// The joins' completion window the bench worker is meant to run with.
+/// The joins' completion window the bench worker runs with.
 const WINDOW: Duration = Duration::from_secs(2);
-/// Time between two checks of the same queue: longer than [`WINDOW`] (see the module docs).
+/// Least time between two checks of the same queue: longer than [`WINDOW`] (see the module
+/// docs).
 const PROBE_GAP: Duration = WINDOW.saturating_add(Duration::from_millis(500));
 /// How long after the last hook queues are polled before the rest count as left.
 const LEFT_DEADLINE: Duration = WINDOW.saturating_add(Duration::from_secs(8));

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::Channel;
@@ -21,6 +22,8 @@ use crate::names::check_amqp_len;
 /// when the channel closes; [`Batch::release`] does it at once.
 pub struct Batch {
     channel: Channel,
+    /// Whether confirms are enabled on `channel` ([`Batch::confirm_channel`]).
+    confirming: bool,
     /// The bodies, in delivery order.
     pub bodies: Vec<Vec<u8>>,
 }
@@ -85,7 +88,7 @@ impl Broker {
         exclusive: bool,
     ) -> Result<Take> {
         check_amqp_len("queue", queue)?;
-        let (channel, _) = self.channel().await?;
+        let (channel, generation) = self.channel().await?;
         tracing::debug!(
             queue,
             channel = channel.id(),
@@ -113,6 +116,7 @@ impl Broker {
             Err(e) => {
                 let err = classify(format!("reading queue {queue}"), e);
                 if let Error::Refused { source, .. } = &err {
+                    self.note_closed(generation).await;
                     match source.reply_code() {
                         Some(404) if !super::publisher::is_home_node_down(&err) => {
                             return Ok(Take::Missing)
@@ -139,11 +143,28 @@ impl Broker {
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await;
         }
-        Ok(Take::Held(Batch { channel, bodies }))
+        Ok(Take::Held(Batch {
+            channel,
+            bodies,
+            confirming: false,
+        }))
     }
 }
 
 impl Batch {
+    /// The batch's channel in confirm mode (enabled on first use), for publishes that must
+    /// happen only while the batch is held ([`crate::Publisher::publish_held`]).
+    pub(crate) async fn confirm_channel(&mut self) -> Result<&Channel> {
+        if !self.confirming {
+            self.channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| classify("enabling publisher confirms", e))?;
+            self.confirming = true;
+        }
+        Ok(&self.channel)
+    }
+
     /// Puts every message back in the queue.
     pub async fn release(self) {
         let _ = self.channel.close(200, short("released")).await;

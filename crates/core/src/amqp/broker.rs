@@ -40,7 +40,21 @@ struct Inner {
     next_op: std::sync::atomic::AtomicUsize,
     /// The connection generation whose exchanges are known to be declared.
     exchanges_at: AtomicU64,
+    /// Channels of the live connection that the broker closed (a `NOT_FOUND` passive
+    /// declare, a refused exclusive consume). See [`Broker::note_closed`].
+    closed_by_broker: std::sync::atomic::AtomicU32,
+    /// Channels opened on the live connection.
+    opened: std::sync::atomic::AtomicU32,
 }
+
+/// A connection that had a channel closed by the broker is retired before this many
+/// channels were opened on it. lapin 4.12 hands out channel ids in a cycle of the
+/// connection's `channel_max` (2,047 on RabbitMQ), and opening a channel on the id of one
+/// the broker closed fails with that old channel's error, so warren moves to a fresh
+/// connection before the ids come round.
+const RETIRE_AFTER_OPENED: u32 = 1_900;
+/// How long a retired connection stays open for the work still running on it.
+const RETIRED_GRACE: Duration = Duration::from_secs(30);
 
 /// A channel kept for reuse, with the connection generation it belongs to.
 pub(crate) type ChannelSlot = Option<(Channel, u64)>;
@@ -52,15 +66,7 @@ const OPS_CHANNELS: usize = 8;
 struct OpsChannel {
     slot: tokio::sync::OwnedMutexGuard<ChannelSlot>,
     channel: Channel,
-}
-
-impl OpsChannel {
-    /// Forgets the channel if an error closed it (a soft error such as NOT_FOUND closes it).
-    fn done(mut self) {
-        if !self.channel.status().connected() {
-            *self.slot = None;
-        }
-    }
+    generation: u64,
 }
 
 #[derive(Clone)]
@@ -101,6 +107,8 @@ impl Broker {
                     .collect(),
                 next_op: std::sync::atomic::AtomicUsize::new(0),
                 exchanges_at: AtomicU64::new(0),
+                closed_by_broker: std::sync::atomic::AtomicU32::new(0),
+                opened: std::sync::atomic::AtomicU32::new(0),
             }),
         };
         broker.live().await?;
@@ -133,6 +141,8 @@ impl Broker {
         }
         *slot = None;
         let conn = self.reconnect().await?;
+        self.inner.closed_by_broker.store(0, Ordering::Release);
+        self.inner.opened.store(0, Ordering::Release);
         let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let live = Live {
             conn: Arc::new(conn),
@@ -218,13 +228,52 @@ impl Broker {
         }
     }
 
+    /// Counts a channel of connection `generation` that the broker closed (see
+    /// [`RETIRE_AFTER_OPENED`]).
+    pub(crate) async fn note_closed(&self, generation: u64) {
+        if generation == self.generation() {
+            self.inner.closed_by_broker.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Retires connection `generation` when it had channels closed by the broker and its
+    /// channel ids are about to come round: callers get a fresh connection from now on, and
+    /// the old one is closed after a grace period, so work still running on it (a join's
+    /// hold, a confirm in flight) can finish.
+    async fn maybe_retire(&self, generation: u64, opened: u32) {
+        if opened < RETIRE_AFTER_OPENED || self.inner.closed_by_broker.load(Ordering::Acquire) == 0
+        {
+            return;
+        }
+        let mut slot = self.inner.live.lock().await;
+        if !slot.as_ref().is_some_and(|l| l.generation == generation) {
+            return;
+        }
+        let Some(old) = slot.take() else { return };
+        tracing::info!(
+            generation,
+            opened,
+            closed_by_broker = self.inner.closed_by_broker.load(Ordering::Acquire),
+            "retiring a connection before its channel ids come round; opening a fresh one"
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(RETIRED_GRACE).await;
+            let _ = old.conn.close(200, short("warren: retired")).await;
+        });
+    }
+
     /// Opens a new channel on the live connection.
     pub(crate) async fn channel(&self) -> Result<(Channel, u64)> {
         let live = self.live().await?;
         tracing::trace!(generation = live.generation, "opening a channel");
+        let opened = self.inner.opened.fetch_add(1, Ordering::AcqRel) + 1;
         match live.conn.create_channel().await {
-            Ok(ch) => Ok((ch, live.generation)),
+            Ok(ch) => {
+                self.maybe_retire(live.generation, opened).await;
+                Ok((ch, live.generation))
+            }
             Err(e) => {
+                tracing::warn!(generation = live.generation, error = %e, "could not open a channel; reconnecting");
                 self.invalidate(live.generation).await;
                 Err(classify("opening a channel", e))
             }
@@ -240,15 +289,29 @@ impl Broker {
             .as_ref()
             .filter(|(ch, g)| *g == current && ch.status().connected())
             .map(|(ch, _)| ch.clone());
-        let channel = match reusable {
-            Some(ch) => ch,
+        let (channel, generation) = match reusable {
+            Some(ch) => (ch, current),
             None => {
                 let (ch, g) = self.channel().await?;
                 *slot = Some((ch.clone(), g));
-                ch
+                (ch, g)
             }
         };
-        Ok(OpsChannel { slot, channel })
+        Ok(OpsChannel {
+            slot,
+            channel,
+            generation,
+        })
+    }
+
+    /// Gives an ops channel back; forgets it if an error closed it (a soft error such as
+    /// `NOT_FOUND` closes it), and counts that close.
+    async fn finish_ops(&self, mut ops: OpsChannel) {
+        if !ops.channel.status().connected() {
+            *ops.slot = None;
+            drop(ops.slot);
+            self.note_closed(ops.generation).await;
+        }
     }
 
     /// Declares warren's exchanges (idempotent; once per connection).
@@ -259,7 +322,7 @@ impl Broker {
         }
         let ops = self.ops().await?;
         let res = declare_exchanges_on(&ops.channel).await;
-        ops.done();
+        self.finish_ops(ops).await;
         res?;
         self.inner.exchanges_at.store(generation, Ordering::Release);
         Ok(())
@@ -271,12 +334,24 @@ impl Broker {
         let ops = self.ops().await?;
         let mut res = Ok(());
         for spec in specs {
-            res = declare_on(&ops.channel, spec).await;
+            res = declare_on(&ops.channel, spec).await.map(|_| ());
             if res.is_err() {
                 break;
             }
         }
-        ops.done();
+        self.finish_ops(ops).await;
+        res
+    }
+
+    /// Declares one queue (with its binding) and returns its counts. Unlike
+    /// [`Broker::queue_stats`] on a queue that may be missing, this never has the broker
+    /// close the channel (lapin 4.12 stops opening channels on a connection after about
+    /// 2,047 broker-closed ones, so hot paths avoid provoking `NOT_FOUND`).
+    pub async fn declare_counted(&self, spec: &QueueSpec) -> Result<QueueStats> {
+        self.declare_exchanges().await?;
+        let ops = self.ops().await?;
+        let res = declare_on(&ops.channel, spec).await;
+        self.finish_ops(ops).await;
         res
     }
 
@@ -295,7 +370,7 @@ impl Broker {
                 FieldTable::default(),
             )
             .await;
-        ops.done();
+        self.finish_ops(ops).await;
         match res {
             Ok(q) => Ok(Some(QueueStats {
                 ready: q.message_count(),
@@ -314,7 +389,7 @@ impl Broker {
             .channel
             .queue_delete(short(queue), QueueDeleteOptions::default())
             .await;
-        ops.done();
+        self.finish_ops(ops).await;
         res.map_err(|e| classify(format!("deleting queue {queue}"), e))
     }
 
@@ -326,7 +401,7 @@ impl Broker {
             .channel
             .queue_purge(short(queue), QueuePurgeOptions::default())
             .await;
-        ops.done();
+        self.finish_ops(ops).await;
         res.map_err(|e| classify(format!("purging queue {queue}"), e))
     }
 
@@ -367,7 +442,7 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
+pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<QueueStats> {
     check_amqp_len("queue", &spec.name)?;
     let mut args = FieldTable::default();
     if let Some(t) = spec.queue_type {
@@ -428,18 +503,23 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
             AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
         );
     }
-    ch.queue_declare(
-        short(&spec.name),
-        QueueDeclareOptions {
-            durable: spec.durable,
-            exclusive: spec.exclusive,
-            auto_delete: false,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await
-    .map_err(|e| classify(format!("declaring queue {}", spec.name), e))?;
+    let declared = ch
+        .queue_declare(
+            short(&spec.name),
+            QueueDeclareOptions {
+                durable: spec.durable,
+                exclusive: spec.exclusive,
+                auto_delete: false,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| classify(format!("declaring queue {}", spec.name), e))?;
+    let stats = QueueStats {
+        ready: declared.message_count(),
+        consumers: declared.consumer_count(),
+    };
     if let Some((exchange, key)) = &spec.bind {
         check_amqp_len("routing key", key)?;
         let mut bind_args = FieldTable::default();
@@ -460,7 +540,7 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<()> {
         .await
         .map_err(|e| classify(format!("binding queue {}", spec.name), e))?;
     }
-    Ok(())
+    Ok(stats)
 }
 
 /// When `err` (from connecting to `host_port`) is a TLS certificate problem, says what is

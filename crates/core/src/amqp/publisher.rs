@@ -11,10 +11,14 @@ use lapin::{Channel, Confirmation};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+
+use super::batch::Batch;
 use super::broker::{Broker, ChannelSlot};
 use super::message::{short, Outgoing};
 use crate::error::{classify, Error, Result};
-use crate::topology::QueueSpec;
+use crate::topology::{QueueSpec, H_RESENT};
 
 /// One confirm channel and the connection generation it belongs to, opened on first use.
 type Slot = Mutex<ChannelSlot>;
@@ -84,7 +88,8 @@ impl Publisher {
     async fn channel(&self, slot: usize) -> Result<(Channel, u64)> {
         let mut guard = self.slots[slot].lock().await;
         if let Some((ch, generation)) = guard.as_ref() {
-            if ch.status().connected() {
+            // A channel of a retired connection is not reused (see `Broker::note_closed`).
+            if ch.status().connected() && *generation == self.broker.generation() {
                 return Ok((ch.clone(), *generation));
             }
         }
@@ -230,7 +235,7 @@ impl Publisher {
         msg.validate()?;
         let started = Instant::now();
         let what = || format!("publishing to {}/{}", msg.exchange, msg.routing_key);
-        let props = msg.properties();
+        let mut props = msg.properties();
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut pauses = backoff(Duration::from_millis(20), Duration::from_secs(1));
         // Whether an attempt may have reached a queue (sent, then nacked or not confirmed).
@@ -284,6 +289,9 @@ impl Publisher {
                             e
                         }
                         Err(e @ Error::Nacked { .. }) => {
+                            // A channel opened while a quorum queue elected its leader keeps
+                            // being nacked until the old leader returns: use a new one.
+                            self.drop_channel(slot, generation).await;
                             maybe_stored = true;
                             e
                         }
@@ -298,6 +306,11 @@ impl Publisher {
                 Err(e) => return Err(e),
             };
             tracing::debug!(error = %err, "publish not confirmed; trying again");
+            if maybe_stored {
+                // The broker may hold a first copy: mark the next ones, so a consumer that
+                // gets two can tell the second may be a duplicate.
+                props = mark_resent(props);
+            }
             last = Some(err);
             let pause = pauses.next().unwrap_or(Duration::from_secs(1));
             if Instant::now() + pause >= deadline {
@@ -306,6 +319,33 @@ impl Publisher {
             }
             tokio::time::sleep(pause).await;
         }
+    }
+
+    /// Publishes `msg` on the channel of a held [`Batch`] (whose exclusive consumer is a
+    /// join's hold), once, without retries, and waits for the confirm. Because the broker
+    /// handles a channel's frames in order, a confirmed publish proves the hold was still
+    /// in place when the message was routed: a joiner whose connection died (and whose hold
+    /// another joiner may have taken since) gets an error instead of firing a second time.
+    pub async fn publish_held(&self, batch: &mut Batch, msg: &Outgoing) -> Result<()> {
+        msg.validate()?;
+        let what = || format!("publishing to {}/{}", msg.exchange, msg.routing_key);
+        let ch = batch.confirm_channel().await?;
+        let confirm = ch
+            .basic_publish(
+                short(&msg.exchange),
+                short(&msg.routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &msg.body,
+                msg.properties(),
+            )
+            .await
+            .map_err(|e| classify(what(), e))?
+            .await;
+        self.settle(msg, confirm.map(|c| self.sort_return(c, msg)))
+            .await
     }
 
     /// What one confirm means: `Ok` when acked and not returned.
@@ -370,6 +410,12 @@ pub(crate) fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackof
 
 pub(crate) fn is_home_node_down(e: &Error) -> bool {
     e.is_node_down()
+}
+
+fn mark_resent(props: BasicProperties) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(short(H_RESENT), AMQPValue::Boolean(true));
+    props.with_headers(headers)
 }
 
 fn unconfirmed(msg: &Outgoing, started: Instant, maybe_stored: bool, last: Option<Error>) -> Error {
