@@ -246,7 +246,7 @@ impl Broker {
             return;
         }
         let mut slot = self.inner.live.lock().await;
-        if !slot.as_ref().is_some_and(|l| l.generation == generation) {
+        if slot.as_ref().is_none_or(|l| l.generation != generation) {
             return;
         }
         let Some(old) = slot.take() else { return };
