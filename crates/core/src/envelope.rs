@@ -376,7 +376,13 @@ mod tests {
         assert_eq!(env.attempt, 1);
         assert_eq!(env.payload, Value::Null);
         let bad = minimal.replace("\"s\"", "\"S\"");
-        assert!(Envelope::from_bytes(bad.as_bytes()).is_err());
+        assert!(Envelope::from_bytes(bad.as_bytes()).is_err()); // `resent` (docs/wire-format.md): absent means false, and false is not written.
+        assert!(!env.resent);
+        assert!(!String::from_utf8(env.to_bytes().unwrap())
+            .unwrap()
+            .contains("resent"));
+        let resent = minimal.replace("\"m\"}", "\"m\",\"resent\":true}");
+        assert!(Envelope::from_bytes(resent.as_bytes()).unwrap().resent);
     }
 
     #[test]

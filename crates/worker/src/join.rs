@@ -217,6 +217,7 @@ pub(crate) async fn record_part(
     msg.correlation_id = Some(job.cid.clone());
     let publisher = shared.client.publisher();
     let deadline = shared.client.publish_deadline();
+    let mut pauses = warren_core::amqp::backoff(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         match publisher.publish_by(&msg, deadline).await {
             Err(warren_core::Error::Unroutable { .. }) => {}
@@ -239,7 +240,7 @@ pub(crate) async fn record_part(
             }
             .into());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(2))).await;
     }
 }
 

@@ -355,7 +355,8 @@ impl Broker {
         res
     }
 
-    /// Ready and consumer counts of a queue, or `None` if it does not exist.
+    /// Ready and consumer counts of a queue, or `None` if it does not exist. A durable queue
+    /// whose cluster node is down is an error ([`Error::is_node_down`]), not `None`.
     pub async fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>> {
         check_amqp_len("queue", queue)?;
         let ops = self.ops().await?;
@@ -376,8 +377,15 @@ impl Broker {
                 ready: q.message_count(),
                 consumers: q.consumer_count(),
             })),
-            Err(e) if AmqpError(e.clone()).reply_code() == Some(404) => Ok(None),
-            Err(e) => Err(classify(format!("checking queue {queue}"), e)),
+            Err(e) => {
+                let err = classify(format!("checking queue {queue}"), e);
+                match &err {
+                    // A durable queue whose node is down exists; it is just not reachable.
+                    _ if err.is_node_down() => Err(err),
+                    Error::Refused { source, .. } if source.reply_code() == Some(404) => Ok(None),
+                    _ => Err(err),
+                }
+            }
         }
     }
 

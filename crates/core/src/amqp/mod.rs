@@ -21,4 +21,4 @@ pub use batch::{Batch, Take};
 pub use broker::{Broker, QueueStats};
 pub use consumer::{ConsumerEvent, Incoming, Subscription, SubscriptionSpec};
 pub use message::{HeaderValue, Outgoing};
-pub use publisher::Publisher;
+pub use publisher::{backoff, Publisher};

@@ -399,7 +399,7 @@ const MAX_DECLARED: usize = 10_000;
 
 /// The backoff every retry loop of the AMQP layer uses: exponential from `min` to `max`,
 /// with jitter, without a count limit (callers stop at their deadline).
-pub(crate) fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
+pub fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)
