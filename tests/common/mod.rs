@@ -77,6 +77,12 @@ pub async fn cleanup(url: &str, services: &[&str]) {
                 .delete_queue(&format!("warren.delay.{svc}.{ms}"))
                 .await;
         }
+        // Done-marker queues, named by the workers' completion window (the ones tests use).
+        for ms in [3_000u64, 30_000, 300_000] {
+            let _ = broker
+                .delete_queue(&format!("warren.done.{svc}.{ms}"))
+                .await;
+        }
     }
     broker.close().await;
 }

@@ -190,33 +190,29 @@ impl QueueSpec {
         })
     }
 
-    /// A job's done marker: `warren.done.<job>`, declared when the job's join fires and
-    /// deleted by RabbitMQ `expires_ms` after its last use (the completion window). Each
-    /// fired hook or callback leaves one message in it, routed there by the `BCC` header of
-    /// the hook's own publish.
-    #[must_use]
-    pub fn done(job: &JobKey, expires_ms: u64) -> Self {
-        Self {
-            name: done_queue(job),
+    /// A service's done-marker queue: `warren.done.<svc>.<window ms>`, durable classic,
+    /// every message expiring `window_ms` after it was stored. Each hook or callback a join
+    /// fires leaves its own message here (through the hook publish's `BCC` header), so a
+    /// split task redelivered after its job joined finds that it did. One queue per service
+    /// and completion window, bounded by the window, never per job.
+    pub fn done_markers(svc: &str, window_ms: u64) -> Result<Self, NameError> {
+        let name = format!("{PREFIX}done.{svc}.{window_ms}");
+        check_amqp_len("done-marker queue", &name)?;
+        Ok(Self {
+            name,
             durable: true,
             queue_type: Some(QueueType::Classic),
-            expires_ms: Some(expires_ms),
+            message_ttl_ms: Some(window_ms),
             ..Self::default()
-        }
+        })
     }
 }
 
-/// `warren.done.<job>`: the done-marker queue of a job.
+/// Every per-job queue of the job whose part queue is `part_queue`: the part queue alone
+/// (deleted when the job joins; an abandoned one expires).
 #[must_use]
-pub fn done_queue(job: &JobKey) -> String {
-    format!("{PREFIX}done.{}", job.0)
-}
-
-/// Every per-job queue of the job whose part queue is `part_queue`: the part queue and the
-/// done marker. Both are gone once the job joined and its completion window passed.
-#[must_use]
-pub fn job_queues(part_queue: &str) -> [String; 2] {
-    [part_queue.to_owned(), done_queue(&JobKey::of(part_queue))]
+pub fn job_queues(part_queue: &str) -> Vec<String> {
+    vec![part_queue.to_owned()]
 }
 
 /// Header on a message sent again after an attempt that the broker may have stored (a nack
@@ -226,11 +222,11 @@ pub const H_RESENT: &str = "warren-resent";
 
 /// Header: sender-selected distribution (RabbitMQ): the message is also routed to these
 /// routing keys, and the header is removed before delivery. A join's hook names its done
-/// marker queue here, so the hook and its marker are one publish.
+/// marker queues here, so the hook and its markers are one publish.
 pub const H_BCC: &str = "BCC";
 
 /// The identity of a split job, derived from its part queue name (fixed length, so the
-/// done queue name always fits).
+/// name derived from it always has the same length).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct JobKey(pub uuid::Uuid);
 

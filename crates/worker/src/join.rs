@@ -106,8 +106,26 @@ impl Job {
         }
     }
 
-    pub(crate) fn done(&self, shared: &Shared) -> QueueSpec {
-        QueueSpec::done(&self.key, ms(shared.joins.completion_window))
+    /// The done-marker queue of the job's service (one per service and window).
+    pub(crate) fn done(&self, shared: &Shared) -> Res<QueueSpec> {
+        Ok(QueueSpec::done_markers(
+            &self.svc,
+            ms(shared.joins.completion_window),
+        )?)
+    }
+
+    /// Which of this job's callbacks the markers among `bodies` stand for (a marker is the
+    /// callback's own message, whose id is the callback's deterministic id).
+    fn markers_in(&self, bodies: &[Vec<u8>]) -> BTreeSet<usize> {
+        let ids: BTreeMap<Uuid, usize> = (0..self.markers_when_done())
+            .map(|i| (self.callback_id(i), i))
+            .collect();
+        bodies
+            .iter()
+            .filter(|b| serde_json::from_slice::<PartResult>(b).is_err())
+            .filter_map(|b| Envelope::from_bytes(b).ok())
+            .filter_map(|env| ids.get(&env.id).copied())
+            .collect()
     }
 
     /// The id of the job's `i`-th hook or callback: the same in every joiner, so a marker
@@ -142,53 +160,27 @@ pub(crate) struct PartResult {
     pub(crate) attempt: Option<u32>,
 }
 
-/// Which of the job's hooks or callbacks have fired, from its done markers. Declares the
-/// marker queue (the caller is about to fire through it), which also keeps a broker
-/// `NOT_FOUND` from closing a channel on every join.
-async fn fired(shared: &Shared, job: &Job) -> Res<BTreeSet<usize>> {
-    let done = job.done(shared);
+/// `true` when the job's join has fired (or started firing) its hook or callbacks, from the
+/// service's done-marker queue. It reads the whole queue (markers of the completion window,
+/// at most 65,535 of them are looked at), so it is only for the rare case that needs it: a
+/// split task delivered again.
+pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
+    let done = job.done(shared)?;
     let broker = shared.client.broker();
     let ready = broker.declare_counted(&done).await?.ready;
     if ready == 0 {
-        return Ok(BTreeSet::new());
+        return Ok(false);
     }
-    let wanted = job.markers_when_done();
-    if wanted == 1 {
-        return Ok(BTreeSet::from([0]));
-    }
-    // Several callbacks: read which ones the markers stand for (a marker is the callback's
-    // own message, whose id is the callback's deterministic id).
-    let ids: BTreeMap<Uuid, usize> = (0..wanted).map(|i| (job.callback_id(i), i)).collect();
+    let max = (ready as usize).min(usize::from(u16::MAX));
     let Some(batch) = broker
-        .take(
-            &done.name,
-            ready as usize,
-            Duration::from_millis(500),
-            |b| b.len() >= ready as usize,
-        )
+        .take(&done.name, max, Duration::from_millis(500), |_| false)
         .await?
     else {
-        return Ok(BTreeSet::new());
+        return Ok(false);
     };
-    let fired = batch
-        .bodies
-        .iter()
-        .filter_map(|b| Envelope::from_bytes(b).ok())
-        .filter_map(|env| ids.get(&env.id).copied())
-        .collect();
+    let found = !job.markers_in(&batch.bodies).is_empty();
     batch.release().await;
-    Ok(fired)
-}
-
-/// `true` when the job's join has fired (or started firing) its hook or callbacks.
-pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
-    let done = job.done(shared);
-    Ok(shared
-        .client
-        .broker()
-        .queue_stats(&done.name)
-        .await?
-        .is_some_and(|s| s.ready > 0))
+    Ok(found)
 }
 
 /// Publishes a part's result to the job's part queue. A result whose part queue does not
@@ -274,16 +266,10 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
             Some(s) => s.ready,
         };
         let _hold = LocalHold::new(shared, job);
-        let mut seen = BTreeSet::<u32>::new();
+        // Everything that was in the queue when it was counted: the results, and the done
+        // markers of a joiner that fired and died before it deleted the queue.
         let taken = broker
-            .take_exclusive(&job.part_queue, ready as usize, TAKE_IDLE, |bodies| {
-                if let Some(last) = bodies.last() {
-                    if let Ok(r) = serde_json::from_slice::<PartResult>(last) {
-                        seen.insert(r.part_id);
-                    }
-                }
-                seen.len() >= total
-            })
+            .take_exclusive(&job.part_queue, ready as usize, TAKE_IDLE, |_| false)
             .await?;
         let batch = match taken {
             Take::Held(b) => b,
@@ -294,7 +280,7 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
             }
         };
         tracing::debug!(job = %job.key.0, taken = batch.bodies.len(), "part results taken");
-        let fired = fired(shared, job).await?;
+        let fired = job.markers_in(&batch.bodies);
         if fired.len() >= job.markers_when_done() {
             // Joined before, by a joiner that died before it removed the part queue.
             batch.delete_queue(&job.part_queue).await?;
@@ -316,15 +302,18 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
     schedule_check(shared, job, RECHECK_AFTER).await
 }
 
-/// The join of a job without parts: only its split task (or that task's redelivery) fires
-/// it, so no hold is needed; the done marker stops a redelivered split task firing again.
+/// The join of a job without parts: only its split task (or that task's redelivery, which
+/// checks the done markers first: see `split`) fires it, so no hold is needed.
 async fn join_empty(shared: &Shared, job: &Job) -> Res {
-    let fired = fired(shared, job).await?;
-    if fired.len() >= job.markers_when_done() {
-        return Ok(());
-    }
-    fire(shared, job, true, &Value::Array(Vec::new()), &fired, None).await?;
-    Ok(())
+    fire(
+        shared,
+        job,
+        true,
+        &Value::Array(Vec::new()),
+        &BTreeSet::new(),
+        None,
+    )
+    .await
 }
 
 /// One result per part id; a success wins over a failure of the same part (a part that
@@ -332,8 +321,8 @@ async fn join_empty(shared: &Shared, job: &Job) -> Res {
 fn distinct(bodies: &[Vec<u8>], total: u32) -> BTreeMap<u32, PartResult> {
     let mut out = BTreeMap::<u32, PartResult>::new();
     for b in bodies {
+        // A done marker (the fired hook's own message) is not a result.
         let Ok(r) = serde_json::from_slice::<PartResult>(b) else {
-            tracing::warn!("ignoring a message in a part queue that is not a part result");
             continue;
         };
         if r.part_id >= total {
@@ -403,18 +392,41 @@ async fn fire(
     fired: &BTreeSet<usize>,
     mut held: Option<&mut Batch>,
 ) -> Res {
-    let done = job.done(shared);
+    let done = job.done(shared)?;
     shared
         .client
         .publisher()
         .declare_cached(&done.name, std::slice::from_ref(&done))
         .await?;
+    // Where each hook's marker goes besides its service queue: the service's done-marker
+    // queue and, while the job is held, the part queue itself (so a joiner that died after
+    // firing and before deleting the part queue is seen by the next one).
+    let mut bcc = vec![done.name.clone()];
+    if held.is_some() {
+        bcc.push(job.part_queue.clone());
+    }
     let targets = job.fire_targets(ok);
     if targets.is_empty() {
         // Nothing to call: the marker alone says the job is done.
         if fired.is_empty() {
-            let mut marker = Outgoing::new("", done.name.clone(), b"{}".to_vec());
-            marker.message_id = Some(job.callback_id(0).to_string());
+            let mut env = Envelope::new(
+                &Target::new(&job.svc, &job.method)?,
+                Value::Null,
+                Some(job.cid.clone()),
+            );
+            env.id = job.callback_id(0);
+            let mut marker = Outgoing::new(
+                "",
+                done.name.clone(),
+                env.to_bytes().map_err(warren_client::Error::Encode)?,
+            );
+            marker.message_id = Some(env.id.to_string());
+            if held.is_some() {
+                marker.headers = vec![(
+                    H_BCC.to_owned(),
+                    HeaderValue::StrList(vec![job.part_queue.clone()]),
+                )];
+            }
             send(shared, &done, held, &marker).await?;
         }
         return Ok(());
@@ -440,10 +452,7 @@ async fn fire(
         );
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid);
-        msg.headers = vec![(
-            H_BCC.to_owned(),
-            HeaderValue::StrList(vec![done.name.clone()]),
-        )];
+        msg.headers = vec![(H_BCC.to_owned(), HeaderValue::StrList(bcc.clone()))];
         send(shared, &done, held.as_deref_mut(), &msg).await?;
     }
     Ok(())

@@ -58,7 +58,7 @@ pub use context::Context;
 pub use error::WorkerError;
 pub use outcome::TaskError;
 pub use process::DUPLICATE_STEPS;
-pub use runtime::{Worker, WorkerBuilder};
+pub use runtime::{Worker, WorkerBuilder, DEFAULT_COMPLETION_WINDOW};
 pub use service::Service;
 pub use warren_client::{
     Chain, ChainHandle, ChainResult, InvokeRetry, Parallel, ParallelReceipt, Retried,

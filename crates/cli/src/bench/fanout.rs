@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use tokio::sync::oneshot;
 use warren_client::{Client, Parallel};
-use warren_core::topology::{fanout_queue, JobKey, QueueSpec};
+use warren_core::topology::{fanout_queue, QueueSpec};
 use warren_core::FanInOutcome;
 use warren_worker::{Context, Service, TaskError};
 
@@ -105,6 +105,7 @@ async fn warren_fanout(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         .amqp(b.amqp("warren bench fanout client")?)
         .connect()
         .await?;
+    b.track(QueueSpec::done_markers(&svc, super::split::done_window_ms())?.name);
     let result = async {
         let (target, fin) = (format!("{svc}.target"), format!("{svc}.final"));
         let (mut out, mut sent) = (Vec::with_capacity(RUNS), Vec::with_capacity(RUNS));
@@ -124,9 +125,7 @@ async fn warren_fanout(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
             let receipt = client.parallel(p).await?;
             let sent_ms = started.elapsed().as_secs_f64() * 1e3;
             let part_queue = fanout_queue(&receipt.job);
-            let key = JobKey::of(&part_queue);
             b.track(part_queue.clone());
-            b.track(QueueSpec::done(&key, 0).name);
             let Ok(fired) = tokio::time::timeout(DEADLINE, rx).await else {
                 let left = client.broker().queue_stats(&part_queue).await;
                 bail!(

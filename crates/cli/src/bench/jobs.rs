@@ -454,6 +454,7 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
         .amqp(b.amqp("warren bench jobs client")?)
         .connect()
         .await?;
+    b.track(topology::QueueSpec::done_markers(&svc, u64::try_from(WINDOW.as_millis())?)?.name);
     let result = async {
         client.ensure_service(&svc).await?;
         let mut throughput = Vec::with_capacity(ROUNDS);

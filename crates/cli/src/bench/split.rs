@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use tokio::sync::mpsc;
 use warren_client::{Client, Task};
-use warren_core::topology::{JobKey, QueueSpec};
+use warren_core::topology::QueueSpec;
 use warren_core::Target;
 use warren_worker::{Context, Service, TaskError};
 
@@ -245,12 +245,11 @@ async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         }
     };
     let mut out = (Vec::new(), Vec::new());
+    b.track(QueueSpec::done_markers(&svc, done_window_ms())?.name);
     for (n, runs) in [(1000u32, RUNS_1000), (100, RUNS_100)] {
         for k in 0..runs {
             let (started, cid, id) = one(n, k).await?;
-            let pq = format!("part.{svc}-job-{id}");
-            let key = JobKey::of(&pq);
-            b.track(QueueSpec::done(&key, 0).name);
+            b.track(format!("part.{svc}-job-{id}"));
             let line = tokio::time::timeout(DEADLINE, rx.recv())
                 .await
                 .context("split job timed out")?
@@ -269,4 +268,9 @@ async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     client.close().await;
     guard.stop().await;
     Ok(out)
+}
+
+/// The default completion window in ms: the bench workers' done-marker queues are named by it.
+pub(crate) fn done_window_ms() -> u64 {
+    u64::try_from(warren_worker::DEFAULT_COMPLETION_WINDOW.as_millis()).unwrap_or(u64::MAX)
 }
