@@ -60,7 +60,7 @@ const RETIRED_GRACE: Duration = Duration::from_secs(30);
 pub(crate) type ChannelSlot = Option<(Channel, u64)>;
 
 /// Channels kept for declarations and checks.
-const OPS_CHANNELS: usize = 8;
+const OPS_CHANNELS: usize = 32;
 
 /// An ops channel, held exclusively until dropped.
 struct OpsChannel {
