@@ -224,7 +224,8 @@ impl Client {
             return Err(timed_out(&env));
         };
         let replies = replies?;
-        self.record_pending(&env).await;
+        // The status store has its own 2 s bound; the invoke's deadline still comes first.
+        let _ = tokio::time::timeout_at(deadline, self.record_pending(&env)).await;
         let rx = replies
             .register(env.id)
             .ok_or_else(|| Error::ReplyListener(replies.stop_reason()))?;

@@ -86,6 +86,29 @@ pub enum Error {
 }
 
 impl Error {
+    /// For a send that failed: `Some(true)` when the broker may hold the task anyway (it may
+    /// run; sending it again could run it twice), `Some(false)` when it surely does not,
+    /// `None` when the error is not about an unconfirmed publish. See
+    /// [`warren_core::Error::maybe_stored`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: warren_client::Client) {
+    /// match client.enqueue("images.resize", &7).await {
+    ///     Ok(r) => println!("queued {}", r.id),
+    ///     Err(e) if e.maybe_stored() == Some(true) => println!("unsure: check before resending ({e})"),
+    ///     Err(e) => println!("not queued: {e}"),
+    /// }
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn maybe_stored(&self) -> Option<bool> {
+        match self {
+            Error::Broker(e) => e.maybe_stored(),
+            Error::Name(_) | Error::Encode(_) => Some(false),
+            _ => None,
+        }
+    }
+
     /// The worker-side failure kind, when the task ran and failed.
     #[must_use]
     pub fn failure_kind(&self) -> Option<FailureKind> {

@@ -25,12 +25,12 @@
 //!   So per job the raw floor is 1 declare, `PARTS` parts, `PARTS` results, 1 hook and
 //!   1 delete, with the join reduced to an in-memory counter in one process. warren also
 //!   sends the split task and runs its exactly-once join on the broker (docs/joins.md):
-//!   the part queue is checked after each result, the joiner holds it, checks the done
-//!   marker, reads the results back and fires the hook with its marker.
+//!   the part queue is checked after each result, the joiner holds it (exclusive consumer),
+//!   reads the results back and fires the hook with its markers (`BCC`).
 //!
 //! - `jobs_queues_left` (`queues`, no raw counterpart): once every warren round is over, the
-//!   per-job queues of every warren job ([`job_queues`]: its part queue and its done
-//!   marker, as `warren_core::topology::job_queues` names them) that still exist once the
+//!   per-job queues of every warren job ([`job_queues`]: its part queue, as
+//!   `warren_core::topology::job_queues` names them) that still exist once the
 //!   joins' completion window has passed; the bench worker runs with
 //!   `completion_window(`[`WINDOW`]`)`. Should be 0. The worker keeps running while they
 //!   are counted (a worker may remove them itself). Counted by passive declares, polled from
@@ -415,9 +415,9 @@ struct Measured {
 }
 
 /// The per-job broker queues of the job split from task `id` of `svc.job`
-/// (`warren_core::topology::job_queues`: its part queue and its done marker).
+/// (`warren_core::topology::job_queues`: its part queue).
 fn job_queues(svc: &str, id: &uuid::Uuid) -> anyhow::Result<Vec<String>> {
-    Ok(topology::job_queues(&part_queue(svc, "job", id)?).to_vec())
+    Ok(topology::job_queues(&part_queue(svc, "job", id)?))
 }
 
 async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
