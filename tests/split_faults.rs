@@ -279,3 +279,98 @@ async fn a_redelivered_splitter_marks_every_part_it_sends_again() {
     }
     s.finish(vec![second]).await;
 }
+
+/// A split task delivered again after its job joined (its worker died before acking it, the
+/// broker hands it out again) finds the job's done marker and does nothing: no second hook,
+/// no part queue re-created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_task_redelivered_after_its_join_does_nothing() {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicRejectOptions};
+    let s = Setup::new().await;
+    let first = s.worker(4).await;
+    let (cid, pq) = s.job(5, 0).await;
+    let hooks = s.settle(&cid, &pq, Duration::from_secs(60)).await;
+    assert_eq!(hooks.len(), 1);
+    first.kill9().await;
+    // The same split task again (same id, payload, cid and hooks), made a redelivery: taken
+    // once without an ack and put back.
+    let id: uuid::Uuid = pq.rsplit_once("-sum-").unwrap().1.parse().unwrap();
+    let mut env = warren::core::Envelope::new(
+        &Target::new(&s.svc, "sum").unwrap(),
+        serde_json::json!({"n": 5, "ms": 0}),
+        Some(cid.clone()),
+    );
+    env.id = id;
+    env.hooks.oncomplete = Some(warren::core::HookTarget {
+        svc: s.svc.clone(),
+        method: "done".into(),
+    });
+    env.hooks.onerror = Some(warren::core::HookTarget {
+        svc: s.svc.clone(),
+        method: "failed".into(),
+    });
+    let queue = format!("warren.svc.{}", s.svc);
+    let conn = lapin::Connection::connect(&s.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        queue.as_str().into(),
+        BasicPublishOptions::default(),
+        &env.to_bytes().unwrap(),
+        lapin::BasicProperties::default().with_message_id(id.to_string().into()),
+    )
+    .await
+    .unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        if let Some(m) = ch
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the split task never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(got
+        .delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: true })
+        .await
+        .unwrap());
+    conn.close(200, "done".into()).await.unwrap();
+    // One task at a time: the redelivered split task runs before a sentinel sent after it.
+    let second = s.worker(1).await;
+    s.client
+        .enqueue(
+            &format!("{}.work", s.svc),
+            &serde_json::json!({"key": "sentinel"}),
+        )
+        .await
+        .unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !common::read_ledger(&s.ledger)
+        .iter()
+        .any(|(k, _, _)| k == "sentinel")
+    {
+        assert!(tokio::time::Instant::now() < end, "the sentinel never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hook_lines(&s.hooks, &cid).len(), 1, "no second hook");
+    assert!(
+        s.client.broker().queue_stats(&pq).await.unwrap().is_none(),
+        "the redelivered split task did not re-create the job"
+    );
+    let reruns = common::read_ledger(&s.ledger)
+        .iter()
+        .filter(|(k, _, _)| k.starts_with(&format!("{cid}/")))
+        .count();
+    assert_eq!(reruns, 5, "no part ran again");
+    s.finish(vec![second]).await;
+}

@@ -167,20 +167,37 @@ pub(crate) struct PartResult {
 pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
     let done = job.done(shared)?;
     let broker = shared.client.broker();
-    let ready = broker.declare_counted(&done).await?.ready;
-    if ready == 0 {
-        return Ok(false);
+    let deadline = shared.client.publish_deadline();
+    let mut pauses = warren_core::amqp::backoff(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        let ready = broker.declare_counted(&done).await?.ready;
+        if ready == 0 {
+            return Ok(false);
+        }
+        let max = (ready as usize).min(usize::from(u16::MAX));
+        // Exclusive: two readers at once would each see only part of the markers.
+        match broker
+            .take_exclusive(&done.name, max, Duration::from_millis(500), |_| false)
+            .await?
+        {
+            Take::Held(batch) => {
+                let found = !job.markers_in(&batch.bodies).is_empty();
+                batch.release().await;
+                return Ok(found);
+            }
+            Take::Missing => return Ok(false),
+            Take::Busy if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(1))).await;
+            }
+            Take::Busy => {
+                return Err(warren_core::Error::Timeout {
+                    what: format!("reading the done markers in {}", done.name),
+                    after: shared.client.broker().config().publish_timeout,
+                }
+                .into())
+            }
+        }
     }
-    let max = (ready as usize).min(usize::from(u16::MAX));
-    let Some(batch) = broker
-        .take(&done.name, max, Duration::from_millis(500), |_| false)
-        .await?
-    else {
-        return Ok(false);
-    };
-    let found = !job.markers_in(&batch.bodies).is_empty();
-    batch.release().await;
-    Ok(found)
 }
 
 /// Publishes a part's result to the job's part queue. A result whose part queue does not
