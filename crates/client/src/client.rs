@@ -341,8 +341,10 @@ impl Client {
         if delay.is_zero() {
             return self.send_envelope(env, reply_to).await;
         }
-        let qt = self.inner.broker.config().queue_type;
-        let spec = delay_queue(&env.svc, delay_step_ms(delay), qt)?;
+        let config = self.inner.broker.config();
+        let qt = config.queue_type;
+        // The delay queue's own type (rabbitmq-server#10718, see `with_delay_queue_type`).
+        let spec = delay_queue(&env.svc, delay_step_ms(delay), config.delay_queue_type())?;
         let body = env.to_bytes().map_err(Error::Encode)?;
         let mut msg = Outgoing::new("", spec.name.clone(), body);
         msg.message_id = Some(env.id.to_string());
