@@ -15,6 +15,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+
+use common::hook_lines;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -234,21 +236,6 @@ async fn enqueue_through_a_leader_kill() {
         unmarked.len(),
         &unmarked[..unmarked.len().min(10)]
     );
-}
-
-fn hook_lines(path: &Path, cid: &str) -> Vec<(String, Value)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(3, ' ');
-            let (m, c, p) = (it.next()?, it.next()?, it.next()?);
-            if c != cid {
-                return None;
-            }
-            Some((m.to_owned(), serde_json::from_str(p).ok()?))
-        })
-        .collect()
 }
 
 /// Distinct parts of job `cid` in the ledger (lines `<cid>/<i> …`).

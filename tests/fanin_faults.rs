@@ -6,7 +6,8 @@
 
 mod common;
 
-use std::path::Path;
+use common::hook_lines;
+
 use std::time::Duration;
 
 use common::{config, ledger_path, unique, Cleanup, FixtureWorker};
@@ -15,22 +16,6 @@ use warren::{Client, FanInOutcome, Parallel, QueueType};
 use warren_core::envelope::now_ms;
 use warren_core::patterns::utc_timestamp;
 use warren_core::topology::fanout_queue;
-
-/// The hook-file lines of `cid` as (method, payload).
-fn hook_lines(path: &Path, cid: &str) -> Vec<(String, Value)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(3, ' ');
-            let (m, c, p) = (it.next()?, it.next()?, it.next()?);
-            if c != cid {
-                return None;
-            }
-            Some((m.to_owned(), serde_json::from_str(p).ok()?))
-        })
-        .collect()
-}
 
 fn count(lines: &[(String, Value)], method: &str) -> usize {
     lines.iter().filter(|(m, _)| m == method).count()

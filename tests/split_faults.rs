@@ -7,7 +7,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::hook_lines;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{config, ledger_path, unique, Cleanup, FixtureWorker};
@@ -121,21 +123,6 @@ impl Setup {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-fn hook_lines(path: &Path, cid: &str) -> Vec<(String, Value)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(3, ' ');
-            let (m, c, p) = (it.next()?, it.next()?, it.next()?);
-            if c != cid {
-                return None;
-            }
-            Some((m.to_owned(), serde_json::from_str(p).ok()?))
-        })
-        .collect()
 }
 
 fn squares(n: u64) -> Value {

@@ -46,6 +46,18 @@ async fn memory(node: &BrokerNode) -> u64 {
     out.trim().parse().expect("a byte count")
 }
 
+/// With VOLUME_BREAKDOWN set, prints the node's memory by category (for a failing run).
+async fn breakdown(node: &BrokerNode) {
+    if std::env::var("VOLUME_BREAKDOWN").is_ok() {
+        eprintln!(
+            "{}",
+            node.rabbitmqctl(&["eval", "rabbit_vm:memory()."])
+                .await
+                .unwrap()
+        );
+    }
+}
+
 fn hooks_by_cid(path: &Path) -> HashMap<String, Vec<String>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
     for l in std::fs::read_to_string(path).unwrap_or_default().lines() {
@@ -107,14 +119,7 @@ async fn five_thousand_split_jobs_leave_no_broker_state() {
     }
     let baseline_queues = wait_for_queues(&node, None, Duration::from_secs(60)).await;
     let before = memory(&node).await;
-    if std::env::var("VOLUME_BREAKDOWN").is_ok() {
-        eprintln!(
-            "{}",
-            node.rabbitmqctl(&["eval", "rabbit_vm:memory()."])
-                .await
-                .unwrap()
-        );
-    }
+    breakdown(&node).await;
     eprintln!("baseline: {} queues, {before} bytes", baseline_queues.len());
 
     let started = std::time::Instant::now();
@@ -189,14 +194,7 @@ async fn five_thousand_split_jobs_leave_no_broker_state() {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
-    if std::env::var("VOLUME_BREAKDOWN").is_ok() {
-        eprintln!(
-            "{}",
-            node.rabbitmqctl(&["eval", "rabbit_vm:memory()."])
-                .await
-                .unwrap()
-        );
-    }
+    breakdown(&node).await;
     eprintln!(
         "memory before {before} bytes, after {after} bytes ({:+.1} %)",
         (after as f64 - before as f64) * 100.0 / before as f64

@@ -331,3 +331,20 @@ pub fn run_in_background(worker: warren::Worker) -> Running {
     let handle = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
     Running { stop, handle }
 }
+
+/// The fixture worker's hook-file lines of `cid` (`<method> <cid> <payload>`) as
+/// (method, payload).
+pub fn hook_lines(path: &Path, cid: &str) -> Vec<(String, serde_json::Value)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ' ');
+            let (m, c, p) = (it.next()?, it.next()?, it.next()?);
+            if c != cid {
+                return None;
+            }
+            Some((m.to_owned(), serde_json::from_str(p).ok()?))
+        })
+        .collect()
+}

@@ -249,19 +249,7 @@ impl Publisher {
                     self.declare_cached(key, &specs()?).await?;
                 }
                 let (ch, generation) = self.channel(slot).await?;
-                let sent = ch
-                    .basic_publish(
-                        short(&msg.exchange),
-                        short(&msg.routing_key),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        &msg.body,
-                        props.clone(),
-                    )
-                    .await;
-                match sent {
+                match send_mandatory(&ch, msg, props.clone()).await {
                     Ok(pending) => Ok::<_, Error>((pending.await, generation)),
                     Err(e) => {
                         self.drop_channel(slot, generation).await;
@@ -330,17 +318,7 @@ impl Publisher {
         msg.validate()?;
         let what = || format!("publishing to {}/{}", msg.exchange, msg.routing_key);
         let ch = batch.confirm_channel().await?;
-        let confirm = ch
-            .basic_publish(
-                short(&msg.exchange),
-                short(&msg.routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &msg.body,
-                msg.properties(),
-            )
+        let confirm = send_mandatory(ch, msg, msg.properties())
             .await
             .map_err(|e| classify(what(), e))?
             .await;
@@ -386,6 +364,25 @@ impl Publisher {
             )),
         }
     }
+}
+
+/// Sends `msg` with the mandatory flag on `ch`; the returned future resolves to its confirm.
+async fn send_mandatory(
+    ch: &Channel,
+    msg: &Outgoing,
+    props: BasicProperties,
+) -> std::result::Result<lapin::PublisherConfirm, lapin::Error> {
+    ch.basic_publish(
+        short(&msg.exchange),
+        short(&msg.routing_key),
+        BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        },
+        &msg.body,
+        props,
+    )
+    .await
 }
 
 /// What a routed publish declares: the cache key and how to build the queue specs.
