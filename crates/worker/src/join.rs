@@ -260,63 +260,88 @@ pub(crate) async fn record_part(
 /// Every joiner runs inside an unacked delivery (a part task, a split task or a join check),
 /// so a joiner that dies is redelivered and tries again; a contender refused by the
 /// exclusive hold therefore just stops.
+///
+/// Checks of one job within one process are coalesced: while a check runs, another part
+/// that finishes here only asks it to look once more (its result is already confirmed in
+/// the part queue) and returns. That saves most of the per-result queue counts when the
+/// parts of a job run side by side in one worker; see [`LocalCheck`].
 pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
     if job.total == 0 {
         return join_empty(shared, job).await;
     }
+    let Some(mut check) = LocalCheck::begin(shared, job) else {
+        tracing::debug!(job = %job.key.0, "a check of this job runs in this process; asked it to look again");
+        return Ok(());
+    };
+    let mut missing_rounds = 0;
+    loop {
+        match join_round(shared, job).await? {
+            Round::Over if check.again() => {}
+            Round::Over => return Ok(()),
+            Round::PartsMissing => {
+                missing_rounds += 1;
+                if missing_rounds >= MAX_ROUNDS {
+                    check.finish();
+                    return schedule_check(shared, job, RECHECK_AFTER).await;
+                }
+            }
+        }
+    }
+}
+
+/// How one look at the part queue ended.
+enum Round {
+    /// Fired, not everything is in yet, another joiner holds it, or the job is gone.
+    Over,
+    /// All results were counted but some part ids were missing (duplicates filled the
+    /// count): look again.
+    PartsMissing,
+}
+
+/// One look at the part queue: count, hold, read, fire and delete.
+async fn join_round(shared: &Shared, job: &Job) -> Res<Round> {
     let broker = shared.client.broker();
     let total = job.total as usize;
-    for _ in 0..MAX_ROUNDS {
-        if held_here(shared, job) {
-            // A joiner in this process holds the part queue and is alive. Our result was
-            // recorded before this check, so the holder's next look (after it lets go: see
-            // `LocalHold`) counts it; nothing is left for us to do.
-            tracing::debug!(job = %job.key.0, "a joiner in this process holds the job");
-            return Ok(());
+    let ready = match broker.queue_stats(&job.part_queue).await? {
+        None => return Ok(Round::Over), // joined (and deleted) or expired
+        Some(s) if s.ready < job.total => return Ok(Round::Over),
+        // Another joiner holds it (it will count our result, see `Take::Busy`); asking
+        // for the exclusive hold now would only be refused.
+        Some(s) if s.consumers > 0 => return Ok(Round::Over),
+        Some(s) => s.ready,
+    };
+    // Everything that was in the queue when it was counted: the results, and the done
+    // markers of a joiner that fired and died before it deleted the queue.
+    let taken = broker
+        .take_exclusive(&job.part_queue, ready as usize, TAKE_IDLE, |_| false)
+        .await?;
+    let batch = match taken {
+        Take::Held(b) => b,
+        Take::Missing => return Ok(Round::Over),
+        Take::Busy => {
+            tracing::debug!(job = %job.key.0, "another joiner holds the job");
+            return Ok(Round::Over);
         }
-        let ready = match broker.queue_stats(&job.part_queue).await? {
-            None => return Ok(()), // joined (and deleted) or expired
-            Some(s) if s.ready < job.total => return Ok(()),
-            // Another joiner holds it (it will count our result, see `Take::Busy`); asking
-            // for the exclusive hold now would only be refused.
-            Some(s) if s.consumers > 0 => return Ok(()),
-            Some(s) => s.ready,
-        };
-        let _hold = LocalHold::new(shared, job);
-        // Everything that was in the queue when it was counted: the results, and the done
-        // markers of a joiner that fired and died before it deleted the queue.
-        let taken = broker
-            .take_exclusive(&job.part_queue, ready as usize, TAKE_IDLE, |_| false)
-            .await?;
-        let batch = match taken {
-            Take::Held(b) => b,
-            Take::Missing => return Ok(()),
-            Take::Busy => {
-                tracing::debug!(job = %job.key.0, "another joiner holds the job");
-                return Ok(());
-            }
-        };
-        tracing::debug!(job = %job.key.0, taken = batch.bodies.len(), "part results taken");
-        let fired = job.markers_in(&batch.bodies);
-        if fired.len() >= job.markers_when_done() {
-            // Joined before, by a joiner that died before it removed the part queue.
-            batch.delete_queue(&job.part_queue).await?;
-            return Ok(());
-        }
-        let results = distinct(&batch.bodies, job.total);
-        if results.len() < total {
-            tracing::debug!(job = %job.key.0, have = results.len(), total, "parts missing; releasing");
-            batch.release().await;
-            continue;
-        }
-        let (ok, payload) = hook_payload(job, &results)?;
-        let mut batch = batch;
-        fire(shared, job, ok, &payload, &fired, Some(&mut batch)).await?;
+    };
+    tracing::debug!(job = %job.key.0, taken = batch.bodies.len(), "part results taken");
+    let fired = job.markers_in(&batch.bodies);
+    if fired.len() >= job.markers_when_done() {
+        // Joined before, by a joiner that died before it removed the part queue.
         batch.delete_queue(&job.part_queue).await?;
-        tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
-        return Ok(());
+        return Ok(Round::Over);
     }
-    schedule_check(shared, job, RECHECK_AFTER).await
+    let results = distinct(&batch.bodies, job.total);
+    if results.len() < total {
+        tracing::debug!(job = %job.key.0, have = results.len(), total, "parts missing; releasing");
+        batch.release().await;
+        return Ok(Round::PartsMissing);
+    }
+    let (ok, payload) = hook_payload(job, &results)?;
+    let mut batch = batch;
+    fire(shared, job, ok, &payload, &fired, Some(&mut batch)).await?;
+    batch.delete_queue(&job.part_queue).await?;
+    tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
+    Ok(Round::Over)
 }
 
 /// The join of a job without parts: only its split task (or that task's redelivery, which
@@ -491,37 +516,81 @@ async fn send(shared: &Shared, done: &QueueSpec, held: Option<&mut Batch>, msg: 
     Ok(())
 }
 
-/// `true` when a joiner of this process holds `job`'s part queue right now.
-fn held_here(shared: &Shared, job: &Job) -> bool {
-    shared.holding.lock().is_ok_and(|h| h.contains(&job.key.0))
-}
-
-/// Marks a job as held by a joiner of this process, so this process's other contenders
-/// skip their (doomed) attempts. Released when the holder leaves the round that won the
-/// hold: before it looks at the part queue again, so any result a
-/// skipper recorded is counted by the holder's next round or by a scheduled re-check.
-struct LocalHold<'a> {
+/// The one running join check of a job in this process (see [`try_join`]).
+///
+/// A part that finishes while its job's check runs here sets the check's `again` flag and
+/// returns (its delivery is acked); the check then looks at the part queue once more
+/// before it ends. Setting the flag, and ending the check when it is not set, happen under
+/// one lock, so no request to look again is lost. If this process dies, the checking
+/// part's own delivery (still unacked) is redelivered and its redelivery counts every
+/// result, including those of the parts that asked.
+struct LocalCheck<'a> {
     shared: &'a Shared,
     key: Uuid,
+    finished: bool,
 }
 
-impl<'a> LocalHold<'a> {
-    fn new(shared: &'a Shared, job: &Job) -> Self {
-        if let Ok(mut h) = shared.holding.lock() {
-            h.insert(job.key.0);
+impl<'a> LocalCheck<'a> {
+    /// Starts the job's check, or (`None`) asks the running one to look again.
+    fn begin(shared: &'a Shared, job: &Job) -> Option<Self> {
+        let key = job.key.0;
+        let Ok(mut checking) = shared.checking.lock() else {
+            // A poisoned map: check without coalescing.
+            return Some(Self {
+                shared,
+                key,
+                finished: true,
+            });
+        };
+        if let Some(again) = checking.get_mut(&key) {
+            *again = true;
+            return None;
         }
-        Self {
+        checking.insert(key, false);
+        Some(Self {
             shared,
-            key: job.key.0,
+            key,
+            finished: false,
+        })
+    }
+
+    /// `true` (and the flag cleared) when another part asked for one more look; otherwise
+    /// ends the check.
+    fn again(&mut self) -> bool {
+        if self.finished {
+            return false;
+        }
+        let Ok(mut checking) = self.shared.checking.lock() else {
+            return false;
+        };
+        match checking.get_mut(&self.key) {
+            Some(again) if *again => {
+                *again = false;
+                true
+            }
+            _ => {
+                checking.remove(&self.key);
+                self.finished = true;
+                false
+            }
+        }
+    }
+
+    /// Ends the check (a scheduled re-check takes over).
+    fn finish(&mut self) {
+        if !self.finished {
+            if let Ok(mut checking) = self.shared.checking.lock() {
+                checking.remove(&self.key);
+            }
+            self.finished = true;
         }
     }
 }
 
-impl Drop for LocalHold<'_> {
+impl Drop for LocalCheck<'_> {
+    /// A check that ended with an error: its delivery is delivered again and checks then.
     fn drop(&mut self) {
-        if let Ok(mut h) = self.shared.holding.lock() {
-            h.remove(&self.key);
-        }
+        self.finish();
     }
 }
 

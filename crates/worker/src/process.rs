@@ -62,8 +62,9 @@ pub(crate) struct Shared {
     pub(crate) services: HashMap<String, HostedService>,
     pub(crate) client: Client,
     pub(crate) joins: JoinSettings,
-    /// Jobs whose part queue a joiner of this process holds right now.
-    pub(crate) holding: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Jobs a join check of this process is running for, each with whether another part
+    /// of this process asked it to look again (see `join::LocalCheck`).
+    pub(crate) checking: std::sync::Mutex<HashMap<uuid::Uuid, bool>>,
 }
 
 /// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.

@@ -208,7 +208,7 @@ impl WorkerBuilder {
                 services,
                 client,
                 joins: self.joins,
-                holding: std::sync::Mutex::default(),
+                checking: std::sync::Mutex::default(),
             }),
             consume,
             subs,
