@@ -21,8 +21,8 @@ pub use warren_client::{
 };
 pub use warren_core::status::{RedisStore, StatusStore, TaskState, TaskStatus};
 pub use warren_core::{
-    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, Target, TargetOutcome,
-    Via,
+    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, SplitStarted, Target,
+    TargetOutcome, Via,
 };
 pub use warren_worker::{
     Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError,

@@ -24,10 +24,22 @@ async fn bad_input(qt: QueueType) {
     let _cleanup = Cleanup::new(&[&svc]);
     let panics = Arc::new(AtomicU32::new(0));
     let p = panics.clone();
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
     let service = Service::new(&svc)
         .unwrap()
-        .method("double", |_: Context, n: i64| async move {
-            Ok::<_, TaskError>(n * 2)
+        .method("double", move |_: Context, n: i64| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, TaskError>(n * 2) }
+        })
+        .unwrap()
+        .method(
+            "job",
+            |_: Context, n: i64| async move { Ok::<_, TaskError>(n) },
+        )
+        .unwrap()
+        .method("job_part", |_: Context, n: i64| async move {
+            Ok::<_, TaskError>((0..n).collect::<Vec<i64>>())
         })
         .unwrap()
         .method("boom", move |_: Context, _: ()| {
@@ -75,25 +87,100 @@ async fn bad_input(qt: QueueType) {
             id(n)
         )
     };
-    let cases: Vec<(u8, String, &str)> = vec![
-        (1, "{not json".into(), "bad_envelope"),
-        (2, r#"{"v":2,"id":"x"}"#.into(), "bad_envelope"),
-        (3, r#"{"id":"no version"}"#.into(), "bad_envelope"),
-        (4, env(4, &svc, "nope", "1"), "unknown_target"),
-        (5, env(5, "other-service", "double", "1"), "unknown_target"),
+    let with = |n: u8, extra: &str| {
+        format!(
+            r#"{{"v":1,"id":"{}","cid":"c{n}","svc":"{svc}","method":"double","payload":1,{extra}}}"#,
+            id(n)
+        )
+    };
+    let part = |n: u8, part_id: u32, total: u32, queue: &str| {
+        with(
+            n,
+            &format!(
+                r#""part":{{"part_id":{part_id},"total_parts":{total},"part_queue":"{queue}"}}"#
+            ),
+        )
+    };
+    // (case, body, the AMQP message id it is sent with, reason). Every name and number an
+    // envelope carries is checked when it is decoded: the handler never runs on any of them.
+    let cases: Vec<(u8, String, Option<String>, &str)> = vec![
+        (1, "{not json".into(), Some(id(1)), "bad_envelope"),
+        (2, r#"{"v":2,"id":"x"}"#.into(), Some(id(2)), "bad_envelope"),
+        (
+            3,
+            r#"{"id":"no version"}"#.into(),
+            Some(id(3)),
+            "bad_envelope",
+        ),
+        (4, env(4, &svc, "nope", "1"), Some(id(4)), "unknown_target"),
+        (
+            5,
+            env(5, "other-service", "double", "1"),
+            Some(id(5)),
+            "unknown_target",
+        ),
         (
             6,
             env(6, &svc, "double", r#""not a number""#),
+            Some(id(6)),
             "bad_payload",
         ),
-        (7, env(7, &svc, "boom", "null"), "panic"),
-        (8, env(8, "BAD NAME", "double", "1"), "bad_envelope"),
+        (7, env(7, &svc, "boom", "null"), Some(id(7)), "panic"),
+        (
+            8,
+            env(8, "BAD NAME", "double", "1"),
+            Some(id(8)),
+            "bad_envelope",
+        ),
+        (
+            9,
+            with(
+                9,
+                r#""hooks":{"oncomplete":{"svc":"BAD NAME","method":"x"}}"#,
+            ),
+            Some(id(9)),
+            "bad_envelope",
+        ),
+        (
+            10,
+            with(10, r#""notify":"Not A Topic""#),
+            Some(id(10)),
+            "bad_envelope",
+        ),
+        (
+            11,
+            part(11, 0, 2, "amq.parts"),
+            Some(id(11)),
+            "bad_envelope",
+        ),
+        (12, part(12, 2, 2, "part.x"), Some(id(12)), "bad_envelope"),
+        (13, part(13, 0, 0, "part.x"), Some(id(13)), "bad_envelope"),
+        (14, with(14, r#""attempt":0"#), Some(id(14)), "bad_envelope"),
+        // No AMQP message id, or one that is not a UUID: dead-lettered and answered under
+        // the envelope's own id.
+        (15, with(15, r#""attempt":0"#), None, "bad_envelope"),
+        (
+            16,
+            with(16, r#""attempt":0"#),
+            Some("not-a-uuid".into()),
+            "bad_envelope",
+        ),
     ];
-    for (n, body, _) in &cases {
-        let props = BasicProperties::default()
-            .with_message_id(id(*n).into())
+    let good: Vec<(u8, String)> = vec![
+        (17, with(17, r#""hooks":null"#)),
+        (18, with(18, r#""retry":{"max_attempts":2}"#)),
+    ];
+    for (_, body, mid, _) in cases
+        .iter()
+        .map(|(n, b, m, r)| (n, b, m.clone(), r))
+        .chain(good.iter().map(|(n, b)| (n, b, Some(id(*n)), &"ok")))
+    {
+        let mut props = BasicProperties::default()
             .with_reply_to(reply_q.as_str().into())
             .with_delivery_mode(2);
+        if let Some(m) = mid {
+            props = props.with_message_id(m.into());
+        }
         let confirm = ch
             .basic_publish(
                 "warren.tasks".into(),
@@ -151,13 +238,23 @@ async fn bad_input(qt: QueueType) {
             None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    for (n, body, reason) in &cases {
+    for (n, body, mid, reason) in &cases {
+        let key = match mid {
+            Some(m) => m.clone(),
+            None => id(*n),
+        };
         assert_eq!(
-            dead.get(&id(*n)),
+            dead.get(&key),
             Some(&vec![(*reason).to_owned()]),
             "case {n}: {body}"
         );
     }
+    // The two good ones ran; no bad one did.
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "handler runs: 2 good cases + 1 invoke"
+    );
     assert_eq!(
         panics.load(Ordering::SeqCst),
         1,
@@ -167,7 +264,7 @@ async fn bad_input(qt: QueueType) {
     // Every one of them was answered with an error on the reply queue.
     let mut answered = HashMap::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    while answered.len() < cases.len() {
+    while answered.len() < cases.len() + good.len() {
         assert!(
             tokio::time::Instant::now() < end,
             "not every bad message was answered: {answered:?}"
@@ -187,9 +284,24 @@ async fn bad_input(qt: QueueType) {
             None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    for (n, _, reason) in &cases {
-        assert_eq!(answered.get(&id(*n)).map(String::as_str), Some(*reason));
+    for (n, _, _, reason) in &cases {
+        assert_eq!(
+            answered.get(&id(*n)).map(String::as_str),
+            Some(*reason),
+            "case {n}"
+        );
     }
+    for (n, _) in &good {
+        assert_eq!(
+            answered.get(&id(*n)).map(String::as_str),
+            Some("ok"),
+            "case {n}"
+        );
+    }
+
+    // Invoking a split method answers at once: the job started, with its part count.
+    let started: warren::SplitStarted = client.invoke(&format!("{svc}.job"), &3).await.unwrap();
+    assert_eq!(started.parts, 3);
 
     // Nothing is left in the service queue, and the worker is still running.
     let stats = common::service_stats(client.broker(), &svc).await;

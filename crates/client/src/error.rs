@@ -109,6 +109,34 @@ impl Error {
         }
     }
 
+    /// `true` when the same call may succeed later (the broker or the status store is
+    /// unreachable, a publish was not confirmed in time, a queue's node is down, the
+    /// process is shutting down); `false` when retrying cannot help (an invalid name, a
+    /// payload that does not encode, a refusal such as mismatched queue arguments, a task
+    /// that failed). The worker settles a delivery whose outcome could not be published by
+    /// this answer: requeued (with backoff) when transient, dead-lettered otherwise.
+    ///
+    /// ```
+    /// use warren_client::Error;
+    /// assert!(!Error::NoTargets.is_transient());
+    /// assert!(Error::Broker(warren_core::Error::Shutdown).is_transient());
+    /// ```
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Broker(e) => {
+                e.is_transient()
+                    || e.is_node_down()
+                    || matches!(
+                        e,
+                        warren_core::Error::Shutdown | warren_core::Error::Nacked { .. }
+                    )
+            }
+            Error::Store(_) | Error::Timeout { .. } | Error::ReplyListener(_) => true,
+            _ => false,
+        }
+    }
+
     /// The worker-side failure kind, when the task ran and failed.
     #[must_use]
     pub fn failure_kind(&self) -> Option<FailureKind> {

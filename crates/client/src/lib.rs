@@ -46,6 +46,6 @@ pub use invoke_retry::{InvokeRetry, Retried};
 pub use parallel::{Parallel, ParallelReceipt};
 pub use task::{Receipt, Task};
 pub use warren_core::{
-    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, RetryPolicy, Target,
-    TargetOutcome,
+    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, RetryPolicy,
+    SplitStarted, Target, TargetOutcome,
 };

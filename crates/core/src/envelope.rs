@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::names::{validate_name, Target};
+use crate::names::Target;
 use crate::patterns::FanOut;
 use crate::retry::RetryPolicy;
 
@@ -117,7 +117,11 @@ pub struct Envelope {
     #[serde(default)]
     pub payload: Value,
     /// Hooks to run on the outcome.
-    #[serde(default, skip_serializing_if = "Hooks::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Hooks::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub hooks: Hooks,
     /// How the task was sent.
     #[serde(default)]
@@ -163,6 +167,15 @@ pub struct Envelope {
 
 fn first_attempt() -> u32 {
     1
+}
+
+/// `null` reads as the field's default (`"hooks": null` means no hooks).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -223,13 +236,7 @@ impl Envelope {
         if env.v != ENVELOPE_VERSION {
             return Err(DecodeError::UnsupportedVersion(env.v.to_string()));
         }
-        validate_name("service", &env.svc).map_err(|e| DecodeError::Invalid(e.to_string()))?;
-        validate_name("method", &env.method).map_err(|e| DecodeError::Invalid(e.to_string()))?;
-        if env.cid.is_empty() || env.cid.len() > 255 {
-            return Err(DecodeError::Invalid(
-                "cid must be 1 to 255 bytes".to_owned(),
-            ));
-        }
+        env.validate().map_err(DecodeError::Invalid)?;
         Ok(env)
     }
 
@@ -289,6 +296,9 @@ pub enum FailureKind {
     UnknownTarget,
     /// One or more parts of a split job failed for good.
     PartsFailed,
+    /// The task ran, but what its outcome implies (a hook, a part result, a chain's next
+    /// step, a reply) could not be published, and retrying cannot help.
+    Undeliverable,
     /// A kind this build does not know.
     #[serde(other)]
     Other,
@@ -306,6 +316,7 @@ impl FailureKind {
             Self::BadPayload => "bad_payload",
             Self::UnknownTarget => "unknown_target",
             Self::PartsFailed => "parts_failed",
+            Self::Undeliverable => "undeliverable",
             Self::Other => "other",
         }
     }
@@ -333,6 +344,17 @@ pub struct Reply {
     /// `Ok(result)` or `Err(failure)`, as `{"ok": result}` / `{"error": failure}` on the wire.
     #[serde(flatten)]
     pub outcome: ReplyOutcome,
+}
+
+/// The answer to an `invoke` of a method that has a splitter (`<method>_part`): the split
+/// job started, with this many parts. The job's result goes to its hooks at the join, not
+/// to the caller. On the wire: `{"ok": {"job": "<split task id>", "parts": 10}}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitStarted {
+    /// The split task's id (the parts' `parent`).
+    pub job: Uuid,
+    /// How many parts were sent.
+    pub parts: u32,
 }
 
 /// The two shapes of a [`Reply`].

@@ -29,6 +29,7 @@ pub mod patterns;
 pub mod retry;
 pub mod status;
 pub mod topology;
+pub mod validate;
 
 pub use amqp::{
     Broker, ConsumerEvent, HeaderValue, Incoming, Outgoing, Publisher, QueueStats, Subscription,
@@ -36,8 +37,8 @@ pub use amqp::{
 };
 pub use config::{AmqpConfig, AmqpUrl, QueueType, ReconnectPolicy};
 pub use envelope::{
-    DecodeError, Envelope, Failure, FailureKind, HookTarget, Hooks, PartDecorator, Reply, Via,
-    ENVELOPE_VERSION,
+    DecodeError, Envelope, Failure, FailureKind, HookTarget, Hooks, PartDecorator, Reply,
+    SplitStarted, Via, ENVELOPE_VERSION,
 };
 pub use error::{Error, Result};
 pub use names::{NameError, Target};

@@ -36,13 +36,13 @@ use crate::{NameError, QueueType};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
-    /// Attempts in all, first included (1 = never retry).
+    /// Attempts in all, first included (1 = never retry). On the wire: required.
     pub max_attempts: u32,
-    /// Delay before the first retry.
-    #[serde(rename = "base_ms", with = "millis")]
+    /// Delay before the first retry (on the wire `base_ms`, default 1,000).
+    #[serde(rename = "base_ms", with = "millis", default = "default_base")]
     pub base_delay: Duration,
-    /// Longest delay.
-    #[serde(rename = "max_ms", with = "millis")]
+    /// Longest delay (on the wire `max_ms`, default 300,000).
+    #[serde(rename = "max_ms", with = "millis", default = "default_max")]
     pub max_delay: Duration,
     /// Add up to 25% random jitter to each delay.
     #[serde(default)]
@@ -54,6 +54,14 @@ pub struct RetryPolicy {
 
 fn yes() -> bool {
     true
+}
+
+fn default_base() -> Duration {
+    RetryPolicy::default().base_delay
+}
+
+fn default_max() -> Duration {
+    RetryPolicy::default().max_delay
 }
 
 mod millis {

@@ -52,6 +52,7 @@ mod process;
 mod publish;
 mod runtime;
 mod service;
+mod settle;
 mod split;
 
 pub use context::Context;

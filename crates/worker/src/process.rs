@@ -25,6 +25,7 @@ use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
 use crate::outcome::Action;
 use crate::publish::{dead_letter, hook, reply, retry};
+use crate::settle::{settle, Settle};
 use crate::split::{self, splitter_name};
 use crate::Context;
 use warren_core::status::{TaskState, TaskStatus};
@@ -65,6 +66,8 @@ pub(crate) struct Shared {
     /// Jobs a join check of this process is running for, each with whether another part
     /// of this process asked it to look again (see `join::LocalCheck`).
     pub(crate) checking: std::sync::Mutex<HashMap<uuid::Uuid, bool>>,
+    /// Consecutive failures to publish outcomes, for the pause before a requeue.
+    pub(crate) requeues: Requeues,
 }
 
 /// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.
@@ -383,14 +386,84 @@ async fn finish(
                 .map(|_| ());
         }
     }
-    match published {
-        Ok(()) => ack(d).await,
-        Err(e) => {
-            tracing::error!(error = %e, "could not publish the task's outcome; requeueing it");
-            if !matches!(d.reject(true).await, Ok(true)) {
-                tracing::warn!(
-                    "requeue not delivered; the broker will redeliver when the channel closes"
-                );
+    settle_delivery(shared, route, d, env, published).await;
+}
+
+/// Acks, requeues (after a pause) or dead-letters the delivery, as [`settle`] decides from
+/// the result of publishing its outcome.
+async fn settle_delivery(
+    shared: &Shared,
+    route: &Route,
+    d: &Incoming,
+    env: Option<&Envelope>,
+    published: Result<(), warren_client::Error>,
+) {
+    let key = env.map(|e| e.id);
+    let failed_before = key.map_or(0, |k| shared.requeues.failures(k));
+    match (settle(&published, failed_before), published) {
+        (Settle::Ack, _) => {
+            shared.requeues.forget(key);
+            ack(d).await;
+        }
+        (Settle::Requeue { after }, Err(e)) => {
+            tracing::error!(error = %e, requeue_in = ?after, "could not publish the task's outcome; requeueing it");
+            shared.requeues.failed(key);
+            tokio::time::sleep(after).await;
+            requeue(d).await;
+        }
+        (Settle::Requeue { .. }, Ok(())) => requeue(d).await,
+        (Settle::DeadLetter(f), _) => {
+            tracing::error!(error = %f.message, "the task's outcome cannot be published; dead-lettering it");
+            shared.requeues.forget(key);
+            let dead = dead_letter(shared, route, d, &f).await;
+            if let Err(e) = reply(shared, d, env, ReplyOutcome::Error(f)).await {
+                tracing::warn!(error = %e, "could not answer the caller");
+            }
+            match dead {
+                Ok(()) => ack(d).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not dead-letter; requeueing");
+                    tokio::time::sleep(crate::settle::MAX_PAUSE).await;
+                    requeue(d).await;
+                }
+            }
+        }
+    }
+}
+
+async fn requeue(d: &Incoming) {
+    if !matches!(d.reject(true).await, Ok(true)) {
+        tracing::warn!("requeue not delivered; the broker will redeliver when the channel closes");
+    }
+}
+
+/// Consecutive transient failures to publish a task's outcome, per task id, in this worker:
+/// they set the pause before each requeue. Bounded: cleared when it reaches 10,000 tasks.
+#[derive(Default)]
+pub(crate) struct Requeues(std::sync::Mutex<HashMap<uuid::Uuid, u32>>);
+
+impl Requeues {
+    const MAX: usize = 10_000;
+
+    fn failures(&self, id: uuid::Uuid) -> u32 {
+        self.0
+            .lock()
+            .map_or(0, |m| m.get(&id).copied().unwrap_or(0))
+    }
+
+    fn failed(&self, id: Option<uuid::Uuid>) {
+        if let (Some(id), Ok(mut m)) = (id, self.0.lock()) {
+            if m.len() >= Self::MAX {
+                m.clear();
+            }
+            *m.entry(id).or_default() += 1;
+        }
+    }
+
+    fn forget(&self, id: Option<uuid::Uuid>) {
+        if let (Some(id), Ok(mut m)) = (id, self.0.lock()) {
+            if !m.is_empty() {
+                m.remove(&id);
             }
         }
     }

@@ -8,6 +8,7 @@ use warren_core::envelope::{now_ms, ReplyOutcome};
 use warren_core::topology::{
     is_reply_queue, DEAD_EXCHANGE, H_DEAD_AT, H_ERROR, H_REASON, H_SOURCE_QUEUE,
 };
+use warren_core::validate::identity;
 use warren_core::{
     Envelope, Failure, HeaderValue, Incoming, Outgoing, Reply, Via, ENVELOPE_VERSION,
 };
@@ -31,15 +32,25 @@ pub(crate) async fn reply(
         );
         return Ok(());
     }
+    // A body that is not a valid envelope is answered under the id it names, else under
+    // its AMQP message id.
+    let (body_id, body_cid) = match env {
+        Some(_) => (None, None),
+        None => identity(&d.body),
+    };
     let id = match env {
         Some(e) => e.id,
-        None => match d.message_id().and_then(|m| Uuid::parse_str(m).ok()) {
+        None => match body_id.or_else(|| d.message_id().and_then(|m| Uuid::parse_str(m).ok())) {
             Some(id) => id,
-            None => return Ok(()),
+            None => {
+                tracing::warn!("the caller cannot be answered: the message has no task id");
+                return Ok(());
+            }
         },
     };
     let cid = env
         .map(|e| e.cid.clone())
+        .or(body_cid)
         .or_else(|| d.correlation_id().map(str::to_owned))
         .unwrap_or_default();
     let body = serde_json::to_vec(&Reply {
@@ -125,7 +136,10 @@ pub(crate) async fn dead_letter(
     // been deleted since).
     shared.client.ensure_service(queue_svc).await?;
     let mut msg = Outgoing::new(DEAD_EXCHANGE, queue_svc, d.body.clone());
-    msg.message_id = d.message_id().map(str::to_owned);
+    msg.message_id = d
+        .message_id()
+        .map(str::to_owned)
+        .or_else(|| identity(&d.body).0.map(|id| id.to_string()));
     msg.correlation_id = d.correlation_id().map(str::to_owned);
     let mut error = f.message.clone();
     if error.len() > 4000 {

@@ -209,6 +209,7 @@ impl WorkerBuilder {
                 client,
                 joins: self.joins,
                 checking: std::sync::Mutex::default(),
+                requeues: crate::process::Requeues::default(),
             }),
             consume,
             subs,

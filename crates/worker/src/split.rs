@@ -4,8 +4,12 @@
 use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 use uuid::Uuid;
+use warren_core::envelope::ReplyOutcome;
 use warren_core::topology::{part_queue, JobKey, QueueSpec};
-use warren_core::{Envelope, Incoming, PartDecorator, Via};
+use warren_core::validate::MAX_PARTS;
+use warren_core::{Envelope, Incoming, PartDecorator, SplitStarted, Via};
+
+use crate::publish::reply;
 
 use crate::join::{self, Job};
 use crate::process::Shared;
@@ -43,13 +47,22 @@ pub(crate) async fn split(
         method: env.method.clone(),
         fanout: None,
     };
+    if total > MAX_PARTS {
+        return Err(warren_client::Error::Broker(warren_core::Error::Config(
+            format!(
+                "splitter {} returned {total} parts; a split job has at most {MAX_PARTS}",
+                splitter_name(&env.method)
+            ),
+        )));
+    }
     if d.redelivered && join::is_done(shared, &job).await? {
         tracing::info!("split task redelivered after its job joined; nothing to do");
-        return Ok(());
+        return answer(shared, d, env, total).await;
     }
     tracing::info!(parts = total, part_queue = %queue, "split");
     if total == 0 {
-        return join::try_join(shared, &job).await;
+        join::try_join(shared, &job).await?;
+        return answer(shared, d, env, total).await;
     }
     let expiry = u64::try_from(shared.joins.expiry.as_millis()).unwrap_or(u64::MAX);
     shared
@@ -80,5 +93,19 @@ pub(crate) async fn split(
         })
         .buffer_unordered(IN_FLIGHT)
         .try_collect::<()>()
-        .await
+        .await?;
+    answer(shared, d, env, total).await
+}
+
+/// Answers an invoker of a split method: the job started, with `parts` parts (its result
+/// goes to the job's hooks at the join).
+async fn answer(
+    shared: &Shared,
+    d: &Incoming,
+    env: &Envelope,
+    parts: u32,
+) -> Result<(), warren_client::Error> {
+    let started = SplitStarted { job: env.id, parts };
+    let value = serde_json::to_value(started).map_err(warren_client::Error::Encode)?;
+    reply(shared, d, Some(env), ReplyOutcome::Ok(value)).await
 }

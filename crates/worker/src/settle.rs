@@ -1,0 +1,129 @@
+//! How a delivery is settled: the one place that turns "what happened to its outcome" into
+//! ack, requeue or dead-letter.
+//!
+//! A delivery is acked only once everything its outcome implies (reply, hooks, retry, part
+//! result, chain step, dead letter) was published and confirmed. When that failed, the
+//! answer depends on whether trying again can help ([`warren_client::Error::is_transient`]):
+//!
+//! - **transient** (broker or store unreachable, publish unconfirmed, a queue's node down):
+//!   the delivery is requeued after a pause that grows with each consecutive failure of the
+//!   same task in this worker (100 ms doubling to 10 s), so a broker that is down is not
+//!   hammered in a hot loop;
+//! - **permanent** (an invalid name, a refusal, a payload that does not encode): the
+//!   delivery is dead-lettered once with kind `undeliverable` and the error as its reason,
+//!   and a waiting caller is answered. It is never requeued.
+
+use std::time::Duration;
+
+use warren_core::{Failure, FailureKind};
+
+/// The shortest pause before a requeue.
+pub(crate) const FIRST_PAUSE: Duration = Duration::from_millis(100);
+/// The longest pause before a requeue.
+pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// What to do with a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Everything was published: ack.
+    Ack,
+    /// A transient failure: requeue after this pause.
+    Requeue {
+        /// How long to hold the delivery before requeueing it.
+        after: Duration,
+    },
+    /// Retrying cannot help: dead-letter with this failure (and answer a waiting caller).
+    DeadLetter(Failure),
+}
+
+/// Decides how to settle a delivery from the result of publishing its outcome, and how many
+/// times in a row (before this one) publishing this task's outcome failed transiently here.
+pub(crate) fn settle(published: &Result<(), warren_client::Error>, failed_before: u32) -> Settle {
+    match published {
+        Ok(()) => Settle::Ack,
+        Err(e) if e.is_transient() => Settle::Requeue {
+            after: pause(failed_before),
+        },
+        Err(e) => Settle::DeadLetter(Failure {
+            kind: FailureKind::Undeliverable,
+            message: format!("the task's outcome cannot be published: {e}"),
+        }),
+    }
+}
+
+/// `FIRST_PAUSE * 2^n`, at most [`MAX_PAUSE`].
+fn pause(n: u32) -> Duration {
+    FIRST_PAUSE
+        .saturating_mul(2u32.saturating_pow(n.min(16)))
+        .min(MAX_PAUSE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_core::NameError;
+
+    fn transient() -> warren_client::Error {
+        warren_client::Error::Broker(warren_core::Error::Timeout {
+            what: "publishing".into(),
+            after: Duration::from_secs(30),
+        })
+    }
+
+    #[test]
+    fn published_is_acked() {
+        assert_eq!(settle(&Ok(()), 0), Settle::Ack);
+        assert_eq!(settle(&Ok(()), 7), Settle::Ack);
+    }
+
+    #[test]
+    fn transient_failures_requeue_with_growing_pauses() {
+        let pauses: Vec<Duration> = (0..10)
+            .map(|n| match settle(&Err(transient()), n) {
+                Settle::Requeue { after } => after,
+                other => panic!("expected a requeue, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(pauses[0], FIRST_PAUSE);
+        assert_eq!(pauses[1], FIRST_PAUSE * 2);
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(pauses[9], MAX_PAUSE);
+        assert_eq!(
+            settle(&Err(transient()), u32::MAX),
+            Settle::Requeue { after: MAX_PAUSE }
+        );
+    }
+
+    #[test]
+    fn permanent_failures_are_dead_lettered_never_requeued() {
+        let permanent = [
+            warren_client::Error::Name(NameError::Empty { kind: "topic" }),
+            warren_client::Error::Broker(warren_core::Error::Config("bad".into())),
+            warren_client::Error::NoTargets,
+        ];
+        for e in permanent {
+            let text = e.to_string();
+            match settle(&Err(e), 0) {
+                Settle::DeadLetter(f) => {
+                    assert_eq!(f.kind, FailureKind::Undeliverable);
+                    assert!(f.message.contains(&text), "{} / {text}", f.message);
+                }
+                other => panic!("{text}: expected a dead letter, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn other_transient_kinds() {
+        for e in [
+            warren_client::Error::Broker(warren_core::Error::Shutdown),
+            warren_client::Error::Broker(warren_core::Error::Nacked {
+                exchange: String::new(),
+                routing_key: "q".into(),
+            }),
+            warren_client::Error::ReplyListener("gone".into()),
+        ] {
+            assert!(matches!(settle(&Err(e), 0), Settle::Requeue { .. }));
+        }
+    }
+}
