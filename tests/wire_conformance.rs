@@ -1,0 +1,359 @@
+//! `docs/wire-format.md` as a contract: a producer that knows only the doc, here raw lapin,
+//! declares what the doc says, publishes what the doc says, and gets the answers, hooks and
+//! join the doc promises from a warren worker. The bad-input half of the contract (every kind
+//! of refusal, dead-lettered once and answered) is `tests/bad_input.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{config, unique, Cleanup};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use warren::{Context, QueueType, Service, TaskError, Worker};
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Publishes `body` persistent, mandatory and confirmed, as the doc's table says.
+async fn publish(ch: &Channel, exchange: &str, key: &str, body: &Value, reply_to: Option<&str>) {
+    let id = body["id"].as_str().unwrap();
+    let cid = body["cid"].as_str().unwrap();
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(id.into())
+        .with_correlation_id(cid.into());
+    if let Some(r) = reply_to {
+        props = props.with_reply_to(r.into());
+    }
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &serde_json::to_vec(body).unwrap(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(confirm, lapin::Confirmation::Ack(None), "{body}");
+}
+
+fn envelope(svc: &str, method: &str, payload: Value) -> Value {
+    json!({
+        "v": 1,
+        "id": uuid::Uuid::now_v7().to_string(),
+        "cid": format!("conf-{}", uuid::Uuid::new_v4().simple()),
+        "svc": svc,
+        "method": method,
+        "payload": payload,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_follows_the_doc() {
+    let svc = unique("wire");
+    let _cleanup = Cleanup::new(&[&svc]);
+    let conn = Connection::connect(&common::url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+
+    // "Publishing a task": the exchange and the service queue, declared by the producer
+    // before any warren process, with exactly the documented arguments. The worker declares
+    // them again at start; RabbitMQ would refuse it if the arguments differed.
+    ch.exchange_declare(
+        "warren.tasks".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let svc_q = format!("warren.svc.{svc}");
+    ch.queue_declare(
+        svc_q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-dead-letter-exchange", text("warren.dead")),
+            ("x-delivery-limit", AMQPValue::LongLongInt(20)),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        svc_q.as_str().into(),
+        "warren.tasks".into(),
+        svc.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // "Retries": the 1 s delay queue of the service, as documented (quorum).
+    let delay_q = format!("warren.delay.{svc}.1000");
+    ch.queue_declare(
+        delay_q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-message-ttl", AMQPValue::LongLongInt(1000)),
+            ("x-dead-letter-exchange", text("warren.tasks")),
+            ("x-dead-letter-routing-key", text(&svc)),
+            ("x-expires", AMQPValue::LongLongInt(2 * 1000 + 60_000)),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ]),
+    )
+    .await
+    .unwrap();
+
+    // The worker: `double`, a hook target `record`, `flaky` (fails its first attempt) and
+    // `piece` for a job the producer splits itself.
+    let (hooks_tx, mut hooks) = mpsc::unbounded_channel::<(String, Value)>();
+    let flaky_runs = Arc::new(AtomicU32::new(0));
+    let f = flaky_runs.clone();
+    let service = Service::new(&svc)
+        .unwrap()
+        .method("double", |_: Context, n: i64| async move {
+            Ok::<_, TaskError>(n * 2)
+        })
+        .unwrap()
+        .method("record", move |ctx: Context, v: Value| {
+            let tx = hooks_tx.clone();
+            async move {
+                let _ = tx.send((ctx.cid().to_owned(), v));
+                Ok::<_, TaskError>(())
+            }
+        })
+        .unwrap()
+        .method("flaky", move |ctx: Context, n: i64| {
+            f.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if ctx.attempt() == 1 {
+                    return Err(TaskError::fail("first attempt fails"));
+                }
+                Ok::<_, TaskError>(n + ctx.attempt() as i64)
+            }
+        })
+        .unwrap()
+        .method("piece", |_: Context, n: i64| async move {
+            Ok::<_, TaskError>(n * 10)
+        })
+        .unwrap();
+    let worker = Worker::builder()
+        .amqp(config(QueueType::Quorum))
+        .service(service)
+        .build()
+        .await
+        .expect("the worker accepts the queues the doc describes");
+    let common::Running { stop, handle } = common::run_in_background(worker);
+
+    // "Request/response": a reply queue named `warren.reply.*`.
+    let reply_q = format!("warren.reply.{}", uuid::Uuid::new_v4());
+    ch.queue_declare(
+        reply_q.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let rch = conn.create_channel().await.unwrap();
+    let mut replies = rch
+        .basic_consume(
+            reply_q.as_str().into(),
+            "conformance".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut answer = async || -> Value {
+        let d = tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .expect("an answer within 30 s")
+            .unwrap()
+            .unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        let v: Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(
+            d.properties.message_id().as_ref().map(|m| m.to_string()),
+            v["id"].as_str().map(str::to_owned),
+            "message_id = task id"
+        );
+        v
+    };
+
+    // 1. An invoke: the answer's shape.
+    let call = envelope(&svc, "double", json!(21));
+    publish(&ch, "warren.tasks", &svc, &call, Some(&reply_q)).await;
+    let a = answer().await;
+    assert_eq!(
+        a,
+        json!({"v": 1, "id": call["id"], "cid": call["cid"], "ok": 42})
+    );
+
+    // 2. An enqueue with an oncomplete hook, and `hooks: null` on the hook's own shape.
+    let mut task = envelope(&svc, "double", json!(5));
+    task["hooks"] = json!({"oncomplete": {"svc": svc, "method": "record"}});
+    publish(&ch, "warren.tasks", &svc, &task, None).await;
+    let (cid, v) = tokio::time::timeout(Duration::from_secs(30), hooks.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (cid.as_str(), v),
+        (task["cid"].as_str().unwrap(), json!(10))
+    );
+    let mut nulls = envelope(&svc, "double", json!(1));
+    nulls["hooks"] = Value::Null;
+    nulls["retry"] = Value::Null;
+    nulls["parent"] = Value::Null;
+    publish(&ch, "warren.tasks", &svc, &nulls, Some(&reply_q)).await;
+    assert_eq!(answer().await["ok"], json!(2));
+
+    // 3. A task published into the documented delay queue reaches the service after it.
+    let later = envelope(&svc, "double", json!(50));
+    let sent = Instant::now();
+    publish(&ch, "", &delay_q, &later, Some(&reply_q)).await;
+    let a = answer().await;
+    assert_eq!(
+        (a["id"].clone(), a["ok"].clone()),
+        (later["id"].clone(), json!(100))
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        sent.elapsed()
+    );
+
+    // 4. A partial retry object (only `max_attempts` and `base_ms`): retried once through
+    //    the same 1 s delay queue, answered once with the final outcome.
+    let mut flaky = envelope(&svc, "flaky", json!(40));
+    flaky["retry"] = json!({"max_attempts": 2, "base_ms": 1000});
+    publish(&ch, "warren.tasks", &svc, &flaky, Some(&reply_q)).await;
+    let a = answer().await;
+    assert_eq!(
+        (a["id"].clone(), a["ok"].clone()),
+        (flaky["id"].clone(), json!(42))
+    );
+    assert_eq!(flaky_runs.load(Ordering::SeqCst), 2);
+
+    // 5. A job the producer splits itself: it declares the part queue (durable classic,
+    //    `x-expires`), sends every part with the same hooks, and the hook gets the results
+    //    in part order, once.
+    let job = uuid::Uuid::now_v7();
+    let part_q = format!("part.{svc}-piece-{job}");
+    ch.queue_declare(
+        part_q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args(&[
+            ("x-queue-type", text("classic")),
+            ("x-expires", AMQPValue::LongLongInt(86_400_000)),
+        ]),
+    )
+    .await
+    .unwrap();
+    let cid = format!("conf-job-{job}");
+    for part_id in 0..3u32 {
+        let mut p = envelope(&svc, "piece", json!(part_id + 1));
+        p["cid"] = json!(cid);
+        p["channel"] = json!("part");
+        p["parent"] = json!(job.to_string());
+        p["hooks"] = json!({"oncomplete": {"svc": svc, "method": "record"}});
+        p["part"] = json!({"part_id": part_id, "total_parts": 3, "part_queue": part_q});
+        publish(&ch, "warren.tasks", &svc, &p, None).await;
+    }
+    let (hook_cid, results) = tokio::time::timeout(Duration::from_secs(30), hooks.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((hook_cid, results), (cid, json!([10, 20, 30])));
+    // The join deleted the part queue.
+    common::poll(
+        "the part queue to be deleted",
+        Duration::from_secs(10),
+        || {
+            let conn = &conn;
+            let part_q = part_q.clone();
+            async move {
+                let probe = conn.create_channel().await.ok()?;
+                let gone = probe
+                    .queue_declare(
+                        part_q.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .is_err();
+                gone.then_some(())
+            }
+        },
+    )
+    .await;
+    // No second hook: a sentinel enqueued after the job reaches `record` next.
+    let mut sentinel = envelope(&svc, "double", json!(0));
+    sentinel["hooks"] = json!({"oncomplete": {"svc": svc, "method": "record"}});
+    publish(&ch, "warren.tasks", &svc, &sentinel, None).await;
+    let (next_cid, _) = tokio::time::timeout(Duration::from_secs(30), hooks.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_cid, sentinel["cid"].as_str().unwrap());
+
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    let _ = ch
+        .queue_delete(reply_q.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+}
