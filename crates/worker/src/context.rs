@@ -28,6 +28,10 @@ pub struct Context {
     pub(crate) part: Option<PartDecorator>,
     pub(crate) topic: Option<String>,
     pub(crate) client: Client,
+    /// The task that caused this one, if any.
+    pub(crate) parent: Option<Uuid>,
+    /// The worker's shared values.
+    pub(crate) state: crate::state::State,
     /// Chains this handler enqueued, in order (for `wait_children` and result merging).
     pub(crate) children: Children,
 }
@@ -53,6 +57,31 @@ impl Context {
     #[must_use]
     pub fn task_id(&self) -> Uuid {
         self.id
+    }
+
+    /// The task that caused this one: the split task of a part, the task whose outcome
+    /// fired a hook, the caller of a parallel target, the handler that enqueued it through
+    /// its context. `None` for a task a client sent directly.
+    #[must_use]
+    pub fn parent(&self) -> Option<Uuid> {
+        self.parent
+    }
+
+    /// The worker's shared value of type `T` ([`crate::WorkerBuilder::state`]). A type that
+    /// was never registered is a [`crate::TaskError::reject`] naming it, so `?` dead-letters
+    /// the task with that reason (see the `state` module docs for why a type map).
+    ///
+    /// ```
+    /// use warren_worker::{Context, TaskError};
+    /// struct Db { url: String }
+    /// async fn lookup(ctx: Context, key: String) -> Result<String, TaskError> {
+    ///     let db = ctx.state::<Db>()?;
+    ///     Ok(format!("{}/{key}", db.url))
+    /// }
+    /// // Worker::builder().state(Db { url: "postgres://..".into() }).service(..)
+    /// ```
+    pub fn state<T: Send + Sync + 'static>(&self) -> Result<&T, crate::TaskError> {
+        self.state.get::<T>()
     }
 
     /// The correlation id.

@@ -13,6 +13,12 @@ pub enum WorkerError {
     /// A subscription names a method the service does not register.
     #[error("{0} subscribes to topic {1:?} but has no such method")]
     UnknownMethod(String, String),
+    /// A retry policy was set for a method the service does not register.
+    #[error("{0} has a retry policy (Service::retry_method) but no such method")]
+    UnknownRetryMethod(String),
+    /// Two values of the same type were given to `WorkerBuilder::state`.
+    #[error("shared state of type {0} is registered twice")]
+    DuplicateState(&'static str),
     /// The worker has no services.
     #[error("a worker needs at least one service")]
     NoServices,

@@ -54,6 +54,7 @@ mod runtime;
 mod service;
 mod settle;
 mod split;
+mod state;
 
 pub use context::Context;
 pub use error::WorkerError;

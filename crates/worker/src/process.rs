@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) checking: std::sync::Mutex<HashMap<uuid::Uuid, bool>>,
     /// Consecutive failures to publish outcomes, for the pause before a requeue.
     pub(crate) requeues: Requeues,
+    /// The values handlers read with `Context::state`.
+    pub(crate) state: crate::state::State,
 }
 
 /// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.
@@ -199,6 +201,8 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         part: env.part.clone(),
         topic: env.topic.clone(),
         client: shared.client.clone(),
+        parent: env.parent,
+        state: shared.state.clone(),
         children: Children::default(),
     };
     let children = ctx.children.clone();

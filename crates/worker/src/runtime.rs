@@ -20,6 +20,7 @@ use warren_core::topology::QueueSpec;
 use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
 
 use crate::process::{handle, HostedService, JoinSettings, Route, Shared};
+use crate::state::StateBuilder;
 use crate::{Service, WorkerError};
 use warren_core::status::StatusStore;
 use warren_core::RetryPolicy;
@@ -36,6 +37,7 @@ pub struct WorkerBuilder {
     drain_timeout: Duration,
     joins: JoinSettings,
     store: Option<Arc<dyn StatusStore>>,
+    state: StateBuilder,
 }
 
 /// Default of [`WorkerBuilder::completion_window`].
@@ -55,6 +57,7 @@ impl Default for WorkerBuilder {
                 expiry: Duration::from_secs(24 * 3600),
             },
             store: None,
+            state: StateBuilder::default(),
         }
     }
 }
@@ -63,6 +66,30 @@ impl WorkerBuilder {
     /// Broker settings (default: [`AmqpConfig::from_env`]).
     pub fn amqp(mut self, config: AmqpConfig) -> Self {
         self.amqp = Some(config);
+        self
+    }
+
+    /// Shares `value` with every handler, which reads it with `ctx.state::<T>()`: a database
+    /// pool, an HTTP client, settings. One value per type; a type given twice fails
+    /// `build()`. See the `state` module docs for why a type map (like apalis's `Data<T>`)
+    /// rather than axum's compile-time `State<S>`.
+    ///
+    /// ```no_run
+    /// use warren_worker::{Context, Service, TaskError, Worker};
+    /// struct Greeting(String);
+    /// async fn greet(ctx: Context, name: String) -> Result<String, TaskError> {
+    ///     Ok(format!("{} {name}", ctx.state::<Greeting>()?.0))
+    /// }
+    /// # async fn demo() -> Result<(), warren_worker::WorkerError> {
+    /// let worker = Worker::builder()
+    ///     .state(Greeting("hello".into()))
+    ///     .service(Service::new("greeter")?.method("greet", greet)?)
+    ///     .build()
+    ///     .await?;
+    /// # let _ = worker; Ok(()) }
+    /// ```
+    pub fn state<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.state.add(value);
         self
     }
 
@@ -130,9 +157,31 @@ impl WorkerBuilder {
     /// queues and subscribes. Fails fast when the broker refuses a declaration (a service
     /// queue that exists with another queue type, say).
     pub async fn build(self) -> Result<Worker, WorkerError> {
+        // Everything that can be wrong with the registrations is reported before connecting.
         if self.services.is_empty() {
             return Err(WorkerError::NoServices);
         }
+        let mut names = std::collections::HashSet::new();
+        for s in &self.services {
+            if !names.insert(s.name.as_str()) {
+                return Err(WorkerError::Duplicate(format!("service {}", s.name)));
+            }
+            if let Some((topic, method)) = s
+                .subscriptions
+                .iter()
+                .find(|(_, m)| !s.methods.contains_key(m))
+            {
+                return Err(WorkerError::UnknownMethod(
+                    format!("{}.{method}", s.name),
+                    topic.clone(),
+                ));
+            }
+            if let Some(m) = s.method_retry.keys().find(|m| !s.methods.contains_key(*m)) {
+                return Err(WorkerError::UnknownRetryMethod(format!("{}.{m}", s.name)));
+            }
+        }
+        let state = self.state.build().map_err(WorkerError::DuplicateState)?;
+        tracing::debug!(types = ?state.type_names(), "shared state");
         let amqp = match self.amqp {
             Some(c) => c,
             None => AmqpConfig::from_env()?,
@@ -152,9 +201,6 @@ impl WorkerBuilder {
         let mut services = HashMap::new();
         let mut subs = Vec::new();
         for s in self.services {
-            if services.contains_key(&s.name) {
-                return Err(WorkerError::Duplicate(format!("service {}", s.name)));
-            }
             let spec = SubscriptionSpec {
                 queue: QueueSpec::service(&s.name, amqp.queue_type)?,
                 also_declare: vec![QueueSpec::dead(&s.name, amqp.queue_type)?],
@@ -171,12 +217,6 @@ impl WorkerBuilder {
                 Subscription::start(consume.clone(), spec).await?,
             ));
             for (topic, method) in &s.subscriptions {
-                if !s.methods.contains_key(method) {
-                    return Err(WorkerError::UnknownMethod(
-                        format!("{}.{method}", s.name),
-                        topic.clone(),
-                    ));
-                }
                 let spec = SubscriptionSpec {
                     queue: QueueSpec::subscription(topic, &s.name, method, amqp.queue_type)?,
                     also_declare: vec![QueueSpec::recent(topic)?],
@@ -210,6 +250,7 @@ impl WorkerBuilder {
                 joins: self.joins,
                 checking: std::sync::Mutex::default(),
                 requeues: crate::process::Requeues::default(),
+                state,
             }),
             consume,
             subs,
