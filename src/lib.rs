@@ -11,6 +11,8 @@
 //! See the README for a quick start and `docs/` for the architecture, wire format and
 //! guarantees.
 
+pub mod testing;
+
 pub use warren_client as client;
 pub use warren_core as core;
 pub use warren_worker as worker;

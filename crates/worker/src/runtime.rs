@@ -93,6 +93,12 @@ impl WorkerBuilder {
         self
     }
 
+    /// The broker settings given to [`WorkerBuilder::amqp`], if any.
+    #[must_use]
+    pub fn amqp_config(&self) -> Option<&AmqpConfig> {
+        self.amqp.as_ref()
+    }
+
     /// Hosts a service.
     pub fn service(mut self, service: Service) -> Self {
         self.services.push(service);
@@ -285,6 +291,25 @@ impl Worker {
     /// A builder with default settings.
     pub fn builder() -> WorkerBuilder {
         WorkerBuilder::default()
+    }
+
+    /// Every durable queue this worker declared or will declare by a name known up front:
+    /// each service's queue and dead-letter queue, its subscription queues and its
+    /// done-marker queue. (Delay queues and part queues are per delay step and per job;
+    /// they expire by themselves.) For tools and tests that clean up after a worker, such
+    /// as [`warren::testing`](../warren/testing/index.html).
+    #[must_use]
+    pub fn queue_names(&self) -> Vec<String> {
+        let window = u64::try_from(self.shared.joins.completion_window.as_millis())
+            .unwrap_or(u64::MAX);
+        let mut names: Vec<String> = self.subs.iter().map(|(r, _)| r.queue.clone()).collect();
+        for svc in self.shared.services.keys() {
+            names.extend(warren_core::topology::dead_queue(svc).ok());
+            names.extend(QueueSpec::done_markers(svc, window).ok().map(|q| q.name));
+        }
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// A client sharing the worker's publishing connection.
