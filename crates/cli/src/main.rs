@@ -7,10 +7,11 @@
 //! - `enqueue`: `warren enqueue` and `warren invoke`.
 //! - `queues`: `warren queues`, warren's queues and their counts.
 //! - `dead`: `warren dead list` and `warren dead replay`, dead letters and their replay.
-//! - `bench`: `warren bench`, the same workloads through raw lapin and through warren, and
-//!   the hidden `warren bench-worker` the bench starts as a separate process.
+//! - `warren bench`, the same workloads through raw lapin and through warren, and the hidden
+//!   `warren bench-worker` the bench starts as a separate process, come from the unpublished
+//!   `warren-bench` crate, with the `bench` feature (on by default; `--no-default-features`
+//!   builds a `warren` without them, and without warren-worker, lapin of its own or redis).
 
-mod bench;
 mod check;
 mod dead;
 mod enqueue;
@@ -74,10 +75,12 @@ enum Command {
     /// List dead letters (per queue, or one service's) and replay them.
     Dead(dead::DeadArgs),
     /// Measure warren against raw lapin on the same broker, in one run.
-    Bench(bench::BenchArgs),
+    #[cfg(feature = "bench")]
+    Bench(warren_bench::BenchArgs),
     /// (internal) The worker process `warren bench` starts to measure its memory.
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
-    BenchWorker(bench::worker_proc::BenchWorkerArgs),
+    BenchWorker(warren_bench::BenchWorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -136,7 +139,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topics(args) => topics::run_topics(&global, &args).await,
         Command::Peek(args) => topics::run_peek(&global, &args).await,
         Command::Status(args) => topics::run_status(&args).await,
-        Command::Bench(args) => bench::run(&global, args).await,
-        Command::BenchWorker(args) => bench::worker_proc::run(&global, &args).await,
+        #[cfg(feature = "bench")]
+        Command::Bench(args) => {
+            let product = broker_product(&global);
+            warren_bench::run(global.bench_host(), args, product).await
+        }
+        #[cfg(feature = "bench")]
+        Command::BenchWorker(args) => warren_bench::run_worker(&global.bench_host(), &args).await,
+    }
+}
+
+/// What `warren bench`'s header line calls the broker: its product and version as
+/// `warren check` reads them, when the first URL is plain AMQP.
+#[cfg(feature = "bench")]
+async fn broker_product(global: &opts::Global) -> String {
+    let first = global
+        .amqp("warren bench")
+        .ok()
+        .and_then(|c| c.urls().first().cloned());
+    match first {
+        Some(u) if u.redacted().starts_with("amqps:") => String::from("broker (TLS, not probed)"),
+        Some(u) => match check::probe(&u.host_port(), std::time::Duration::from_secs(5)).await {
+            Ok(info) => info.product_version(),
+            Err(_) => String::from("unknown broker"),
+        },
+        None => String::from("unknown broker"),
     }
 }

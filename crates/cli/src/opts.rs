@@ -93,6 +93,19 @@ impl Global {
     pub fn amqp(&self, name: &str) -> anyhow::Result<AmqpConfig> {
         self.amqp_for(self.url_list(), name)
     }
+
+    /// What `warren bench` needs of these options to reach the broker.
+    #[cfg(feature = "bench")]
+    pub fn bench_host(&self) -> warren_bench::Host {
+        let global = self.clone();
+        warren_bench::Host {
+            urls: self.url_list().to_owned(),
+            queue_type: self.queue_type(),
+            connect_timeout: self.connect_timeout,
+            amqp: std::sync::Arc::new(move |name| global.amqp(name)),
+            describe: crate::describe,
+        }
+    }
 }
 
 /// Parses `250ms`, `10s`, `1.5s`, `2m`, `1h`, or a bare number of seconds.

@@ -1,6 +1,12 @@
 //! `warren bench`: the same workloads through raw lapin and through warren, against the same
 //! broker, in one process and one run, one line per figure: `name value unit ratio_to_raw`.
 //!
+//! An unpublished crate of its own, so that the `warren` command needs warren-worker, raw
+//! lapin and redis only for this: warren-cli reaches it through its `bench` feature (on by
+//! default). The command line hands over its options ([`BenchArgs`]) and how it connects
+//! ([`Host`]) to [`run`]; the worker process the bench starts is the same executable run as
+//! `warren bench-worker` ([`BenchWorkerArgs`], [`run_worker`]).
+//!
 //! # Adding a group
 //! A group is a [`Group`] in [`GROUPS`]: a name for `--only`, a one-line description, and an
 //! async function that runs both sides of its workload and returns its [`Figure`]s. Name
@@ -44,12 +50,12 @@ mod raw;
 mod retry;
 mod split;
 mod stats;
-pub mod worker_proc;
+mod worker_proc;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
@@ -61,7 +67,34 @@ use warren_core::topology::{dead_queue, service_queue};
 use warren_core::{AmqpConfig, Broker, QueueType};
 use warren_worker::Worker;
 
-use crate::opts::Global;
+pub use worker_proc::{run as run_worker, BenchWorkerArgs};
+
+/// How the bench reaches the broker: the connection options of the command line it runs in.
+#[derive(Clone)]
+pub struct Host {
+    /// The broker URL list as given, with secrets: for connections and, through the
+    /// environment, for the worker process; never printed.
+    pub urls: String,
+    /// The queue type raw lapin and warren both declare.
+    pub queue_type: QueueType,
+    /// How long a connection may take (handed on to the worker process).
+    pub connect_timeout: Duration,
+    /// warren's configuration for a connection of this name, by the command line's rules
+    /// (TLS settings, reconnect policy, the queue type above).
+    pub amqp: Arc<dyn Fn(&str) -> anyhow::Result<AmqpConfig> + Send + Sync>,
+    /// An error and its causes on one line, as the command line prints them.
+    pub describe: fn(&anyhow::Error) -> String,
+}
+
+impl Host {
+    /// Each URL of the list on its own (with secrets).
+    fn each_url(&self) -> impl Iterator<Item = &str> {
+        self.urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+    }
+}
 
 /// A figure of the bench: warren's value and, when raw lapin has a counterpart, raw's.
 #[derive(Debug, Clone)]
@@ -186,8 +219,8 @@ pub struct BenchArgs {
 
 /// What every group gets: options, naming, and the list of things to clean up.
 pub struct Bench {
-    /// The shared command-line options.
-    pub global: Global,
+    /// How to reach the broker.
+    pub host: Host,
     /// The bench options.
     pub args: BenchArgs,
     /// The queue type raw and warren both use.
@@ -220,7 +253,7 @@ impl WorkerGuard {
 impl Bench {
     /// warren's configuration (the run's queue type), with a connection name.
     pub fn amqp(&self, name: &str) -> anyhow::Result<AmqpConfig> {
-        self.global.amqp(name)
+        (self.host.amqp)(name)
     }
 
     /// The URL raw lapin connects to.
@@ -327,8 +360,14 @@ pub fn note(msg: impl std::fmt::Display) {
     eprintln!("# {msg}");
 }
 
-/// `warren bench`.
-pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
+/// `warren bench`: runs the groups `args` selects and prints their figures. `product` says
+/// what the broker is for the header line (e.g. `RabbitMQ 3.10.8`); it is awaited once the
+/// bench is connected.
+pub async fn run(
+    host: Host,
+    args: BenchArgs,
+    product: impl Future<Output = String>,
+) -> anyhow::Result<ExitCode> {
     let groups: Vec<&Group> = if args.only.is_empty() {
         GROUPS.iter().collect()
     } else {
@@ -337,14 +376,14 @@ pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
             .filter(|g| args.only.iter().any(|o| o == g.name))
             .collect()
     };
-    let raw_url = global
+    let raw_url = host
         .each_url()
-        .first()
-        .map(|s| (*s).to_owned())
+        .next()
+        .map(str::to_owned)
         .context("no URL given")?;
     let bench = Bench {
-        global: global.clone(),
-        queue_type: global.queue_type(),
+        queue_type: host.queue_type,
+        host,
         run_id: uuid::Uuid::new_v4().simple().to_string()[..10].to_owned(),
         raw_url,
         args,
@@ -354,7 +393,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let broker = Broker::connect(bench.amqp("warren bench")?)
         .await
         .context("cannot connect to the broker")?;
-    let header = header(&bench, &broker).await;
+    let header = header(&bench, &broker, product.await).await;
     if bench.args.json {
         eprintln!("{header}");
     } else {
@@ -397,7 +436,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
                     eprintln!(
                         "error: bench group {} failed: {}",
                         g.name,
-                        crate::describe(&e)
+                        (bench.host.describe)(&e)
                     );
                     failed.push(g.name);
                 }
@@ -438,17 +477,12 @@ pub async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn header(bench: &Bench, broker: &Broker) -> String {
-    let url = bench.global.amqp("warren bench").ok();
-    let first = url.as_ref().and_then(|c| c.urls().first().cloned());
-    let endpoint = first.as_ref().map_or_else(String::new, |u| u.host_port());
-    let product = match &first {
-        Some(u) if u.redacted().starts_with("amqps:") => String::from("broker (TLS, not probed)"),
-        _ => match crate::check::probe(&endpoint, Duration::from_secs(5)).await {
-            Ok(info) => info.product_version(),
-            Err(_) => String::from("unknown broker"),
-        },
-    };
+async fn header(bench: &Bench, broker: &Broker, product: String) -> String {
+    let url = bench.amqp("warren bench").ok();
+    let endpoint = url
+        .as_ref()
+        .and_then(|c| c.urls().first().map(|u| u.host_port()))
+        .unwrap_or_default();
     let vhost = broker
         .identity()
         .await

@@ -23,8 +23,7 @@ use warren_client::Client;
 use warren_worker::Worker;
 
 use super::noop::{enqueue_all, noop_service};
-use super::{procfs, Bench};
-use crate::opts::Global;
+use super::{procfs, Bench, Host};
 
 /// `warren bench-worker` options (internal).
 #[derive(Debug, Args)]
@@ -44,11 +43,11 @@ pub struct BenchWorkerArgs {
 }
 
 /// `warren bench-worker`: runs until stdin closes.
-pub async fn run(global: &Global, args: &BenchWorkerArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(host: &Host, args: &BenchWorkerArgs) -> anyhow::Result<ExitCode> {
     let handled = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
     let worker = Worker::builder()
-        .amqp(global.amqp("warren bench-worker")?)
+        .amqp((host.amqp)("warren bench-worker")?)
         .service(noop_service(
             &args.service,
             args.count,
@@ -103,10 +102,10 @@ pub async fn rss_run(b: &Bench) -> anyhow::Result<RssRun> {
         .args(["--queue-type", b.queue_type.as_str()])
         .args([
             "--connect-timeout",
-            &format!("{}ms", b.global.connect_timeout.as_millis()),
+            &format!("{}ms", b.host.connect_timeout.as_millis()),
         ])
         // The URL goes through the environment, not the command line, where `ps` shows it.
-        .env("WARREN_AMQP_URL", b.global.url_list())
+        .env("WARREN_AMQP_URL", &b.host.urls)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
