@@ -79,15 +79,15 @@ impl Chain {
         self
     }
 
-    /// Uses `cid` unless the chain already has one; set by handler contexts.
-    #[doc(hidden)]
+    /// Uses `cid` unless the chain already has one: a chain started on behalf of another
+    /// request keeps that request's cid (handler contexts pass their own).
     pub fn inherit_cid(mut self, cid: &str) -> Self {
         self.cid.get_or_insert_with(|| cid.to_owned());
         self
     }
 
-    /// Records the task that started the chain; set by handler contexts.
-    #[doc(hidden)]
+    /// Records the task that started the chain (each step's `parent`, and what
+    /// `ctx.parent()` returns in the first step; handler contexts pass their own task id).
     pub fn with_parent(mut self, parent: Uuid) -> Self {
         self.parent = Some(parent);
         self

@@ -160,8 +160,8 @@ pub fn as_completed(
 }
 
 /// Runs `run` over `chains` with at most `max_parallel` running at once; the results come
-/// back in input order. Shared by clients and handler contexts.
-#[doc(hidden)]
+/// back in input order. [`crate::Client::enqueue_in_parallel`] and the handler context's
+/// version are built on it; it works for any capped fan-out.
 pub async fn run_capped<C, F, Fut>(
     chains: impl IntoIterator<Item = C>,
     max_parallel: usize,

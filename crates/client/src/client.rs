@@ -10,10 +10,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_core::envelope::ReplyOutcome;
-use warren_core::retry::{delay_queue, delay_step_ms};
 use warren_core::status::{Recorder, StatusStore, TaskState, TaskStatus};
-use warren_core::topology::{QueueSpec, TASK_EXCHANGE};
-use warren_core::{AmqpConfig, Broker, Envelope, Outgoing, Publisher, Via};
+use warren_core::topology::QueueSpec;
+use warren_core::{AmqpConfig, Broker, Envelope, Publisher, TaskSender, Via};
 
 use crate::reply::Replies;
 use crate::{Error, Receipt, Task};
@@ -97,8 +96,8 @@ impl ClientBuilder {
         Client {
             inner: Arc::new(Inner {
                 id: Uuid::now_v7(),
+                sender: TaskSender::new(&broker, publisher),
                 broker,
-                publisher,
                 invoke_timeout: self.invoke_timeout,
                 replies: OnceCell::new(),
                 shutdown: CancellationToken::new(),
@@ -118,7 +117,7 @@ pub struct Client {
 struct Inner {
     id: Uuid,
     broker: Broker,
-    publisher: Publisher,
+    sender: TaskSender,
     invoke_timeout: Duration,
     replies: OnceCell<Replies>,
     shutdown: CancellationToken,
@@ -173,7 +172,8 @@ impl Client {
             let spec = QueueSpec::part(&p.part_queue, crate::parallel::FANIN_QUEUE_EXPIRY_MS)?;
             match self
                 .inner
-                .publisher
+                .sender
+                .publisher()
                 .declare_cached(&p.part_queue, &[spec])
                 .await
             {
@@ -274,10 +274,8 @@ impl Client {
             .ok_or(Error::NoStatusStore)
     }
 
-    /// The status recorder, when a store is configured (workers record through it).
-    #[doc(hidden)]
-    #[must_use]
-    pub fn recorder(&self) -> Option<&Recorder> {
+    /// The status recorder, when a store is configured.
+    pub(crate) fn recorder(&self) -> Option<&Recorder> {
         self.inner.recorder.as_ref()
     }
 
@@ -299,10 +297,11 @@ impl Client {
     }
 
     /// Publishes a prepared envelope to its service queue (declaring the queue on first use),
-    /// with an optional reply queue, within the publish timeout. Used by the worker for hooks
-    /// and by tools; most callers want [`Client::send`].
+    /// with an optional reply queue, within the publish timeout: what a producer that builds
+    /// envelopes itself (docs/wire-format.md) would publish. Most callers want
+    /// [`Client::send`].
     pub async fn send_envelope(&self, env: &Envelope, reply_to: Option<&str>) -> Result<(), Error> {
-        let deadline = self.publish_deadline();
+        let deadline = self.inner.sender.deadline();
         self.send_envelope_by(env, reply_to, deadline).await
     }
 
@@ -313,92 +312,26 @@ impl Client {
         reply_to: Option<&str>,
         deadline: Instant,
     ) -> Result<(), Error> {
-        let body = env.to_bytes().map_err(Error::Encode)?;
-        let mut msg = Outgoing::new(TASK_EXCHANGE, env.svc.clone(), body);
-        msg.message_id = Some(env.id.to_string());
-        msg.correlation_id = Some(env.cid.clone());
-        msg.reply_to = reply_to.map(str::to_owned);
-        let qt = self.inner.broker.config().queue_type;
-        let svc = env.svc.as_str();
-        self.inner
-            .publisher
-            .publish_routed(&msg, svc, &|| service_specs(svc, qt), deadline)
-            .await?;
-        tracing::debug!(id = %env.id, cid = %env.cid, svc = %env.svc, method = %env.method, "task sent");
-        Ok(())
+        Ok(self.inner.sender.send(env, reply_to, deadline).await?)
     }
 
-    /// Sends a prepared envelope to its service queue after `delay`, through the durable
-    /// wait queue of that delay step (`warren.delay.<svc>.<ms>`, see
-    /// [`warren_core::retry`]); at once when `delay` is zero. The wait survives worker and
-    /// broker restarts, and different delays never hold each other back.
-    pub async fn send_later(
-        &self,
-        env: &Envelope,
-        delay: Duration,
-        reply_to: Option<&str>,
-    ) -> Result<(), Error> {
-        if delay.is_zero() {
-            return self.send_envelope(env, reply_to).await;
-        }
-        let config = self.inner.broker.config();
-        let qt = config.queue_type;
-        // The delay queue's own type (rabbitmq-server#10718, see `with_delay_queue_type`).
-        let spec = delay_queue(&env.svc, delay_step_ms(delay), config.delay_queue_type())?;
-        let body = env.to_bytes().map_err(Error::Encode)?;
-        let mut msg = Outgoing::new("", spec.name.clone(), body);
-        msg.message_id = Some(env.id.to_string());
-        msg.correlation_id = Some(env.cid.clone());
-        msg.reply_to = reply_to.map(str::to_owned);
-        // The wait queue expires when unused: a publish that comes back unroutable declares
-        // it (and the service queue it dead-letters into) again. A quorum wait queue that
-        // was just created may nack until its leader is elected: the publisher retries.
-        let svc = env.svc.as_str();
-        let declare = || {
-            let mut specs = service_specs(svc, qt)?;
-            specs.push(spec.clone());
-            Ok(specs)
-        };
-        self.inner
-            .publisher
-            .publish_routed(&msg, &spec.name, &declare, self.publish_deadline())
-            .await?;
-        Ok(())
-    }
-
-    /// Publishes a raw message through the client's confirmed publisher (nacks and lost
-    /// connections are retried until the publish timeout; see [`Publisher::publish_by`]).
-    pub async fn publish_raw(&self, msg: &Outgoing) -> Result<(), Error> {
-        Ok(self.inner.publisher.publish(msg).await?)
-    }
-
-    /// The client's publisher: the one publish path of warren (confirms, declare cache,
-    /// redeclare on unroutable, retries within a deadline).
-    #[doc(hidden)]
+    /// The task sender this client publishes through ([`TaskSender`]: warren-core's one
+    /// path to service queues, delay queues and the publisher). Workers share their
+    /// client's sender, so hooks, retries and parts go through the same publisher.
     #[must_use]
-    pub fn publisher(&self) -> &Publisher {
-        &self.inner.publisher
+    pub fn sender(&self) -> &TaskSender {
+        &self.inner.sender
     }
 
-    /// When a publish started now must give up (now + the publish timeout).
-    #[doc(hidden)]
-    #[must_use]
-    pub fn publish_deadline(&self) -> Instant {
-        Instant::now() + self.inner.broker.config().publish_timeout
+    /// When a publish started now gives up.
+    pub(crate) fn publish_deadline(&self) -> Instant {
+        self.inner.sender.deadline()
     }
 
     /// Declares a service's queue (and dead-letter queue) so tasks can wait in it before any
     /// worker exists. Done automatically before the first publish to each service.
     pub async fn ensure_service(&self, svc: &str) -> Result<(), Error> {
-        let qt = self.inner.broker.config().queue_type;
-        if self.inner.publisher.is_declared(svc) {
-            return Ok(());
-        }
-        Ok(self
-            .inner
-            .publisher
-            .declare_cached(svc, &service_specs(svc, qt)?)
-            .await?)
+        Ok(self.inner.sender.ensure_service(svc).await?)
     }
 
     /// Stops waiting for a reply to `id` (a dropped handle).
@@ -431,14 +364,6 @@ impl Client {
         }
         self.inner.broker.close().await;
     }
-}
-
-/// A service's dead-letter queue and its queue, in the order they must be declared.
-fn service_specs(svc: &str, qt: warren_core::QueueType) -> warren_core::Result<Vec<QueueSpec>> {
-    Ok(vec![
-        QueueSpec::dead(svc, qt)?,
-        QueueSpec::service(svc, qt)?,
-    ])
 }
 
 struct ForgetOnDrop<'a> {

@@ -144,8 +144,9 @@ impl InvokeRetry {
         self
     }
 
-    /// Records the handler that makes the call; set by handler contexts.
-    #[doc(hidden)]
+    /// Records who makes the call: `source` (`svc.method`, echoed to the callback as
+    /// `source`), the calling task `parent`, and the caller's own `cid` (echoed as
+    /// `orig_cid`). Handler contexts set it to their own task.
     pub fn with_origin(mut self, source: String, parent: Uuid, cid: String) -> Self {
         self.origin = Origin {
             source: Some(source),
@@ -302,6 +303,9 @@ impl Client {
             });
         }
         let delay = if first > 1 { interval } else { Duration::ZERO };
-        self.send_later(&env, delay, None).await
+        Ok(self
+            .sender()
+            .send_later(&env, delay, None, self.publish_deadline())
+            .await?)
     }
 }

@@ -95,9 +95,8 @@ impl Parallel {
         self
     }
 
-    /// Records the handler that starts this invoke (`source`, `parent`); set by handler
-    /// contexts.
-    #[doc(hidden)]
+    /// Records who starts this invoke: `source` (`svc.method`, in every callback's payload)
+    /// and the calling task `parent`. Handler contexts set it to their own task.
     pub fn with_origin(mut self, source: String, parent: Uuid) -> Self {
         self.origin.source = Some(source);
         self.origin.parent = Some(parent);

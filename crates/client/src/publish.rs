@@ -34,8 +34,9 @@ impl Client {
             .await
     }
 
-    /// Publishes with an optional cid and parent task (handler contexts use this).
-    #[doc(hidden)]
+    /// Publishes to `topic` with an optional cid (else a fresh one) and the task that caused
+    /// the message (`parent`; handler contexts pass their own task id, so a subscriber's
+    /// `ctx.parent()` names the publisher).
     pub async fn publish_message(
         &self,
         topic: &str,
@@ -59,7 +60,8 @@ impl Client {
         msg.correlation_id = Some(env.cid.clone());
         // The topic's recent-messages queue makes it routable before anyone subscribes.
         let key = format!("topic:{topic}");
-        self.publisher()
+        self.sender()
+            .publisher()
             .publish_routed(
                 &msg,
                 &key,

@@ -33,7 +33,7 @@ pub mod validate;
 
 pub use amqp::{
     Broker, ConsumerEvent, HeaderValue, Incoming, Outgoing, Publisher, QueueStats, Subscription,
-    SubscriptionSpec, Take,
+    SubscriptionSpec, Take, TaskSender,
 };
 pub use config::{AmqpConfig, AmqpUrl, QueueType, ReconnectPolicy};
 pub use envelope::{

@@ -11,7 +11,7 @@ use warren_core::{Envelope, Incoming, Target, Via};
 use crate::process::Shared;
 use crate::publish::reply;
 
-type Res = Result<(), warren_client::Error>;
+type Res = warren_core::Result<()>;
 
 /// Merges `result` into the bog and sends the next step, or ends the chain.
 pub(crate) async fn advance(
@@ -34,7 +34,7 @@ pub(crate) async fn advance(
         return end(shared, d, env, ReplyOutcome::Error(f)).await;
     }
     if state.is_last() {
-        let v = serde_json::to_value(state.outcome()).map_err(warren_client::Error::Encode)?;
+        let v = serde_json::to_value(state.outcome()).map_err(warren_core::Error::Json)?;
         return end(shared, d, env, ReplyOutcome::Ok(v)).await;
     }
     let next = state.next();
@@ -52,7 +52,10 @@ pub(crate) async fn advance(
     task.chain = Some(next);
     let reply_to = d.reply_to().filter(|r| is_reply_queue(r));
     tracing::debug!(chain = %state.id, step = task.chain.as_ref().map_or(0, |c| c.index), "next chain step");
-    shared.client.send_envelope(&task, reply_to).await
+    shared
+        .sender
+        .send(&task, reply_to, shared.sender.deadline())
+        .await
 }
 
 /// Reports the chain's outcome: to its waiting handle (under the chain's id) and to the
@@ -68,7 +71,7 @@ pub(crate) async fn end(
     };
     let mut as_chain = env.clone();
     as_chain.id = state.id;
-    if let Some(r) = shared.client.recorder() {
+    if let Some(r) = shared.recorder.as_ref() {
         let (st, result, error) = match &outcome {
             ReplyOutcome::Ok(v) => (TaskState::Succeeded, Some(v.clone()), None),
             ReplyOutcome::Error(f) => (TaskState::Failed, None, Some(f.clone())),

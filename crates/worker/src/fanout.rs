@@ -46,7 +46,7 @@ pub(crate) async fn on_target(
     shared: &Shared,
     env: Option<&Envelope>,
     outcome: &ReplyOutcome,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     let Some((env, f)) = env.and_then(|e| e.fanout.as_ref().map(|f| (e, f))) else {
         return Ok(());
     };
@@ -55,7 +55,7 @@ pub(crate) async fn on_target(
     }
     let target = format!("{}.{}", env.svc, env.method);
     let o = target_outcome(&env.cid, f, f.index, target, env.created_ms, outcome);
-    let payload = serde_json::to_value(&o).map_err(warren_client::Error::Encode)?;
+    let payload = serde_json::to_value(&o).map_err(warren_core::Error::Json)?;
     try_join_all(f.on_target.iter().map(|cb| {
         let payload = payload.clone();
         async move {
@@ -63,7 +63,10 @@ pub(crate) async fn on_target(
             let mut call = Envelope::new(&t, payload, Some(env.cid.clone()));
             call.channel = Via::OnTarget;
             call.parent = Some(env.id);
-            shared.client.send_envelope(&call, None).await
+            shared
+                .sender
+                .send(&call, None, shared.sender.deadline())
+                .await
         }
     }))
     .await?;

@@ -38,7 +38,7 @@ use crate::fanout;
 use crate::process::Shared;
 use crate::publish::send_later;
 
-type Res<T = ()> = Result<T, warren_client::Error>;
+type Res<T = ()> = warren_core::Result<T>;
 
 /// How many times one join attempt starts over after finding parts missing.
 const MAX_ROUNDS: u32 = 5;
@@ -166,8 +166,8 @@ pub(crate) struct PartResult {
 /// split task delivered again.
 pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
     let done = job.done(shared)?;
-    let broker = shared.client.broker();
-    let deadline = shared.client.publish_deadline();
+    let broker = &shared.broker;
+    let deadline = shared.sender.deadline();
     let mut pauses = warren_core::amqp::backoff(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         let ready = broker.declare_counted(&done).await?.ready;
@@ -192,7 +192,7 @@ pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
             Take::Busy => {
                 return Err(warren_core::Error::Timeout {
                     what: format!("reading the done markers in {}", done.name),
-                    after: shared.client.broker().config().publish_timeout,
+                    after: shared.sender.publish_timeout(),
                 }
                 .into())
             }
@@ -220,12 +220,12 @@ pub(crate) async fn record_part(
         req_ms: Some(env.created_ms),
         attempt: Some(env.attempt),
     })
-    .map_err(warren_client::Error::Encode)?;
+    .map_err(warren_core::Error::Json)?;
     let mut msg = Outgoing::new("", job.part_queue.clone(), body);
     msg.message_id = Some(env.id.to_string());
     msg.correlation_id = Some(job.cid.clone());
-    let publisher = shared.client.publisher();
-    let deadline = shared.client.publish_deadline();
+    let publisher = shared.sender.publisher();
+    let deadline = shared.sender.deadline();
     let mut pauses = warren_core::amqp::backoff(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         match publisher.publish_by(&msg, deadline).await {
@@ -233,19 +233,19 @@ pub(crate) async fn record_part(
             other => return Ok(other?),
         }
         // Gone, or on a node that is down (a refusal the publisher's retry understands)?
-        match shared.client.broker().queue_stats(&job.part_queue).await {
+        match shared.broker.queue_stats(&job.part_queue).await {
             Ok(None) => {
                 tracing::info!(part_id, part_queue = %job.part_queue, "part result for a finished or abandoned job; dropped");
                 return Ok(());
             }
             Ok(Some(_)) => {}
             Err(e) if e.is_node_down() => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(warren_core::Error::Timeout {
                 what: format!("publishing a part result to {}", job.part_queue),
-                after: shared.client.broker().config().publish_timeout,
+                after: shared.sender.publish_timeout(),
             }
             .into());
         }
@@ -300,7 +300,7 @@ enum Round {
 
 /// One look at the part queue: count, hold, read, fire and delete.
 async fn join_round(shared: &Shared, job: &Job) -> Res<Round> {
-    let broker = shared.client.broker();
+    let broker = &shared.broker;
     let total = job.total as usize;
     let ready = match broker.queue_stats(&job.part_queue).await? {
         None => return Ok(Round::Over), // joined (and deleted) or expired
@@ -386,7 +386,7 @@ fn distinct(bodies: &[Vec<u8>], total: u32) -> BTreeMap<u32, PartResult> {
 /// the final callbacks' payload.
 fn hook_payload(job: &Job, results: &BTreeMap<u32, PartResult>) -> Res<(bool, Value)> {
     if let Some(f) = &job.fanout {
-        return fanout::final_payload(&job.cid, f, results).map_err(warren_client::Error::Encode);
+        return fanout::final_payload(&job.cid, f, results).map_err(warren_core::Error::Json);
     }
     let failed: Vec<Value> = results
         .iter()
@@ -436,7 +436,7 @@ async fn fire(
 ) -> Res {
     let done = job.done(shared)?;
     shared
-        .client
+        .sender
         .publisher()
         .declare_cached(&done.name, std::slice::from_ref(&done))
         .await?;
@@ -460,7 +460,7 @@ async fn fire(
             let mut marker = Outgoing::new(
                 "",
                 done.name.clone(),
-                env.to_bytes().map_err(warren_client::Error::Encode)?,
+                env.to_bytes().map_err(warren_core::Error::Json)?,
             );
             marker.message_id = Some(env.id.to_string());
             if held.is_some() {
@@ -478,7 +478,7 @@ async fn fire(
             continue;
         }
         // The callback's queue must exist, or the publish would reach only the marker.
-        shared.client.ensure_service(&t.svc).await?;
+        shared.sender.ensure_service(&t.svc).await?;
         let mut env = Envelope::new(
             &Target::new(&t.svc, &t.method)?,
             payload.clone(),
@@ -490,7 +490,7 @@ async fn fire(
         let mut msg = Outgoing::new(
             "",
             service_queue(&t.svc)?,
-            env.to_bytes().map_err(warren_client::Error::Encode)?,
+            env.to_bytes().map_err(warren_core::Error::Json)?,
         );
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid);
@@ -503,11 +503,11 @@ async fn fire(
 /// One publish of [`fire`]: on the hold's channel, or through the publisher (declaring the
 /// marker queue again if the publish comes back unroutable).
 async fn send(shared: &Shared, done: &QueueSpec, held: Option<&mut Batch>, msg: &Outgoing) -> Res {
-    let publisher = shared.client.publisher();
+    let publisher = shared.sender.publisher();
     match held {
         Some(batch) => publisher.publish_held(batch, msg).await?,
         None => {
-            let deadline = shared.client.publish_deadline();
+            let deadline = shared.sender.deadline();
             publisher
                 .publish_routed(msg, &done.name, &|| Ok(vec![done.clone()]), deadline)
                 .await?;

@@ -16,7 +16,8 @@ use tracing::Instrument;
 use warren_client::{Client, Extract};
 use warren_core::amqp::inspect::H_REPLAYED;
 use warren_core::envelope::ReplyOutcome;
-use warren_core::{Envelope, Failure, FailureKind, Incoming, Via};
+use warren_core::status::Recorder;
+use warren_core::{Broker, Envelope, Failure, FailureKind, Incoming, TaskSender, Via};
 
 use crate::chain;
 use crate::context::Children;
@@ -61,7 +62,15 @@ pub(crate) struct JoinSettings {
 /// What every delivery handler shares.
 pub(crate) struct Shared {
     pub(crate) services: HashMap<String, HostedService>,
+    /// The client handlers get in their context (enqueue, invoke, patterns).
     pub(crate) client: Client,
+    /// How the worker sends tasks (hooks, retries, parts, callbacks, chain steps): the
+    /// client's own sender, so both share one publisher.
+    pub(crate) sender: TaskSender,
+    /// The publishing connection (part queue counts, holds, deletes).
+    pub(crate) broker: Broker,
+    /// Records task statuses, when a store is configured.
+    pub(crate) recorder: Option<Recorder>,
     pub(crate) joins: JoinSettings,
     /// Jobs a join check of this process is running for, each with whether another part
     /// of this process asked it to look again (see `join::LocalCheck`).
@@ -134,13 +143,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
         tracing::debug!(redelivered = d.redelivered, "received");
         if duplicate_step(&shared, &env, &d).await {
             tracing::info!("chain step already claimed by an earlier copy; dropping this one");
-            if let Some(r) = shared.client.recorder() {
+            if let Some(r) = shared.recorder.as_ref() {
                 r.bump(DUPLICATE_STEPS).await;
             }
             ack(&d).await;
             return;
         }
-        if let Some(r) = shared.client.recorder() {
+        if let Some(r) = shared.recorder.as_ref() {
             if env.channel != Via::Join {
                 r.record(&status_of(&env, TaskState::Running, None, None))
                     .await;
@@ -271,7 +280,7 @@ async fn duplicate_step(shared: &Shared, env: &Envelope, d: &Incoming) -> bool {
     if env.chain.is_none() || d.redelivered {
         return false;
     }
-    let Some(r) = shared.client.recorder() else {
+    let Some(r) = shared.recorder.as_ref() else {
         return false;
     };
     let replayed = d.header(H_REPLAYED).and_then(|v| v.as_int()).unwrap_or(0);
@@ -364,7 +373,7 @@ async fn finish(
     resolution: Resolution,
 ) {
     // The status the outcome leaves, computed only when someone reads it.
-    let wanted = shared.client.recorder().is_some() || env.is_some_and(|e| e.notify.is_some());
+    let wanted = shared.recorder.as_ref().is_some() || env.is_some_and(|e| e.notify.is_some());
     let status = env.filter(|_| wanted).and_then(|e| match &resolution {
         Resolution::Done(v) | Resolution::Step(v, _) => {
             Some(status_of(e, TaskState::Succeeded, Some(v.clone()), None))
@@ -373,9 +382,12 @@ async fn finish(
         Resolution::Retry(_) => Some(status_of(e, TaskState::Pending, None, None)),
         Resolution::Split(_) | Resolution::JoinCheck => None,
     });
-    let mut published = publish_outcome(shared, route, d, env, resolution).await;
+    let mut published: Result<(), warren_client::Error> =
+        publish_outcome(shared, route, d, env, resolution)
+            .await
+            .map_err(Into::into);
     if let (Ok(()), Some(st), Some(e)) = (&published, &status, env) {
-        if let Some(r) = shared.client.recorder() {
+        if let Some(r) = shared.recorder.as_ref() {
             r.record(st).await;
         }
         if let Some(topic) = e
@@ -489,7 +501,7 @@ async fn publish_outcome(
     d: &Incoming,
     env: Option<&Envelope>,
     resolution: Resolution,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     // A chain step goes on with the next step, or ends the chain.
     let resolution = match (env.filter(|e| e.chain.is_some()), resolution) {
         (Some(e), Resolution::Step(v, children)) => {

@@ -21,7 +21,7 @@ pub(crate) async fn reply(
     d: &Incoming,
     env: Option<&Envelope>,
     outcome: ReplyOutcome,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     let Some(reply_to) = d.reply_to().filter(|r| !r.is_empty()) else {
         return Ok(());
     };
@@ -59,13 +59,13 @@ pub(crate) async fn reply(
         cid: cid.clone(),
         outcome,
     })
-    .map_err(warren_client::Error::Encode)?;
+    .map_err(warren_core::Error::Json)?;
     let mut msg = Outgoing::new("", reply_to, body);
     msg.persistent = false;
     msg.message_id = Some(id.to_string());
     msg.correlation_id = Some(cid).filter(|c| !c.is_empty() && c.len() <= 255);
-    match shared.client.publish_raw(&msg).await {
-        Err(warren_client::Error::Broker(warren_core::Error::Unroutable { .. })) => {
+    match shared.sender.publisher().publish(&msg).await {
+        Err(warren_core::Error::Unroutable { .. }) => {
             tracing::debug!("caller's reply queue is gone; reply dropped");
             Ok(())
         }
@@ -79,7 +79,7 @@ pub(crate) async fn hook(
     env: Option<&Envelope>,
     ok: bool,
     payload: Value,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     let Some(env) = env else { return Ok(()) };
     let target = if ok {
         env.hooks.oncomplete.as_ref()
@@ -91,7 +91,10 @@ pub(crate) async fn hook(
     let mut hook = Envelope::new(&t, payload, Some(env.cid.clone()));
     hook.channel = Via::Hook;
     hook.parent = Some(env.id);
-    shared.client.send_envelope(&hook, None).await
+    shared
+        .sender
+        .send(&hook, None, shared.sender.deadline())
+        .await
 }
 
 /// Publishes the next attempt, to the service queue or through a delay queue.
@@ -103,7 +106,7 @@ pub(crate) async fn retry(
     d: &Incoming,
     env: &Envelope,
     delay: Duration,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     let mut next = env.clone();
     next.attempt = env.attempt.saturating_add(1);
     next.channel = Via::Retry;
@@ -118,8 +121,11 @@ pub(crate) async fn send_later(
     env: &Envelope,
     delay: Duration,
     reply_to: Option<&str>,
-) -> Result<(), warren_client::Error> {
-    shared.client.send_later(env, delay, reply_to).await
+) -> warren_core::Result<()> {
+    shared
+        .sender
+        .send_later(env, delay, reply_to, shared.sender.deadline())
+        .await
 }
 
 /// Publishes the original message, byte for byte, to the service's dead-letter queue with
@@ -129,12 +135,12 @@ pub(crate) async fn dead_letter(
     route: &Route,
     d: &Incoming,
     f: &Failure,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     let queue_svc = route.svc.as_str();
     tracing::warn!(reason = f.kind.as_str(), error = %f.message, "dead-lettered");
     // Make sure the dead-letter queue exists (the worker declared it at start; it may have
     // been deleted since).
-    shared.client.ensure_service(queue_svc).await?;
+    shared.sender.ensure_service(queue_svc).await?;
     let mut msg = Outgoing::new(DEAD_EXCHANGE, queue_svc, d.body.clone());
     msg.message_id = d
         .message_id()
@@ -163,5 +169,5 @@ pub(crate) async fn dead_letter(
         msg.headers
             .push((warren_core::amqp::inspect::H_REPLAYED.to_owned(), n));
     }
-    shared.client.publish_raw(&msg).await
+    shared.sender.publisher().publish(&msg).await
 }

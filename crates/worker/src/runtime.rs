@@ -22,7 +22,7 @@ use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionS
 use crate::process::{handle, HostedService, JoinSettings, Route, Shared};
 use crate::state::StateBuilder;
 use crate::{Service, WorkerError};
-use warren_core::status::StatusStore;
+use warren_core::status::{Recorder, StatusStore};
 use warren_core::RetryPolicy;
 
 /// Builds a [`Worker`]. Defaults: 32 concurrent tasks, prefetch twice that, 3 attempts with
@@ -197,10 +197,11 @@ impl WorkerBuilder {
         let publish =
             Broker::connect(amqp.clone().with_connection_name("warren worker (publish)")).await?;
         let mut client = ClientBuilder::default();
-        if let Some(store) = self.store {
-            client = client.status_store(store);
+        if let Some(store) = &self.store {
+            client = client.status_store(store.clone());
         }
-        let client = client.with_broker(publish);
+        let client = client.with_broker(publish.clone());
+        let recorder = self.store.map(Recorder::new);
         let prefetch = self.prefetch.unwrap_or_else(|| {
             u16::try_from(self.concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
         });
@@ -252,7 +253,10 @@ impl WorkerBuilder {
         Ok(Worker {
             shared: Arc::new(Shared {
                 services,
+                sender: client.sender().clone(),
                 client,
+                broker: publish,
+                recorder,
                 joins: self.joins,
                 checking: std::sync::Mutex::default(),
                 requeues: crate::process::Requeues::default(),
@@ -300,8 +304,8 @@ impl Worker {
     /// as [`warren::testing`](../warren/testing/index.html).
     #[must_use]
     pub fn queue_names(&self) -> Vec<String> {
-        let window = u64::try_from(self.shared.joins.completion_window.as_millis())
-            .unwrap_or(u64::MAX);
+        let window =
+            u64::try_from(self.shared.joins.completion_window.as_millis()).unwrap_or(u64::MAX);
         let mut names: Vec<String> = self.subs.iter().map(|(r, _)| r.queue.clone()).collect();
         for svc in self.shared.services.keys() {
             names.extend(warren_core::topology::dead_queue(svc).ok());

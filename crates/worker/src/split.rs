@@ -29,12 +29,10 @@ pub(crate) async fn split(
     d: &Incoming,
     env: &Envelope,
     parts: Vec<Value>,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     let queue = part_queue(&env.svc, &env.method, &env.id)?;
     let total = u32::try_from(parts.len()).map_err(|_| {
-        warren_client::Error::Broker(warren_core::Error::Config(
-            "a splitter returned more than u32::MAX parts".into(),
-        ))
+        warren_core::Error::Config("a splitter returned more than u32::MAX parts".into())
     })?;
     let job = Job {
         key: JobKey::of(&queue),
@@ -48,11 +46,9 @@ pub(crate) async fn split(
         fanout: None,
     };
     if total > MAX_PARTS {
-        return Err(warren_client::Error::Broker(warren_core::Error::Config(
-            format!(
-                "splitter {} returned {total} parts; a split job has at most {MAX_PARTS}",
-                splitter_name(&env.method)
-            ),
+        return Err(warren_core::Error::Config(format!(
+            "splitter {} returned {total} parts; a split job has at most {MAX_PARTS}",
+            splitter_name(&env.method)
         )));
     }
     if d.redelivered && join::is_done(shared, &job).await? {
@@ -66,7 +62,7 @@ pub(crate) async fn split(
     }
     let expiry = u64::try_from(shared.joins.expiry.as_millis()).unwrap_or(u64::MAX);
     shared
-        .client
+        .sender
         .publisher()
         .declare_cached(&queue, &[QueueSpec::part(&queue, expiry)?])
         .await?;
@@ -89,7 +85,12 @@ pub(crate) async fn split(
                 total_parts: total,
                 part_queue: queue.clone(),
             });
-            async move { shared.client.send_envelope(&part, None).await }
+            async move {
+                shared
+                    .sender
+                    .send(&part, None, shared.sender.deadline())
+                    .await
+            }
         })
         .buffer_unordered(IN_FLIGHT)
         .try_collect::<()>()
@@ -104,8 +105,8 @@ async fn answer(
     d: &Incoming,
     env: &Envelope,
     parts: u32,
-) -> Result<(), warren_client::Error> {
+) -> warren_core::Result<()> {
     let started = SplitStarted { job: env.id, parts };
-    let value = serde_json::to_value(started).map_err(warren_client::Error::Encode)?;
+    let value = serde_json::to_value(started).map_err(warren_core::Error::Json)?;
     reply(shared, d, Some(env), ReplyOutcome::Ok(value)).await
 }

@@ -16,9 +16,11 @@ mod consumer;
 pub mod inspect;
 mod message;
 mod publisher;
+mod sender;
 
 pub use batch::{Batch, Take};
 pub use broker::{Broker, QueueStats};
 pub use consumer::{ConsumerEvent, Incoming, Subscription, SubscriptionSpec};
 pub use message::{HeaderValue, Outgoing};
 pub use publisher::{backoff, Publisher};
+pub use sender::{service_specs, TaskSender};
