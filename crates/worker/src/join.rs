@@ -193,8 +193,7 @@ pub(crate) async fn is_done(shared: &Shared, job: &Job) -> Res<bool> {
                 return Err(warren_core::Error::Timeout {
                     what: format!("reading the done markers in {}", done.name),
                     after: shared.sender.publish_timeout(),
-                }
-                .into())
+                })
             }
         }
     }
@@ -230,7 +229,7 @@ pub(crate) async fn record_part(
     loop {
         match publisher.publish_by(&msg, deadline).await {
             Err(warren_core::Error::Unroutable { .. }) => {}
-            other => return Ok(other?),
+            other => return other,
         }
         // Gone, or on a node that is down (a refusal the publisher's retry understands)?
         match shared.broker.queue_stats(&job.part_queue).await {
@@ -246,8 +245,7 @@ pub(crate) async fn record_part(
             return Err(warren_core::Error::Timeout {
                 what: format!("publishing a part result to {}", job.part_queue),
                 after: shared.sender.publish_timeout(),
-            }
-            .into());
+            });
         }
         tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(2))).await;
     }
