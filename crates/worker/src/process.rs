@@ -112,7 +112,34 @@ enum Resolution {
     Retry(Duration),
     Dead(Failure),
     Split(Vec<Value>),
-    JoinCheck,
+}
+
+/// What a decoded delivery is, decided once from its envelope; [`publish_outcome`] follows
+/// it. A body that does not decode never gets a kind: it is refused (dead-lettered and
+/// answered) before any of this.
+enum Kind {
+    /// A task whose outcome is answered and fires its hooks and callbacks (an enqueue,
+    /// invoke, hook, callback, retry or topic message; a split task, when its method has a
+    /// splitter).
+    Task,
+    /// A part of a split job, or a target of a fan-in: its outcome goes to the job's part
+    /// queue, then the job may join.
+    Part(Job),
+    /// A step of a chain: the chain goes on with the next step, or ends.
+    ChainStep,
+    /// A re-check of a job's join: no handler runs.
+    JoinCheck(Job),
+}
+
+impl Kind {
+    fn of(env: &Envelope) -> Self {
+        match (&env.chain, &env.part) {
+            (_, Some(p)) if env.channel == Via::Join => Self::JoinCheck(Job::of(env, p)),
+            (Some(_), _) => Self::ChainStep,
+            (None, Some(p)) => Self::Part(Job::of(env, p)),
+            (None, None) => Self::Task,
+        }
+    }
 }
 
 fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
@@ -134,10 +161,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
         Err(e) => {
             tracing::warn!(queue_service = %svc, message_id = ?d.message_id(), error = %e, "bad envelope");
             let f = failure(FailureKind::BadEnvelope, e.to_string());
-            finish(&shared, &route, &d, None, Resolution::Dead(f)).await;
+            refuse(&shared, &route, &d, f).await;
             return;
         }
     };
+    let kind = Kind::of(&env);
     let span = tracing::info_span!("task", svc = %env.svc, method = %env.method, id = %env.id, cid = %env.cid, attempt = env.attempt);
     async {
         tracing::debug!(redelivered = d.redelivered, "received");
@@ -149,11 +177,14 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
             ack(&d).await;
             return;
         }
+        if let Kind::JoinCheck(job) = &kind {
+            let checked = join::try_join(&shared, job).await.map_err(Into::into);
+            settle_delivery(&shared, &route, &d, Some(&env), checked).await;
+            return;
+        }
         if let Some(r) = shared.recorder.as_ref() {
-            if env.channel != Via::Join {
-                r.record(&status_of(&env, TaskState::Running, None, None))
-                    .await;
-            }
+            r.record(&status_of(&env, TaskState::Running, None, None))
+                .await;
         }
         // A copy the publisher sent again (the broker may hold an earlier one) counts as a
         // possible re-run, like a broker redelivery.
@@ -162,7 +193,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
             Some(warren_core::HeaderValue::Bool(true))
         );
         let resolution = run(&shared, svc, &env, d.redelivered || resent).await;
-        finish(&shared, &route, &d, Some(&env), resolution).await;
+        finish(&shared, &route, &d, &env, &kind, resolution).await;
     }
     .instrument(span)
     .await;
@@ -184,9 +215,6 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
             format!("this worker does not host service {:?}", env.svc),
         ));
     };
-    if env.channel == Via::Join && env.part.is_some() {
-        return Resolution::JoinCheck;
-    }
     let Some(handler) = service.methods.get(&env.method) else {
         return Resolution::Dead(failure(
             FailureKind::UnknownTarget,
@@ -369,24 +397,26 @@ async fn finish(
     shared: &Shared,
     route: &Route,
     d: &Incoming,
-    env: Option<&Envelope>,
+    env: &Envelope,
+    kind: &Kind,
     resolution: Resolution,
 ) {
     // The status the outcome leaves, computed only when someone reads it.
-    let wanted = shared.recorder.as_ref().is_some() || env.is_some_and(|e| e.notify.is_some());
-    let status = env.filter(|_| wanted).and_then(|e| match &resolution {
+    let wanted = shared.recorder.is_some() || env.notify.is_some();
+    let status = match &resolution {
+        _ if !wanted => None,
         Resolution::Done(v) | Resolution::Step(v, _) => {
-            Some(status_of(e, TaskState::Succeeded, Some(v.clone()), None))
+            Some(status_of(env, TaskState::Succeeded, Some(v.clone()), None))
         }
-        Resolution::Dead(f) => Some(status_of(e, TaskState::Failed, None, Some(f.clone()))),
-        Resolution::Retry(_) => Some(status_of(e, TaskState::Pending, None, None)),
-        Resolution::Split(_) | Resolution::JoinCheck => None,
-    });
+        Resolution::Dead(f) => Some(status_of(env, TaskState::Failed, None, Some(f.clone()))),
+        Resolution::Retry(_) => Some(status_of(env, TaskState::Pending, None, None)),
+        Resolution::Split(_) => None,
+    };
     let mut published: Result<(), warren_client::Error> =
-        publish_outcome(shared, route, d, env, resolution)
+        publish_outcome(shared, route, d, env, kind, resolution)
             .await
             .map_err(Into::into);
-    if let (Ok(()), Some(st), Some(e)) = (&published, &status, env) {
+    if let (Ok(()), Some(st), e) = (&published, &status, env) {
         if let Some(r) = shared.recorder.as_ref() {
             r.record(st).await;
         }
@@ -402,7 +432,19 @@ async fn finish(
                 .map(|_| ());
         }
     }
-    settle_delivery(shared, route, d, env, published).await;
+    settle_delivery(shared, route, d, Some(env), published).await;
+}
+
+/// A delivery that is not a task warren can run: dead-lettered with its reason and answered
+/// (under the id its body names, if any), then settled like any other outcome.
+async fn refuse(shared: &Shared, route: &Route, d: &Incoming, f: Failure) {
+    let published = async {
+        dead_letter(shared, route, d, &f).await?;
+        reply(shared, d, None, ReplyOutcome::Error(f)).await
+    }
+    .await
+    .map_err(Into::into);
+    settle_delivery(shared, route, d, None, published).await;
 }
 
 /// Acks, requeues (after a pause) or dead-letters the delivery, as [`settle`] decides from
@@ -499,77 +541,76 @@ async fn publish_outcome(
     shared: &Shared,
     route: &Route,
     d: &Incoming,
-    env: Option<&Envelope>,
+    env: &Envelope,
+    kind: &Kind,
     resolution: Resolution,
 ) -> warren_core::Result<()> {
-    // A chain step goes on with the next step, or ends the chain.
-    let resolution = match (env.filter(|e| e.chain.is_some()), resolution) {
-        (Some(e), Resolution::Step(v, children)) => {
-            return chain::advance(shared, d, e, v, children).await
+    match (kind, resolution) {
+        // Waiting for another attempt is the same for every kind of task.
+        (_, Resolution::Retry(delay)) => retry(shared, d, env, delay).await,
+        (Kind::JoinCheck(job), _) => join::try_join(shared, job).await,
+        // A chain step goes on with the next step, or ends the chain.
+        (Kind::ChainStep, Resolution::Step(v, children)) => {
+            chain::advance(shared, d, env, v, children).await
         }
-        (Some(e), Resolution::Dead(f)) => {
+        (Kind::ChainStep, Resolution::Done(v)) => {
+            chain::advance(shared, d, env, v, Map::new()).await
+        }
+        (Kind::ChainStep, Resolution::Dead(f)) => {
             dead_letter(shared, route, d, &f).await?;
-            return chain::end(shared, d, e, ReplyOutcome::Error(f)).await;
+            chain::end(shared, d, env, ReplyOutcome::Error(f)).await
         }
-        (_, other) => other,
-    };
-    // A part of a split job reports to its part queue and joins; it has no reply or hooks of
-    // its own (the job's hooks fire at the join).
-    let part = env.and_then(|e| e.part.as_ref().map(|p| (e, p)));
-    match (resolution, part) {
-        (Resolution::JoinCheck, Some((env, p))) => join::try_join(shared, &Job::of(env, p)).await,
-        (Resolution::JoinCheck, None) => Ok(()),
-        (Resolution::Split(parts), _) => match env {
-            Some(env) => split::split(shared, d, env, parts).await,
-            None => Ok(()),
-        },
-        (Resolution::Retry(delay), _) => match env {
-            Some(env) => retry(shared, d, env, delay).await,
-            None => Ok(()),
-        },
-        (Resolution::Done(v) | Resolution::Step(v, _), Some((env, p))) => {
+        // A part reports to its part queue and joins; it has no reply or hooks of its own
+        // (the job's hooks fire at the join).
+        (Kind::Part(job), Resolution::Done(v) | Resolution::Step(v, _)) => {
             let outcome = ReplyOutcome::Ok(v);
             on_target(shared, Some(env), &outcome).await?;
-            let job = Job::of(env, p);
-            join::record_part(shared, &job, env, p.part_id, outcome).await?;
-            join::try_join(shared, &job).await
+            report_part(shared, job, env, outcome).await
         }
-        (Resolution::Dead(f), Some((env, p))) => {
+        (Kind::Part(job), Resolution::Dead(f)) => {
             dead_letter(shared, route, d, &f).await?;
             let outcome = ReplyOutcome::Error(f);
             on_target(shared, Some(env), &outcome).await?;
-            let job = Job::of(env, p);
-            join::record_part(shared, &job, env, p.part_id, outcome).await?;
-            join::try_join(shared, &job).await
+            report_part(shared, job, env, outcome).await
         }
-        (Resolution::Done(v) | Resolution::Step(v, _), None) => {
+        (Kind::Task, Resolution::Split(parts)) => split::split(shared, d, env, parts).await,
+        (Kind::Task, Resolution::Done(v) | Resolution::Step(v, _)) => {
             let outcome = ReplyOutcome::Ok(v.clone());
             let (a, b, c) = tokio::join!(
-                reply(shared, d, env, outcome.clone()),
-                hook(shared, env, true, v),
-                on_target(shared, env, &outcome)
+                reply(shared, d, Some(env), outcome.clone()),
+                hook(shared, Some(env), true, v),
+                on_target(shared, Some(env), &outcome)
             );
             a.and(b).and(c)
         }
-        (Resolution::Dead(f), None) => {
+        (Kind::Task, Resolution::Dead(f)) => {
             // A blocking invoke/retry attempt that the caller will repeat is not dead yet.
-            let repeated = f.kind == FailureKind::Handler && env.is_some_and(|e| e.caller_retries);
-            if !repeated {
+            if !(f.kind == FailureKind::Handler && env.caller_retries) {
                 dead_letter(shared, route, d, &f).await?;
             }
-            on_target(shared, env, &ReplyOutcome::Error(f.clone())).await?;
+            on_target(shared, Some(env), &ReplyOutcome::Error(f.clone())).await?;
             let payload = json!({
-                "id": env.map(|e| e.id),
-                "cid": env.map(|e| e.cid.clone()),
-                "svc": env.map(|e| e.svc.clone()),
-                "method": env.map(|e| e.method.clone()),
-                "error": f,
+                "id": env.id, "cid": env.cid, "svc": env.svc, "method": env.method, "error": f,
             });
             let (a, b) = tokio::join!(
-                reply(shared, d, env, ReplyOutcome::Error(f.clone())),
-                hook(shared, env, false, payload)
+                reply(shared, d, Some(env), ReplyOutcome::Error(f.clone())),
+                hook(shared, Some(env), false, payload)
             );
             a.and(b)
         }
+        // Only a plain task runs a splitter (see `run`).
+        (Kind::Part(_) | Kind::ChainStep, Resolution::Split(_)) => Ok(()),
     }
+}
+
+/// A part's outcome: recorded in its job's part queue, then the job may join.
+async fn report_part(
+    shared: &Shared,
+    job: &Job,
+    env: &Envelope,
+    outcome: ReplyOutcome,
+) -> warren_core::Result<()> {
+    let part_id = env.part.as_ref().map_or(0, |p| p.part_id);
+    join::record_part(shared, job, env, part_id, outcome).await?;
+    join::try_join(shared, job).await
 }
