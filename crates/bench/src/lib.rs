@@ -69,6 +69,9 @@ use warren_worker::Worker;
 
 pub use worker_proc::{run as run_worker, BenchWorkerArgs};
 
+/// warren's configuration for a connection of the given name.
+pub type AmqpFor = Arc<dyn Fn(&str) -> anyhow::Result<AmqpConfig> + Send + Sync>;
+
 /// How the bench reaches the broker: the connection options of the command line it runs in.
 #[derive(Clone)]
 pub struct Host {
@@ -81,7 +84,7 @@ pub struct Host {
     pub connect_timeout: Duration,
     /// warren's configuration for a connection of this name, by the command line's rules
     /// (TLS settings, reconnect policy, the queue type above).
-    pub amqp: Arc<dyn Fn(&str) -> anyhow::Result<AmqpConfig> + Send + Sync>,
+    pub amqp: AmqpFor,
     /// An error and its causes on one line, as the command line prints them.
     pub describe: fn(&anyhow::Error) -> String,
 }
