@@ -21,7 +21,9 @@ pub use warren_client::{
     as_completed, Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError,
     Extract, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task,
 };
-pub use warren_core::status::{RedisStore, StatusStore, TaskState, TaskStatus};
+#[cfg(feature = "redis")]
+pub use warren_core::status::RedisStore;
+pub use warren_core::status::{StatusStore, TaskState, TaskStatus};
 pub use warren_core::{
     AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, SplitStarted, Target,
     TargetOutcome, Via,
