@@ -1,9 +1,8 @@
 //! Bad input never stops a worker: every kind of bad message, sent as raw AMQP, is
 //! dead-lettered exactly once with its reason, answered as an error when someone waits, never
 //! retried, and good tasks sent after it are still handled.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};

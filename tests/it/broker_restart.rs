@@ -2,10 +2,9 @@
 //! consuming by itself, the client's next calls succeed, the ledger shows nothing lost and
 //! every re-execution marked as a redelivery. Uses a private RabbitMQ node (own name, ports and
 //! data folder) so the shared broker and other tests are untouched.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,9 +4,7 @@
 //! effect, repeated only where the broker redelivered it: the workers share a status store,
 //! so a step re-sent by its redelivered predecessor is claimed once and its copy dropped.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

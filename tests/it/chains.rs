@@ -3,9 +3,7 @@
 //! never run; error or outcome), handles completing in completion order, capped parallel
 //! chains (a ledger of running chains) and handles re-created from the status store.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -12,12 +12,10 @@
 //! * `queues_with_their_node_down`: what the broker itself does (raw lapin) with a classic
 //!   queue whose home node is down and a quorum queue whose leader died; printed for the
 //!   record, and the recoveries asserted.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
-use common::hook_lines;
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -25,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{config_for, ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
+use common::{config_for, hook_lines, ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };

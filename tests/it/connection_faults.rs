@@ -1,10 +1,9 @@
 //! Connections cut or black-holed through a TCP proxy the test owns: the worker reconnects
 //! and resumes by itself, deliveries from the dead connection are never acked as live, and the
 //! ledger shows nothing lost.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

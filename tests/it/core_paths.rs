@@ -1,8 +1,7 @@
 //! The core paths against the real broker, on both queue types: enqueue exactly once over
 //! 10k tasks, typed invoke, typed errors, deadlines, retries, name validation.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

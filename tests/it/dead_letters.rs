@@ -7,9 +7,8 @@
 //! `warren` binary belongs to the warren-cli package, which this package's tests cannot
 //! start (`CARGO_BIN_EXE_*` only names the binaries of the package under test). The CLI
 //! adds only option parsing and printing, unit-tested in crates/cli/src/dead.rs.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -2,15 +2,11 @@
 //! which is SIGKILLed while the targets run: every target runs, and each of the two final
 //! callbacks fires exactly once, with all 100 outcomes in target order.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
-use common::hook_lines;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{config, ledger_path, unique, Cleanup, FixtureWorker};
+use common::{config, hook_lines, ledger_path, unique, Cleanup, FixtureWorker};
 use serde_json::Value;
 use warren::{Client, FanInOutcome, Parallel, QueueType};
 use warren_core::envelope::now_ms;

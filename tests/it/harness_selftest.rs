@@ -3,9 +3,8 @@
 //! crash, and leaves nothing behind when dropped.
 //!
 //! The proxy tests use the shared broker at 127.0.0.1:5672 (`scripts/ensure-rabbitmq.sh`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use anyhow::{bail, ensure, Context, Result};
 use lapin::options::{

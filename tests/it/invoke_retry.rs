@@ -2,9 +2,7 @@
 //! attempt k, one that never does, the spacing between attempts, the callback's payload and
 //! that it runs exactly once, and the typed errors for bad requests.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

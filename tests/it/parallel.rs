@@ -3,9 +3,7 @@
 //! callbacks once per job with every outcome in order; a caller's cid is kept end to end;
 //! calls from inside a handler name it as their source.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,9 +1,8 @@
 //! Fault tests with real worker processes: SIGKILL with tasks in flight, SIGTERM drain.
 //! Each checks a ledger written by the handlers: nothing lost, and duplicates only where the
 //! broker marked a redelivery.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

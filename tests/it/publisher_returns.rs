@@ -4,9 +4,7 @@
 //! routing key and message id. With routable and unroutable publishes interleaved on one
 //! channel, every routable one must succeed and (all but a rare few) unroutable ones fail.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use common::{config, unique};
 use futures_util::StreamExt;

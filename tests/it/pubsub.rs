@@ -3,9 +3,7 @@
 //! published meanwhile, failures are retried, and a message that can never be handled is
 //! dead-lettered with the subscription queue as its source.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -10,10 +10,9 @@
 //!   message reaches the subscriber, duplicates only as marked redeliveries.
 //!
 //! Each test deletes its topic's subscription and recent queues when done (also on panic).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::collections::HashSet;
 use std::path::Path;

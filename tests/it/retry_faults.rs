@@ -2,9 +2,7 @@
 //! delay queue on the broker while the worker that scheduled it is SIGKILLed; a new worker
 //! runs the retry when the delay expires, exactly once per scheduled retry.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,9 +2,7 @@
 //! and delay queues without head-of-line blocking (a long delay enqueued first does not
 //! hold back a short one).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -3,16 +3,12 @@
 //! moment the join runs). The hook ledger must show exactly one oncomplete per job, with
 //! every result in `part_id` order, and no part queue may be left behind.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
-use common::hook_lines;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{config, ledger_path, unique, Cleanup, FixtureWorker};
+use common::{config, hook_lines, ledger_path, unique, Cleanup, FixtureWorker};
 use rand::Rng;
 use serde_json::Value;
 use warren::{Client, QueueType, Target, Task};

@@ -2,9 +2,7 @@
 //! parts, failing parts, simultaneous finishes, duplicated parts, and the name limit. Each
 //! test checks a ledger of hook invocations: exactly one, with every result in order.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

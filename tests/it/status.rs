@@ -2,9 +2,7 @@
 //! caller exited, expired after the retention, notification through a topic, and what
 //! happens without a store or with Redis down.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

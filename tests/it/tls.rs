@@ -3,10 +3,9 @@
 //! an unrelated CA, no CA (system roots only) and a host name the certificate does not name fail
 //! at once with [`warren_core::Error::Tls`]; a client certificate from the test CA is accepted
 //! for mutual TLS and one from the unrelated CA is refused. The shared broker is not touched.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -4,10 +4,9 @@
 //! dead-letter and the service's done-marker queue, whose markers expire) and its memory is
 //! back within 10 % of what it was before
 //! the run. A private node keeps the counts and the memory figure free of other tests.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

@@ -2,9 +2,8 @@
 //! declares what the doc says, publishes what the doc says, and gets the answers, hooks and
 //! join the doc promises from a warren worker. The bad-input half of the contract (every kind
 //! of refusal, dead-lettered once and answered) is `tests/bad_input.rs`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,4 @@
 //! Shared helpers for warren's integration tests: unique names, configs, polling, cleanup.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
