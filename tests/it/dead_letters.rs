@@ -113,6 +113,50 @@ async fn dead_letter_tasks(
     receipts
 }
 
+/// Payload of the sentinel task [`run_sentinel`] enqueues.
+const SENTINEL: u64 = 1_000_000;
+
+/// Enqueues a sentinel task to `<svc>.work` and waits until the (fixed, one-at-a-time)
+/// worker ran it. The service queue is FIFO and the worker takes one task at a time, so
+/// whatever was in the queue before the sentinel has run by then: no time window needed to
+/// show that nothing else runs. Returns the sentinel's task id.
+async fn run_sentinel(client: &Client, svc: &str, ledger: &Ledger) -> Uuid {
+    let id = client
+        .enqueue(&format!("{svc}.work"), &SENTINEL)
+        .await
+        .unwrap()
+        .id;
+    poll("the sentinel task ran", Duration::from_secs(30), || {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.2 == id)
+                .then_some(())
+        }
+    })
+    .await;
+    id
+}
+
+/// The ledger without the sentinel's run, after checking it ran once, successfully, last.
+fn without(ledger: &Ledger, sentinel: Uuid) -> Vec<(bool, u64, Uuid)> {
+    let mut runs = ledger.lock().unwrap().clone();
+    let last = runs.pop().expect("the sentinel ran");
+    assert_eq!(
+        last,
+        (true, SENTINEL, sentinel),
+        "the sentinel ran last: {runs:?}"
+    );
+    assert!(
+        runs.iter().all(|e| e.2 != sentinel),
+        "the sentinel ran once: {runs:?}"
+    );
+    runs
+}
+
 fn ids(letters: &[DeadLetter]) -> Vec<String> {
     letters.iter().map(|l| l.task_id.clone().unwrap()).collect()
 }
@@ -193,9 +237,10 @@ async fn list_then_replay_all(qt: QueueType) {
         async move { (ledger.lock().unwrap().iter().filter(|e| e.0).count() >= 3).then_some(()) }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Anything else the replay put in the service queue runs before a task enqueued now.
+    let sentinel = run_sentinel(&client, &svc, &ledger).await;
     stop(fixed).await;
-    let runs = ledger.lock().unwrap().clone();
+    let runs = without(&ledger, sentinel);
     assert_eq!(
         runs.len(),
         6,
@@ -302,11 +347,10 @@ async fn replay_by_id_replays_only_that_one() {
         async move { ledger.lock().unwrap().iter().any(|e| e.0).then_some(()) }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Anything else in the service queue runs before a task enqueued now.
+    let sentinel = run_sentinel(&client, &svc, &ledger).await;
     stop(fixed).await;
-    let ok: Vec<Uuid> = ledger
-        .lock()
-        .unwrap()
+    let ok: Vec<Uuid> = without(&ledger, sentinel)
         .iter()
         .filter(|e| e.0)
         .map(|e| e.2)

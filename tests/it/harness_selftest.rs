@@ -38,6 +38,31 @@ async fn connect(url: &str) -> Result<Connection> {
     .context("connecting")
 }
 
+/// Whether `queue` exists on the shared broker (a passive declare on a direct connection).
+async fn queue_exists(queue: &str) -> Result<bool> {
+    let conn = connect(&format!("amqp://guest:guest@{SHARED_BROKER}/%2f")).await?;
+    let channel = conn.create_channel().await?;
+    let exists = match channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => {
+            false
+        }
+        Err(e) => return Err(e).context("passive declare"),
+    };
+    conn.close(200, "bye".into()).await?;
+    Ok(exists)
+}
+
 /// Poll `check` every 50 ms until it is true or `deadline` passes.
 async fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
     let started = Instant::now();
@@ -164,9 +189,19 @@ async fn proxy_blackhole_pauses_traffic_and_heartbeats_notice() -> Result<()> {
         let queue = queue.clone();
         tokio::spawn(async move { declare(&channel, &queue, false).await })
     };
-    // Absence of progress can only be shown over a window of time.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The request reaches the proxy and is held there (a positive event, no time window):
+    // it has not reached the broker, so it cannot have been answered.
+    wait_until(
+        "the declare to be held by the black hole",
+        Duration::from_secs(10),
+        || proxy.held_from_clients() == 1,
+    )
+    .await?;
     assert!(!pending.is_finished(), "traffic went through a black hole");
+    assert!(
+        !queue_exists(&queue).await?,
+        "the declare reached the broker through a black hole"
+    );
     assert!(conn.status().connected());
     proxy.blackhole(false);
     tokio::time::timeout(Duration::from_secs(10), pending)
@@ -177,15 +212,36 @@ async fn proxy_blackhole_pauses_traffic_and_heartbeats_notice() -> Result<()> {
         .await?;
     conn.close(200, "bye".into()).await?;
 
-    // New connections are held too, and go through once it is lifted.
+    // New connections are held too: accepted, their first bytes held, no upstream
+    // connection made; they go through once it is lifted.
     proxy.blackhole(true);
-    let held = tokio::time::timeout(
-        Duration::from_millis(700),
-        Connection::connect(&proxy.amqp_url(), ConnectionProperties::default()),
+    let (accepted, upstream) = (proxy.connection_count(), proxy.upstream_connections());
+    let held = {
+        let url = proxy.amqp_url();
+        tokio::spawn(async move { connect(&url).await })
+    };
+    wait_until(
+        "the new connection to be accepted and held",
+        Duration::from_secs(10),
+        || proxy.connection_count() == accepted + 1 && proxy.held_from_clients() == 1,
     )
-    .await;
-    assert!(held.is_err(), "a connection was made through a black hole");
+    .await?;
+    assert!(
+        !held.is_finished(),
+        "a connection was made through a black hole"
+    );
+    assert_eq!(
+        proxy.upstream_connections(),
+        upstream,
+        "the proxy connected upstream while black-holed"
+    );
     proxy.blackhole(false);
+    let conn = tokio::time::timeout(Duration::from_secs(15), held)
+        .await
+        .context("the held connection did not go through once the black hole was lifted")???;
+    assert_eq!(proxy.upstream_connections(), upstream + 1);
+    assert_eq!(proxy.held_from_clients(), 0);
+    conn.close(200, "bye".into()).await?;
 
     // A long black hole: lapin's heartbeat check gives up on the silent connection.
     let conn = connect(&format!("{}?heartbeat=1", proxy.amqp_url())).await?;

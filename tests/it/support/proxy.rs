@@ -7,6 +7,10 @@
 //!   connections, without closing anything (bytes are left unread in the kernel buffers):
 //!   a silent partition that the peers only notice through heartbeats. New connections
 //!   are accepted but not forwarded to the upstream until the black hole is lifted.
+//! * [`TcpProxy::held_from_clients`] and [`TcpProxy::upstream_connections`] let a test see
+//!   that a black hole holds traffic back as a positive event (bytes from a client are
+//!   waiting at the proxy; no upstream connection was made) instead of waiting a while to
+//!   see that nothing happens.
 //!
 //! Use a short heartbeat to make lapin notice a black hole quickly:
 //! `format!("{}?heartbeat=1", proxy.amqp_url())` (lapin gives up after about 2 intervals).
@@ -32,6 +36,10 @@ pub struct TcpProxy {
 
 struct Shared {
     accepted: AtomicUsize,
+    /// Connections made to the upstream.
+    upstream_connects: AtomicUsize,
+    /// Connections whose client-to-upstream direction holds bytes back right now.
+    held_from_clients: AtomicUsize,
     /// `true` while black-holed.
     blackhole: watch::Sender<bool>,
     /// Tasks of the connections accepted so far (finished ones are pruned now and then).
@@ -54,6 +62,8 @@ impl TcpProxy {
         let (blackhole, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             accepted: AtomicUsize::new(0),
+            upstream_connects: AtomicUsize::new(0),
+            held_from_clients: AtomicUsize::new(0),
             blackhole,
             conns: Mutex::new(Vec::new()),
         });
@@ -107,6 +117,20 @@ impl TcpProxy {
         self.shared.accepted.load(Ordering::SeqCst)
     }
 
+    /// Connections made to the upstream so far (a black-holed new connection makes none
+    /// until the black hole is lifted).
+    pub fn upstream_connections(&self) -> usize {
+        self.shared.upstream_connects.load(Ordering::SeqCst)
+    }
+
+    /// Connections whose client has sent bytes that the black hole holds back right now
+    /// (left unread in the kernel buffer, or read just as the black hole started and not
+    /// forwarded). Such bytes have not reached the upstream: a positive sign that traffic is
+    /// held. 0 while not black-holed.
+    pub fn held_from_clients(&self) -> usize {
+        self.shared.held_from_clients.load(Ordering::SeqCst)
+    }
+
     /// Connections currently open through the proxy.
     pub fn active_connections(&self) -> usize {
         self.shared
@@ -139,41 +163,100 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         // Spawn under the lock so that `cut()` sees every connection accepted before it.
         let mut conns = shared.conns();
         conns.retain(|c| !c.is_finished());
-        conns.push(tokio::spawn(serve(client, upstream, rx)).abort_handle());
+        conns.push(tokio::spawn(serve(client, upstream, rx, shared.clone())).abort_handle());
     }
 }
 
-async fn serve(client: TcpStream, upstream: SocketAddr, mut blackhole: watch::Receiver<bool>) {
+async fn serve(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut blackhole: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+) {
+    let _ = client.set_nodelay(true);
+    let (mut client_read, client_write) = client.into_split();
     // While black-holed, not even the upstream connection is made.
-    if blackhole.wait_for(|on| !*on).await.is_err() {
+    if hold(&mut client_read, &mut blackhole, Some(&shared), false)
+        .await
+        .is_err()
+    {
         return;
     }
     let Ok(server) = TcpStream::connect(upstream).await else {
-        return; // dropping `client` closes it
+        return; // dropping the client's halves closes it
     };
-    let _ = client.set_nodelay(true);
+    shared.upstream_connects.fetch_add(1, Ordering::SeqCst);
     let _ = server.set_nodelay(true);
-    let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     // On the first error both directions are dropped, closing both sockets.
     let _ = tokio::try_join!(
-        pump(client_read, server_write, blackhole.clone()),
-        pump(server_read, client_write, blackhole),
+        pump(client_read, server_write, blackhole.clone(), Some(&shared)),
+        pump(server_read, client_write, blackhole, None),
     );
 }
 
-/// Copy `from` to `to` until EOF (then half-close `to`), pausing while black-holed.
+fn gone() -> io::Error {
+    io::Error::other("proxy dropped")
+}
+
+/// Counts one connection in [`Shared::held_from_clients`] while alive (also when the
+/// connection's task is aborted by [`TcpProxy::cut`]).
+struct Held<'a>(&'a AtomicUsize);
+
+impl<'a> Held<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Held(count)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Returns at once when not black-holed; else waits until the black hole is lifted. With
+/// `count` (the client-to-upstream direction), the connection is counted as holding bytes
+/// back while `from` has unread bytes, or from the start if `pending` (bytes already read
+/// and not forwarded).
+async fn hold(
+    from: &mut OwnedReadHalf,
+    blackhole: &mut watch::Receiver<bool>,
+    count: Option<&Shared>,
+    pending: bool,
+) -> io::Result<()> {
+    if !*blackhole.borrow_and_update() {
+        return Ok(());
+    }
+    let counter = count.map(|s| &s.held_from_clients);
+    let mut held = counter.filter(|_| pending).map(Held::new);
+    let mut peeked = [0u8; 1];
+    loop {
+        tokio::select! {
+            lifted = blackhole.wait_for(|on| !*on) => {
+                return lifted.map(|_| ()).map_err(|_| gone());
+            }
+            // Peeking consumes nothing; it also returns at EOF or on an error, which are
+            // waiting to be forwarded too.
+            _ = from.peek(&mut peeked), if held.is_none() && counter.is_some() => {
+                held = counter.map(Held::new);
+            }
+        }
+    }
+}
+
+/// Copy `from` to `to` until EOF (then half-close `to`), pausing while black-holed;
+/// `count`: see [`hold`].
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut blackhole: watch::Receiver<bool>,
+    count: Option<&Shared>,
 ) -> io::Result<()> {
-    let gone = || io::Error::other("proxy dropped");
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if blackhole.wait_for(|on| !*on).await.is_err() {
-            return Err(gone());
-        }
+        hold(&mut from, &mut blackhole, count, false).await?;
         let n = tokio::select! {
             read = from.read(&mut buf) => read?,
             // Stop reading as soon as the black hole starts (read is cancel-safe).
@@ -187,9 +270,7 @@ async fn pump(
             return Ok(());
         }
         // Bytes read just as the black hole started are held back until it ends.
-        if blackhole.wait_for(|on| !*on).await.is_err() {
-            return Err(gone());
-        }
+        hold(&mut from, &mut blackhole, count, true).await?;
         to.write_all(&buf[..n]).await?;
     }
 }
