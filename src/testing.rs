@@ -140,7 +140,8 @@ impl Drop for TestWorker {
 }
 
 async fn delete_queues(amqp: &AmqpConfig, queues: &[String]) {
-    let Ok(broker) = Broker::connect(amqp.clone().with_connection_name("warren test cleanup")).await
+    let Ok(broker) =
+        Broker::connect(amqp.clone().with_connection_name("warren test cleanup")).await
     else {
         tracing::warn!("could not connect to delete the test worker's queues");
         return;

@@ -3,7 +3,7 @@
 //! empties the dead-letter queue; an interrupted replay loses nothing and the duplicate it
 //! may cause is marked with `x-warren-replayed`.
 //!
-//! These tests call `warren_core::amqp::inspect` (what `warren dead list|replay` runs): the
+//! These tests call `warren_ops` (what `warren dead list|replay` runs): the
 //! `warren` binary belongs to the warren-cli package, which this package's tests cannot
 //! start (`CARGO_BIN_EXE_*` only names the binaries of the package under test). The CLI
 //! adds only option parsing and printing, unit-tested in crates/cli/src/dead.rs.
@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::{config, poll, run_in_background, unique, Cleanup};
 use uuid::Uuid;
 use warren::{Client, Context, QueueType, Receipt, RetryPolicy, Service, TaskError, Worker};
-use warren_core::amqp::inspect::{DeadLetter, ReplaySelection, H_REPLAYED};
 use warren_core::topology::{DEAD_EXCHANGE, H_REASON, H_SOURCE_QUEUE};
 use warren_core::{Broker, HeaderValue, Outgoing, Publisher};
+use warren_ops::{DeadLetter, DeadLetterOps, ReplaySelection, H_REPLAYED};
 
 /// Every handler run: (succeeded, payload, task id).
 type Ledger = Arc<Mutex<Vec<(bool, u64, Uuid)>>>;

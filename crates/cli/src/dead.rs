@@ -7,7 +7,7 @@
 //! - `warren dead replay <svc> --id <task id>... | --all` republishes dead letters to the
 //!   queue they came from and removes each only after its republish was confirmed.
 //!
-//! The broker work is in [`warren_core::amqp::inspect`]; this module parses options and
+//! The broker work is in [`warren_ops`]; this module parses options and
 //! prints.
 
 use std::fmt::Write as _;
@@ -17,9 +17,9 @@ use anyhow::{bail, Context as _};
 use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
 use serde_json::{json, Value};
-use warren_core::amqp::inspect::{DeadLetter, DeadLetters, ReplayReport, ReplaySelection};
 use warren_core::topology::{dead_queue, service_queue};
 use warren_core::{Broker, HeaderValue, Publisher};
+use warren_ops::{DeadLetter, DeadLetterOps, DeadLetters, ReplayReport, ReplaySelection};
 
 use crate::opts::Global;
 use crate::queues::{is_local, rabbitmqctl_queues, CtlRow};

@@ -39,6 +39,8 @@ pub const H_ERROR: &str = "x-warren-error";
 pub const H_SOURCE_QUEUE: &str = "x-warren-source-queue";
 /// Header: when it was dead-lettered, ms since the epoch.
 pub const H_DEAD_AT: &str = "x-warren-dead-at-ms";
+/// Header a replayed message carries: how many times it was replayed (1 the first time).
+pub const H_REPLAYED: &str = "x-warren-replayed";
 
 pub(crate) fn service_queue_unchecked(svc: &str) -> String {
     format!("{PREFIX}svc.{svc}")

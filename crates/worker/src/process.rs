@@ -14,9 +14,9 @@ use futures_util::FutureExt;
 use serde_json::{json, Map, Value};
 use tracing::Instrument;
 use warren_client::{Client, Extract};
-use warren_core::amqp::inspect::H_REPLAYED;
 use warren_core::envelope::ReplyOutcome;
 use warren_core::status::Recorder;
+use warren_core::topology::H_REPLAYED;
 use warren_core::{Broker, Envelope, Failure, FailureKind, Incoming, TaskSender, Via};
 
 use crate::chain;

@@ -165,9 +165,9 @@ pub(crate) async fn dead_letter(
         ),
     ];
     // A replayed message that dies again keeps its replay count, so operators see it.
-    if let Some(n) = d.header(warren_core::amqp::inspect::H_REPLAYED) {
+    if let Some(n) = d.header(warren_core::topology::H_REPLAYED) {
         msg.headers
-            .push((warren_core::amqp::inspect::H_REPLAYED.to_owned(), n));
+            .push((warren_core::topology::H_REPLAYED.to_owned(), n));
     }
     shared.sender.publisher().publish(&msg).await
 }

@@ -13,7 +13,7 @@
 mod batch;
 mod broker;
 mod consumer;
-pub mod inspect;
+mod hold;
 mod message;
 mod publisher;
 mod sender;
@@ -21,6 +21,7 @@ mod sender;
 pub use batch::{Batch, Take};
 pub use broker::{Broker, QueueStats};
 pub use consumer::{ConsumerEvent, Incoming, Subscription, SubscriptionSpec};
+pub use hold::{BrokerDeath, Held, HeldMessage};
 pub use message::{HeaderValue, Outgoing};
 pub use publisher::{backoff, Publisher};
 pub use sender::{service_specs, TaskSender};
