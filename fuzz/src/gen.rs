@@ -35,7 +35,12 @@ pub enum Opt<T> {
     Wrong(Leaf),
 }
 
-fn put_value<T: ToJson>(obj: &mut Map<String, Value>, key: &str, v: Option<Option<&T>>, wrong: Option<&Leaf>) {
+fn put_value<T: ToJson>(
+    obj: &mut Map<String, Value>,
+    key: &str,
+    v: Option<Option<&T>>,
+    wrong: Option<&Leaf>,
+) {
     let v = match (v, wrong) {
         (_, Some(l)) => l.to_json(),
         (Some(Some(t)), None) => t.to_json(),
@@ -110,11 +115,9 @@ impl ToJson for Leaf {
             Leaf::Bool(b) => Value::Bool(*b),
             Leaf::Obj => Value::Object(Map::new()),
             Leaf::Arr => Value::Array(Vec::new()),
-            Leaf::Map(kv) => Value::Object(
-                kv.iter()
-                    .map(|(k, v)| (k.string(), v.to_json()))
-                    .collect(),
-            ),
+            Leaf::Map(kv) => {
+                Value::Object(kv.iter().map(|(k, v)| (k.string(), v.to_json())).collect())
+            }
         }
     }
 }
@@ -480,7 +483,12 @@ pub struct Bog(Vec<(Str, Num)>);
 
 impl ToJson for Bog {
     fn to_json(&self) -> Value {
-        Value::Object(self.0.iter().map(|(k, v)| (k.string(), v.to_json())).collect())
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.string(), v.to_json()))
+                .collect(),
+        )
     }
 }
 

@@ -60,8 +60,7 @@ fn rule(ok: bool, id: &str, detail: impl FnOnce() -> String) {
 /// A service or method name: `[a-z0-9_.-]`, 1 to 255 bytes.
 fn is_name(s: &str) -> bool {
     (1..=AMQP_MAX).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
 }
 
@@ -78,10 +77,16 @@ fn preview(s: &str) -> String {
 /// and the service queue it is published to fits in 255 bytes.
 fn check_target(what: &str, svc: &str, method: &str) {
     rule(is_name(svc), &format!("{what}-svc-name"), || {
-        format!("{what}.svc {} is not [a-z0-9_.-] of 1-255 bytes", preview(svc))
+        format!(
+            "{what}.svc {} is not [a-z0-9_.-] of 1-255 bytes",
+            preview(svc)
+        )
     });
     rule(is_name(method), &format!("{what}-method-name"), || {
-        format!("{what}.method {} is not [a-z0-9_.-] of 1-255 bytes", preview(method))
+        format!(
+            "{what}.method {} is not [a-z0-9_.-] of 1-255 bytes",
+            preview(method)
+        )
     });
     rule(
         SERVICE_QUEUE_PREFIX.len() + svc.len() <= AMQP_MAX,
@@ -99,12 +104,20 @@ fn check_target(what: &str, svc: &str, method: &str) {
 
 fn check_topic(what: &str, topic: &str) {
     rule(is_name(topic), &format!("{what}-name"), || {
-        format!("{what} {} is not [a-z0-9_.-] of 1-255 bytes", preview(topic))
+        format!(
+            "{what} {} is not [a-z0-9_.-] of 1-255 bytes",
+            preview(topic)
+        )
     });
     rule(
         TOPIC_QUEUE_PREFIX.len() + topic.len() <= AMQP_MAX,
         &format!("{what}-queue-len"),
-        || format!("{what} {}: `warren.topic.<topic>` is over 255 bytes", preview(topic)),
+        || {
+            format!(
+                "{what} {}: `warren.topic.<topic>` is over 255 bytes",
+                preview(topic)
+            )
+        },
     );
 }
 
@@ -139,7 +152,10 @@ pub fn check_rules(env: &Envelope) {
             || format!("part.total_parts {} is not 1-65535", p.total_parts),
         );
         rule(p.part_id < p.total_parts, "part-id", || {
-            format!("part.part_id {} is not below total_parts {}", p.part_id, p.total_parts)
+            format!(
+                "part.part_id {} is not below total_parts {}",
+                p.part_id, p.total_parts
+            )
         });
         let q = &p.part_queue;
         rule((1..=AMQP_MAX).contains(&q.len()), "part-queue-len", || {
@@ -212,7 +228,10 @@ pub fn check_decode(body: &[u8]) {
         }
     };
     if let Err(e) = env.validate() {
-        broken("validate", &format!("from_bytes accepted an envelope validate() refuses: {e}"));
+        broken(
+            "validate",
+            &format!("from_bytes accepted an envelope validate() refuses: {e}"),
+        );
     }
     check_rules(&env);
     // wire-format.md: the body is JSON (UTF-8). serde_json's generic parser must read it too;
@@ -222,7 +241,11 @@ pub fn check_decode(body: &[u8]) {
     rule(as_json.is_ok(), "body-is-json", || {
         format!(
             "from_bytes accepted a body serde_json::Value refuses ({}): {}",
-            as_json.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+            as_json
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             String::from_utf8_lossy(&body[..body.len().min(300)])
         )
     });
@@ -230,16 +253,31 @@ pub fn check_decode(body: &[u8]) {
         // A refused body is answered and dead-lettered under identity(); an accepted one
         // must read the same way, or the two paths would name one task differently.
         rule(id == Some(env.id), "identity-id", || {
-            format!("identity() id {id:?} differs from the decoded id {}", env.id)
+            format!(
+                "identity() id {id:?} differs from the decoded id {}",
+                env.id
+            )
         });
-        rule(cid.as_deref() == Some(env.cid.as_str()), "identity-cid", || {
-            format!("identity() cid {cid:?} differs from the decoded cid {:?}", env.cid)
-        });
+        rule(
+            cid.as_deref() == Some(env.cid.as_str()),
+            "identity-cid",
+            || {
+                format!(
+                    "identity() cid {cid:?} differs from the decoded cid {:?}",
+                    env.cid
+                )
+            },
+        );
     }
     // Re-encoding (a retry, a re-sent part) must give back the same envelope.
     let bytes = match env.to_bytes() {
         Ok(b) => b,
-        Err(e) => return broken("to-bytes", &format!("to_bytes failed on an accepted envelope: {e}")),
+        Err(e) => {
+            return broken(
+                "to-bytes",
+                &format!("to_bytes failed on an accepted envelope: {e}"),
+            )
+        }
     };
     match Envelope::from_bytes(&bytes) {
         Ok(back) => rule(back == env, round_trip_rule(&env, &back), || {
@@ -250,7 +288,10 @@ pub fn check_decode(body: &[u8]) {
         }),
         Err(e) => broken(
             "round-trip",
-            &format!("re-encoded envelope refused: {e}\n bytes {}", String::from_utf8_lossy(&bytes)),
+            &format!(
+                "re-encoded envelope refused: {e}\n bytes {}",
+                String::from_utf8_lossy(&bytes)
+            ),
         ),
     }
 }
