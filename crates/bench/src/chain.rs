@@ -28,9 +28,8 @@ use warren_core::chain::ChainState;
 use warren_core::{Envelope, HookTarget, Target, Via};
 use warren_worker::{Context, Service, TaskError};
 
-use super::invoke::{start_raw_caller, start_raw_server, RawCaller};
-use super::raw::{self, short};
-use super::split::median;
+use super::invoke::{RawCaller, RawRpc};
+use super::stats::{median, per_sec};
 use super::{note, Bench, Figure, Group, GroupRun};
 
 /// The group.
@@ -96,12 +95,6 @@ fn run(b: &Bench) -> GroupRun<'_> {
     })
 }
 
-/// Chains per second.
-#[allow(clippy::cast_precision_loss)]
-fn per_sec(n: usize, took: Duration) -> f64 {
-    n as f64 / took.as_secs_f64().max(1e-9)
-}
-
 /// The size of a chain step's envelope (the first step of a chain of `steps` to `target`).
 fn step_envelope_len(target: &str, steps: usize) -> anyhow::Result<usize> {
     let t: Target = target.parse()?;
@@ -124,21 +117,9 @@ fn step_envelope_len(target: &str, steps: usize) -> anyhow::Result<usize> {
 // ---- raw lapin ----------------------------------------------------------------------
 
 async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
-    let queue = b.raw_queue("chain-rpc");
-    let server_in = raw::connect(b.raw_url(), "warren bench raw chain server (consume)").await?;
-    let server_out = raw::connect(b.raw_url(), "warren bench raw chain server (publish)").await?;
-    let caller_conn = raw::connect(b.raw_url(), "warren bench raw chain caller").await?;
-    let conns = [server_in, server_out, caller_conn];
-    let result = async {
-        let [server_in, server_out, caller_conn] = &conns;
-        start_raw_server(b, &queue, server_in, server_out).await?;
-        let mut caller = start_raw_caller(&queue, caller_conn).await?;
-        raw_drive(&mut caller).await
-    }
-    .await;
-    for c in &conns {
-        let _ = c.close(200, short("bye")).await;
-    }
+    let (rpc, mut caller) = RawRpc::start(b, "chain").await?;
+    let result = raw_drive(&mut caller).await;
+    rpc.close().await;
     result
 }
 
@@ -176,7 +157,7 @@ async fn raw_drive(caller: &mut RawCaller) -> anyhow::Result<Measured> {
         if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
             return Err(e.context(format!("{failed} of {CHAINS} raw chains failed")));
         }
-        throughput.push(per_sec(CHAINS, took));
+        throughput.push(per_sec(CHAINS as u64, took));
     }
     Ok(Measured {
         chain10,
@@ -197,20 +178,14 @@ fn chain_of(target: &str, steps: usize) -> anyhow::Result<Chain> {
 
 async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let svc = b.service("chain")?;
-    let worker = b
-        .worker_builder("warren bench chain worker")?
-        .service(
+    let guard = b
+        .start_worker(b.worker_builder("warren bench chain worker")?.service(
             Service::new(&svc)?.method("step", |_ctx: Context, _bog: Value| async move {
                 Ok::<Value, TaskError>(json!({}))
             })?,
-        )
-        .build()
+        ))
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench chain client")?)
-        .connect()
-        .await?;
+    let client = b.client("warren bench chain client").await?;
     let target = format!("{svc}.step");
     let result = warren_drive(&client, &target).await;
     client.close().await;
@@ -250,7 +225,7 @@ async fn warren_drive(client: &Client, target: &str) -> anyhow::Result<Measured>
         if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
             bail!("{failed} of {CHAINS} chains failed; first: {e}");
         }
-        throughput.push(per_sec(CHAINS, took));
+        throughput.push(per_sec(CHAINS as u64, took));
     }
     Ok(Measured {
         chain10,

@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use tokio::sync::oneshot;
-use warren_client::{Client, Parallel};
+use warren_client::Parallel;
 use warren_core::topology::{fanout_queue, QueueSpec};
 use warren_core::FanInOutcome;
 use warren_worker::{Context, Service, TaskError};
 
-use super::split::{median, raw_floor};
+use super::split::raw_floor;
+use super::stats::median;
 use super::{note, Bench, Figure, Group, GroupRun};
 
 /// The group.
@@ -95,16 +96,13 @@ async fn warren_fanout(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
                 Ok::<_, TaskError>(())
             }
         })?;
-    let worker = b
-        .worker_builder("warren bench fanout worker")?
-        .service(service)
-        .build()
+    let guard = b
+        .start_worker(
+            b.worker_builder("warren bench fanout worker")?
+                .service(service),
+        )
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench fanout client")?)
-        .connect()
-        .await?;
+    let client = b.client("warren bench fanout client").await?;
     b.track(QueueSpec::done_markers(&svc, super::split::done_window_ms())?.name);
     let result = async {
         let (target, fin) = (format!("{svc}.target"), format!("{svc}.final"));

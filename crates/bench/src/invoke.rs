@@ -19,15 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
-use warren_client::Client;
 use warren_core::{Envelope, Target};
 use warren_worker::{Context, Service, TaskError};
 
@@ -197,29 +194,14 @@ impl RawCaller {
             .lock()
             .map_err(|_| anyhow!("poisoned"))?
             .insert(id, tx);
-        let props = BasicProperties::default()
-            .with_content_type(short("application/json"))
-            .with_delivery_mode(2)
+        let props = raw::persistent_json()
             .with_correlation_id(short(&id.to_string()))
             .with_reply_to(self.reply_to.clone());
         let props = match retries {
             Some(n) => with_retries_left(props, n),
             None => props,
         };
-        let confirm = self
-            .channel
-            .basic_publish(
-                short(""),
-                self.queue.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &self.body,
-                props,
-            )
-            .await?;
-        raw::check_confirm(confirm.await)?;
+        raw::publish_one(&self.channel, "", self.queue.as_str(), &self.body, props).await?;
         tokio::time::timeout(CALL_TIMEOUT, rx)
             .await
             .map_err(|_| anyhow!("no reply within {CALL_TIMEOUT:?}"))?
@@ -227,27 +209,53 @@ impl RawCaller {
     }
 }
 
+/// The connections of a raw RPC: a server's (one to consume, one to publish) and a
+/// caller's.
+pub(super) struct RawRpc {
+    conns: [Connection; 3],
+}
+
+impl RawRpc {
+    /// Starts a raw server on a queue of the run named for `what`, and a caller for it.
+    pub(super) async fn start(b: &Bench, what: &str) -> anyhow::Result<(Self, RawCaller)> {
+        let queue = b.raw_queue(what);
+        let name = |role: &str| format!("warren bench raw {what} {role}");
+        let conns = [
+            raw::connect(b.raw_url(), &name("server (consume)")).await?,
+            raw::connect(b.raw_url(), &name("server (publish)")).await?,
+            raw::connect(b.raw_url(), &name("caller")).await?,
+        ];
+        let started = async {
+            let [server_in, server_out, caller_conn] = &conns;
+            start_raw_server(b, &queue, server_in, server_out).await?;
+            start_raw_caller(&queue, caller_conn).await
+        }
+        .await;
+        let rpc = Self { conns };
+        match started {
+            Ok(caller) => Ok((rpc, caller)),
+            Err(e) => {
+                rpc.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes its connections.
+    pub(super) async fn close(self) {
+        raw::close_all(&self.conns).await;
+    }
+}
+
 async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
-    let queue = b.raw_queue("rpc");
-    let server_in = raw::connect(b.raw_url(), "warren bench raw rpc server (consume)").await?;
-    let server_out = raw::connect(b.raw_url(), "warren bench raw rpc server (publish)").await?;
-    let caller_conn = raw::connect(b.raw_url(), "warren bench raw rpc caller").await?;
-    let conns = [server_in, server_out, caller_conn];
-    let result = async {
-        let [server_in, server_out, caller_conn] = &conns;
-        start_raw_server(b, &queue, server_in, server_out).await?;
-        let caller = start_raw_caller(&queue, caller_conn).await?;
-        let caller = Arc::new(caller);
-        drive(b, move || {
-            let caller = caller.clone();
-            async move { caller.call().await }
-        })
-        .await
-    }
+    let (rpc, caller) = RawRpc::start(b, "rpc").await?;
+    let caller = Arc::new(caller);
+    let result = drive(b, move || {
+        let caller = caller.clone();
+        async move { caller.call().await }
+    })
     .await;
-    for c in &conns {
-        let _ = c.close(200, short("bye")).await;
-    }
+    rpc.close().await;
     result
 }
 
@@ -269,7 +277,7 @@ fn with_retries_left(props: BasicProperties, n: i32) -> BasicProperties {
 /// Consumes `queue` and answers each request with a confirmed publish, then acks it. A
 /// request whose `retries-left` header is above 0 is instead republished to `queue` with one
 /// less (persistent, mandatory, confirmed, then acked).
-pub(super) async fn start_raw_server(
+async fn start_raw_server(
     b: &Bench,
     queue: &str,
     consume: &Connection,
@@ -279,14 +287,7 @@ pub(super) async fn start_raw_server(
     raw::declare_queue(&ch, queue, b.queue_type).await?;
     ch.basic_qos(b.args.prefetch, BasicQosOptions::default())
         .await?;
-    let mut consumer = ch
-        .basic_consume(
-            short(queue),
-            short(""),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = raw::consume(&ch, queue, "", false).await?;
     let out = raw::confirm_channel(publish).await?;
     let queue = short(queue);
     tokio::spawn(async move {
@@ -307,19 +308,7 @@ pub(super) async fn start_raw_server(
                         }
                         (reply_to, props)
                     };
-                    let confirm = out
-                        .basic_publish(
-                            short(""),
-                            to,
-                            BasicPublishOptions {
-                                mandatory: true,
-                                immediate: false,
-                            },
-                            &d.data,
-                            props,
-                        )
-                        .await?;
-                    raw::check_confirm(confirm.await)?;
+                    raw::publish_one(&out, "", to.as_str(), &d.data, props).await?;
                     d.acker.ack(BasicAckOptions::default()).await?;
                     Ok::<_, anyhow::Error>(())
                 };
@@ -333,7 +322,7 @@ pub(super) async fn start_raw_server(
 }
 
 /// Declares the caller's exclusive reply queue and routes replies to waiting calls.
-pub(super) async fn start_raw_caller(queue: &str, conn: &Connection) -> anyhow::Result<RawCaller> {
+async fn start_raw_caller(queue: &str, conn: &Connection) -> anyhow::Result<RawCaller> {
     let replies = conn.create_channel().await?;
     let reply_queue = replies
         .queue_declare(
@@ -347,17 +336,7 @@ pub(super) async fn start_raw_caller(queue: &str, conn: &Connection) -> anyhow::
         )
         .await?;
     let reply_to = reply_queue.name().clone();
-    let mut consumer = replies
-        .basic_consume(
-            reply_to.clone(),
-            short(""),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = raw::consume(&replies, reply_to.as_str(), "", true).await?;
     let waiters: Waiters = Arc::default();
     let w = waiters.clone();
     tokio::spawn(async move {
@@ -389,18 +368,15 @@ pub(super) async fn start_raw_caller(queue: &str, conn: &Connection) -> anyhow::
 
 async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let svc = b.service("echo")?;
-    let worker = b
-        .worker_builder("warren bench worker")?
-        .service(
+    let guard = b
+        .start_worker(b.worker_builder("warren bench worker")?.service(
             Service::new(&svc)?.method("echo", |_ctx: Context, v: Value| async move {
                 Ok::<Value, TaskError>(v)
             })?,
-        )
-        .build()
+        ))
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench client")?)
+    let client = b
+        .client_builder("warren bench client")?
         .invoke_timeout(CALL_TIMEOUT)
         .connect()
         .await?;

@@ -48,20 +48,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures_util::stream::{self, FuturesUnordered, StreamExt};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::{Channel, Connection};
 use tokio::sync::oneshot;
 use warren_client::{Client, Task};
 use warren_core::topology::{self, part_queue};
-use warren_core::{Broker, Target};
-use warren_worker::{Context, Service, TaskError};
+use warren_core::{Broker, QueueType, Target};
 
 use super::raw::{self, short};
-use super::split::median;
+use super::split::split_service;
+use super::stats::{median, per_sec};
 use super::{note, Bench, Figure, Group, GroupRun};
 
 /// The group.
@@ -134,25 +130,12 @@ fn run(b: &Bench) -> GroupRun<'_> {
     })
 }
 
-/// Jobs per second.
-#[allow(clippy::cast_precision_loss)]
-fn per_sec(n: usize, took: Duration) -> f64 {
-    n as f64 / took.as_secs_f64().max(1e-9)
-}
-
 /// Who waits for which job's hook: job → sender.
 type Waiting<T> = Arc<Mutex<HashMap<String, oneshot::Sender<T>>>>;
 
 fn wake<T>(waiting: &Waiting<T>, job: &str, value: T) -> bool {
     let tx = waiting.lock().ok().and_then(|mut w| w.remove(job));
     tx.is_some_and(|tx| tx.send(value).is_ok())
-}
-
-fn mandatory() -> BasicPublishOptions {
-    BasicPublishOptions {
-        mandatory: true,
-        immediate: false,
-    }
 }
 
 // ---- raw lapin ----------------------------------------------------------------------
@@ -174,9 +157,7 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Vec<f64>> {
         let mut listener = start_hook_listener(driver, &hook_q, waiting.clone()).await?;
         let declare = pool(driver).await?;
         let body = raw::body_of_len(BODY_LEN);
-        let props = BasicProperties::default()
-            .with_content_type(short("application/json"))
-            .with_delivery_mode(2);
+        let props = raw::persistent_json();
         let mut out = Vec::with_capacity(ROUNDS);
         for round in 0..ROUNDS {
             let jobs: Vec<String> = (0..JOBS)
@@ -192,7 +173,14 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Vec<f64>> {
                     if let Ok(mut w) = waiting.lock() {
                         w.insert(job.clone(), tx);
                     }
-                    declare_job_queue(&declare[i % POOL], job).await?;
+                    // Durable, classic, expiring when unused, like a part queue.
+                    raw::declare_expiring(
+                        &declare[i % POOL],
+                        job,
+                        QueueType::Classic,
+                        Some(PART_EXPIRY),
+                    )
+                    .await?;
                     let props = props.clone().with_correlation_id(short(job));
                     let mut confirms = Vec::with_capacity(PARTS as usize);
                     for _ in 0..PARTS {
@@ -200,7 +188,7 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Vec<f64>> {
                             pch.basic_publish(
                                 short(""),
                                 short(work_q),
-                                mandatory(),
+                                raw::mandatory(),
                                 body,
                                 props.clone(),
                             )
@@ -232,16 +220,14 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Vec<f64>> {
                 "jobs: raw round {round}: {JOBS} jobs in {:.2} s",
                 took.as_secs_f64()
             ));
-            out.push(per_sec(JOBS, took));
+            out.push(per_sec(JOBS as u64, took));
         }
         worker.abort();
         listener.abort();
         Ok(out)
     }
     .await;
-    for c in &conns {
-        let _ = c.close(200, short("bye")).await;
-    }
+    raw::close_all(&conns).await;
     result
 }
 
@@ -262,30 +248,6 @@ async fn pool(conn: &Connection) -> anyhow::Result<Vec<Channel>> {
     Ok(out)
 }
 
-/// A raw job queue: durable, classic, expiring when unused, like a part queue.
-async fn declare_job_queue(ch: &Channel, name: &str) -> anyhow::Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        short("x-queue-type"),
-        AMQPValue::LongString("classic".into()),
-    );
-    args.insert(
-        short("x-expires"),
-        AMQPValue::LongLongInt(i64::try_from(PART_EXPIRY.as_millis()).unwrap_or(i64::MAX)),
-    );
-    ch.queue_declare(
-        short(name),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await
-    .with_context(|| format!("declaring {name}"))?;
-    Ok(())
-}
-
 /// The raw consumer: per part, a confirmed result into the job's queue; for a job's last
 /// result, a confirmed hook and the job queue's delete; then the part's ack.
 async fn start_raw_worker(
@@ -298,21 +260,12 @@ async fn start_raw_worker(
     let cch = conn_in.create_channel().await?;
     cch.basic_qos(b.args.prefetch, BasicQosOptions::default())
         .await?;
-    let mut parts = cch
-        .basic_consume(
-            short(work_q),
-            short("raw-jobs-worker"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut parts = raw::consume(&cch, work_q, "raw-jobs-worker", false).await?;
     let pch = raw::confirm_channel(conn_out).await?;
     let delete = Arc::new(pool(conn_out).await?);
     let next_delete = Arc::new(AtomicUsize::new(0));
     let counts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let props = BasicProperties::default()
-        .with_content_type(short("application/json"))
-        .with_delivery_mode(2);
+    let props = raw::persistent_json();
     let hook_q = hook_q.to_owned();
     Ok(tokio::spawn(async move {
         let mut inflight = FuturesUnordered::new();
@@ -338,11 +291,7 @@ async fn start_raw_worker(
                             .as_str()
                             .to_owned();
                         let props = props.with_correlation_id(short(&job));
-                        let c = pch
-                            .basic_publish(short(""), short(&job), mandatory(), &d.data, props.clone())
-                            .await?
-                            .await;
-                        raw::check_confirm(c)?;
+                        raw::publish_one(&pch, "", &job, &d.data, props.clone()).await?;
                         let last = counts.lock().is_ok_and(|mut c| {
                             let n = c.entry(job.clone()).or_insert(0);
                             *n += 1;
@@ -353,11 +302,7 @@ async fn start_raw_worker(
                             last
                         });
                         if last {
-                            let c = pch
-                                .basic_publish(short(""), short(&hook_q), mandatory(), &d.data, props)
-                                .await?
-                                .await;
-                            raw::check_confirm(c)?;
+                            raw::publish_one(&pch, "", &hook_q, &d.data, props).await?;
                             let i = next_delete.fetch_add(1, Ordering::Relaxed) % POOL;
                             delete[i]
                                 .queue_delete(short(&job), QueueDeleteOptions::default())
@@ -384,14 +329,7 @@ async fn start_hook_listener(
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut hooks = ch
-        .basic_consume(
-            short(hook_q),
-            short("raw-jobs-hooks"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut hooks = raw::consume(&ch, hook_q, "raw-jobs-hooks", false).await?;
     Ok(tokio::spawn(async move {
         while let Some(d) = hooks.next().await {
             let d = d?;
@@ -425,35 +363,20 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let waiting: Waiting<usize> = Arc::default();
     let extra_hooks = Arc::new(AtomicUsize::new(0));
     let (w, extra) = (waiting.clone(), extra_hooks.clone());
-    let service = Service::new(&svc)?
-        .method("job_part", |_: Context, n: u32| async move {
-            Ok::<_, TaskError>((0..n).collect::<Vec<u32>>())
-        })?
-        .method(
-            "job",
-            |_: Context, i: u32| async move { Ok::<_, TaskError>(i) },
-        )?
-        .method("done", move |ctx: Context, results: Vec<u32>| {
-            let (w, extra) = (w.clone(), extra.clone());
-            async move {
-                if !wake(&w, ctx.cid(), results.len()) {
-                    extra.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<_, TaskError>(())
-            }
-        })?;
-    let worker = b
-        .worker_builder("warren bench jobs worker")?
-        .service(service)
-        .part_queue_expiry(PART_EXPIRY)
-        .completion_window(WINDOW)
-        .build()
+    let service = split_service(&svc, move |ctx, results| {
+        if !wake(&w, ctx.cid(), results.len()) {
+            extra.fetch_add(1, Ordering::Relaxed);
+        }
+    })?;
+    let guard = b
+        .start_worker(
+            b.worker_builder("warren bench jobs worker")?
+                .service(service)
+                .part_queue_expiry(PART_EXPIRY)
+                .completion_window(WINDOW),
+        )
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench jobs client")?)
-        .connect()
-        .await?;
+    let client = b.client("warren bench jobs client").await?;
     b.track(topology::QueueSpec::done_markers(&svc, u64::try_from(WINDOW.as_millis())?)?.name);
     let result = async {
         client.ensure_service(&svc).await?;
@@ -465,7 +388,7 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
                 "jobs: warren round {round}: {JOBS} jobs in {:.2} s",
                 took.as_secs_f64()
             ));
-            throughput.push(per_sec(JOBS, took));
+            throughput.push(per_sec(JOBS as u64, took));
             queues.append(&mut names);
         }
         let last_hook = Instant::now();

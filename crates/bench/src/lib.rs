@@ -12,7 +12,7 @@
 //! async function that runs both sides of its workload and returns its [`Figure`]s. Name
 //! queues and services through [`Bench::raw_queue`] and [`Bench::service`] (unique per run,
 //! deleted at the end, also on error or Ctrl-C) and start in-process workers with
-//! [`Bench::spawn_worker`] (stopped before the queues are deleted).
+//! [`Bench::start_worker`] (stopped before the queues are deleted).
 //!
 //! # Layout
 //! - `noop`: `noop_throughput` and `worker_rss_peak`.
@@ -33,8 +33,9 @@
 //!   enqueue to hook; raw: per job a queue declare, 10 parts, 10 results into the job's
 //!   queue, a hook and a queue delete), `jobs_queues_left` (per-job queues still on the
 //!   broker once the joins' completion window has passed; should be 0).
-//! - `raw`: the raw-lapin building blocks the groups share.
-//! - `stats`: percentiles.
+//! - `raw`: the raw-lapin building blocks the groups share (connections, declares, confirmed
+//!   publishes, acking consumers).
+//! - `stats`: percentiles, medians, rates.
 //! - `procfs`: CPU time and peak memory from `/proc`.
 //! - `worker_proc`: the worker process the bench starts (`warren bench-worker`) and how its
 //!   peak memory is read.
@@ -63,6 +64,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::Args;
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
+use warren_client::{Client, ClientBuilder};
 use warren_core::topology::{dead_queue, service_queue};
 use warren_core::{AmqpConfig, Broker, QueueType};
 use warren_worker::Worker;
@@ -259,6 +261,16 @@ impl Bench {
         (self.host.amqp)(name)
     }
 
+    /// A client builder for a connection of this name (the run's settings).
+    pub fn client_builder(&self, name: &str) -> anyhow::Result<ClientBuilder> {
+        Ok(Client::builder().amqp(self.amqp(name)?))
+    }
+
+    /// A client connected with the run's settings, with a connection name.
+    pub async fn client(&self, name: &str) -> anyhow::Result<Client> {
+        Ok(self.client_builder(name)?.connect().await?)
+    }
+
     /// The URL raw lapin connects to.
     pub fn raw_url(&self) -> &str {
         &self.raw_url
@@ -294,6 +306,15 @@ impl Bench {
             .concurrency(self.args.concurrency)
             .prefetch(self.args.prefetch)
             .drain_timeout(Duration::from_secs(5)))
+    }
+
+    /// Builds the worker (declaring its queues) and runs it in the background until the
+    /// guard is stopped or dropped.
+    pub async fn start_worker(
+        &self,
+        builder: warren_worker::WorkerBuilder,
+    ) -> anyhow::Result<WorkerGuard> {
+        Ok(self.spawn_worker(builder.build().await?))
     }
 
     /// Runs `worker` in the background until the guard is stopped or dropped.

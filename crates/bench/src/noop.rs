@@ -18,11 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
+use lapin::options::BasicQosOptions;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -30,7 +26,8 @@ use warren_client::Client;
 use warren_core::{Envelope, Target};
 use warren_worker::{Context, Service, TaskError};
 
-use super::raw::{self, short};
+use super::raw;
+use super::stats::per_sec;
 use super::{note, procfs, worker_proc, Bench, Figure, Group, GroupRun};
 
 /// The group.
@@ -86,9 +83,9 @@ pub fn payload(i: u64) -> Value {
     json!({ "i": i })
 }
 
-/// The size of a warren envelope carrying a no-op payload.
-fn envelope_len() -> anyhow::Result<usize> {
-    let target: Target = "bench-0123456789-noop.noop".parse()?;
+/// The size of a warren envelope carrying a no-op payload to `target`.
+fn envelope_len(target: &str) -> anyhow::Result<usize> {
+    let target: Target = target.parse()?;
     Ok(Envelope::new(&target, payload(12345), None)
         .to_bytes()?
         .len())
@@ -106,45 +103,14 @@ async fn raw_noop(b: &Bench) -> anyhow::Result<f64> {
         let cch = con_conn.create_channel().await?;
         cch.basic_qos(b.args.prefetch, BasicQosOptions::default())
             .await?;
-        let mut consumer = cch
-            .basic_consume(
-                short(&queue),
-                short(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let body = raw::body_of_len(envelope_len()?);
-        let props = BasicProperties::default()
-            .with_content_type(short("application/json"))
-            .with_delivery_mode(2);
+        let consumer = raw::consume(&cch, &queue, "", false).await?;
+        // Same length as this run's service name.
+        let body = raw::body_of_len(envelope_len("bench-0123456789-noop.noop")?);
+        let props = raw::persistent_json();
         let acked = Arc::new(AtomicU64::new(0));
         let cpu_before = procfs::cpu_time(None);
         let started = Instant::now();
-        let counter = acked.clone();
-        // Acks are sent concurrently (each delivery acked on its own, as warren does), so
-        // the consumer does not wait for one ack frame to be written before the next.
-        let consume = tokio::spawn(async move {
-            let mut received = 0u64;
-            let mut acks = FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    d = consumer.next(), if received < n => {
-                        let d = d.context("the consumer stream ended")??;
-                        received += 1;
-                        acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
-                    }
-                    Some(r) = acks.next() => {
-                        if !r? {
-                            bail!("ack not delivered");
-                        }
-                        if counter.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                            return Ok::<_, anyhow::Error>(Instant::now());
-                        }
-                    }
-                }
-            }
-        });
+        let consume = raw::ack_n(consumer, n, acked.clone());
         // Up to `in_flight` publishes pipelined: each sends its frames and awaits its confirm.
         let publish = raw::publish_confirmed(&pch, "", &queue, &body, &props, n, b.args.in_flight);
         let finished = tokio::time::timeout(DEADLINE, async {
@@ -153,7 +119,7 @@ async fn raw_noop(b: &Bench) -> anyhow::Result<f64> {
             note(format!(
                 "noop: raw published {n} in {:.2} s ({:.0}/s), {} acked by then",
                 sent.as_secs_f64(),
-                throughput(n, sent),
+                per_sec(n, sent),
                 acked.load(Ordering::Relaxed)
             ));
             consume.await?
@@ -166,14 +132,13 @@ async fn raw_noop(b: &Bench) -> anyhow::Result<f64> {
                     "noop: raw lapin used {} CPU per message (publisher and consumer)",
                     cpu_text(procfs::us_per(cpu_before, procfs::cpu_time(None), n))
                 ));
-                Ok(throughput(n, took))
+                Ok(per_sec(n, took))
             }
             Err(_) => bail!("timed out: {} of {n} acked", acked.load(Ordering::Relaxed)),
         }
     }
     .await;
-    let _ = pub_conn.close(200, short("bye")).await;
-    let _ = con_conn.close(200, short("bye")).await;
+    raw::close_all(&[pub_conn, con_conn]).await;
     result
 }
 
@@ -182,27 +147,46 @@ pub fn cpu_text(us: Option<f64>) -> String {
     us.map_or_else(|| String::from("? us"), |u| format!("{u:.1} us"))
 }
 
-#[allow(clippy::cast_precision_loss)]
-fn throughput(n: u64, took: Duration) -> f64 {
-    n as f64 / took.as_secs_f64().max(1e-9)
+/// What a no-op service saw: how many calls it handled, and whether `count` were.
+pub struct Tally {
+    count: u64,
+    handled: AtomicU64,
+    done: Notify,
 }
 
-/// A no-op service counting its calls; `done` is notified when `count` were handled.
-pub fn noop_service(
-    name: &str,
-    count: u64,
-    handled: Arc<AtomicU64>,
-    done: Arc<Notify>,
-) -> anyhow::Result<Service> {
+impl Tally {
+    /// A tally that is done after `count` calls.
+    pub fn new(count: u64) -> Arc<Self> {
+        Arc::new(Self {
+            count,
+            handled: AtomicU64::new(0),
+            done: Notify::new(),
+        })
+    }
+
+    fn record(&self) {
+        if self.handled.fetch_add(1, Ordering::Relaxed) + 1 == self.count {
+            self.done.notify_one();
+        }
+    }
+
+    /// Calls handled so far.
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// Returns once `count` calls were handled (at once if they already were).
+    pub async fn done(&self) {
+        self.done.notified().await;
+    }
+}
+
+/// A no-op service named `name` whose method `noop` counts its calls in `tally`.
+pub fn noop_service(name: &str, tally: Arc<Tally>) -> anyhow::Result<Service> {
     Ok(
         Service::new(name)?.method("noop", move |_ctx: Context, _p: Value| {
-            let (handled, done) = (handled.clone(), done.clone());
-            async move {
-                if handled.fetch_add(1, Ordering::Relaxed) + 1 == count {
-                    done.notify_one();
-                }
-                Ok::<(), TaskError>(())
-            }
+            tally.record();
+            async { Ok::<(), TaskError>(()) }
         })?,
     )
 }
@@ -211,18 +195,14 @@ pub fn noop_service(
 async fn warren_noop(b: &Bench) -> anyhow::Result<f64> {
     let n = b.args.count;
     let svc = b.service("noop")?;
-    let handled = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
-    let worker = b
-        .worker_builder("warren bench worker")?
-        .service(noop_service(&svc, n, handled.clone(), done.clone())?)
-        .build()
+    let tally = Tally::new(n);
+    let guard = b
+        .start_worker(
+            b.worker_builder("warren bench worker")?
+                .service(noop_service(&svc, tally.clone())?),
+        )
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench client")?)
-        .connect()
-        .await?;
+    let client = b.client("warren bench client").await?;
     let result = async {
         client.ensure_service(&svc).await?;
         let cpu_before = procfs::cpu_time(None);
@@ -233,10 +213,10 @@ async fn warren_noop(b: &Bench) -> anyhow::Result<f64> {
             note(format!(
                 "noop: warren enqueued {n} in {:.2} s ({:.0}/s), {} handled by then",
                 sent.as_secs_f64(),
-                throughput(n, sent),
-                handled.load(Ordering::Relaxed)
+                per_sec(n, sent),
+                tally.handled()
             ));
-            done.notified().await;
+            tally.done().await;
             Ok::<_, anyhow::Error>(())
         };
         match tokio::time::timeout(DEADLINE, run).await {
@@ -246,12 +226,9 @@ async fn warren_noop(b: &Bench) -> anyhow::Result<f64> {
                     "noop: warren used {} CPU per task (client and worker)",
                     cpu_text(procfs::us_per(cpu_before, procfs::cpu_time(None), n))
                 ));
-                throughput(n, took)
+                per_sec(n, took)
             }),
-            Err(_) => bail!(
-                "timed out: {} of {n} handled",
-                handled.load(Ordering::Relaxed)
-            ),
+            Err(_) => bail!("timed out: {} of {n} handled", tally.handled()),
         }
     }
     .await;

@@ -27,18 +27,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use futures_util::stream::{self, FuturesUnordered};
+use futures_util::stream;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions,
+    BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::ExchangeKind;
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 use warren_client::Client;
 use warren_core::status::{RedisStore, StatusStore, TaskState};
@@ -46,7 +44,7 @@ use warren_core::topology::{recent_queue, subscription_queue};
 use warren_core::{Envelope, Target, Via};
 use warren_worker::{Context, Service, TaskError};
 
-use super::noop::{noop_service, payload};
+use super::noop::{noop_service, payload, Tally};
 use super::raw::{self, short};
 use super::stats::percentile_us;
 use super::{note, Bench, Figure, Group, GroupRun};
@@ -177,14 +175,13 @@ async fn raw_pubsub(b: &Bench) -> anyhow::Result<f64> {
             channels.push(ch);
         }
         let body = raw::body_of_len(envelope_len(&topic(b))?);
-        let props = BasicProperties::default()
-            .with_content_type(short("application/json"))
-            .with_delivery_mode(2);
+        let props = raw::persistent_json();
         let acked = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let mut consumers = Vec::new();
         for (ch, q) in channels.iter().zip(&queues) {
-            consumers.push(raw_consume(ch, q, n, acked.clone()).await?);
+            let consumer = raw::consume(ch, q, "", false).await?;
+            consumers.push(raw::ack_n(consumer, n, acked.clone()));
         }
         // Up to `in_flight` publishes pipelined: each sends its frames and awaits its confirm.
         let publish =
@@ -219,50 +216,8 @@ async fn raw_pubsub(b: &Bench) -> anyhow::Result<f64> {
             .exchange_delete(short(&exchange), ExchangeDeleteOptions::default())
             .await;
     }
-    let _ = pub_conn.close(200, short("bye")).await;
-    let _ = con_conn.close(200, short("bye")).await;
+    raw::close_all(&[pub_conn, con_conn]).await;
     result
-}
-
-/// Consumes `queue` on `ch`, acking each delivery (acks in flight concurrently, as in
-/// `noop`); the task returns when `n` were acked.
-async fn raw_consume(
-    ch: &Channel,
-    queue: &str,
-    n: u64,
-    acked: Arc<AtomicU64>,
-) -> anyhow::Result<JoinHandle<anyhow::Result<Instant>>> {
-    let mut consumer = ch
-        .basic_consume(
-            short(queue),
-            short(""),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(tokio::spawn(async move {
-        let (mut received, mut done) = (0u64, 0u64);
-        let mut acks = FuturesUnordered::new();
-        loop {
-            tokio::select! {
-                d = consumer.next(), if received < n => {
-                    let d = d.context("the consumer stream ended")??;
-                    received += 1;
-                    acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
-                }
-                Some(r) = acks.next() => {
-                    if !r? {
-                        bail!("ack not delivered");
-                    }
-                    acked.fetch_add(1, Ordering::Relaxed);
-                    done += 1;
-                    if done == n {
-                        return Ok(Instant::now());
-                    }
-                }
-            }
-        }
-    }))
 }
 
 // ---- warren -------------------------------------------------------------------------
@@ -316,12 +271,8 @@ async fn warren_pubsub(b: &Bench) -> anyhow::Result<f64> {
         )?);
     }
     // Declares both subscription queues (and the topic's recent queue) before any publish.
-    let worker = builder.build().await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench client")?)
-        .connect()
-        .await?;
+    let guard = b.start_worker(builder).await?;
+    let client = b.client("warren bench client").await?;
     let total = || {
         handled
             .iter()
@@ -427,17 +378,16 @@ async fn measure_status(
     prefix: &str,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let svc = b.service("status")?;
-    let handled = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
-    let worker = b
-        .worker_builder("warren bench worker")?
-        .service(noop_service(&svc, STATUS_TASKS, handled, done.clone())?)
-        .status_store(store.clone())
-        .build()
+    let tally = Tally::new(STATUS_TASKS);
+    let guard = b
+        .start_worker(
+            b.worker_builder("warren bench worker")?
+                .service(noop_service(&svc, tally.clone())?)
+                .status_store(store.clone()),
+        )
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench client")?)
+    let client = b
+        .client_builder("warren bench client")?
         .status_store(store)
         .connect()
         .await?;
@@ -445,7 +395,7 @@ async fn measure_status(
         client.ensure_service(&svc).await?;
         let jsons = tokio::time::timeout(STATUS_DEADLINE, async {
             let ids = run_tasks(&client, &format!("{svc}.noop"), b.args.in_flight).await?;
-            done.notified().await;
+            tally.done().await;
             recorded(&client, &ids).await
         })
         .await

@@ -19,13 +19,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use warren_client::{Client, Task};
+use warren_client::Task;
 use warren_core::{Envelope, RetryPolicy, Target};
 use warren_worker::{Context, Service, TaskError};
 
-use super::invoke::{start_raw_caller, start_raw_server};
-use super::raw::{self, short};
-use super::split::median;
+use super::invoke::RawRpc;
+use super::stats::median;
 use super::{note, Bench, Figure, Group, GroupRun};
 
 /// The group.
@@ -109,15 +108,8 @@ where
 // ---- raw lapin ----------------------------------------------------------------------
 
 async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
-    let queue = b.raw_queue("retry");
-    let server_in = raw::connect(b.raw_url(), "warren bench raw retry server (consume)").await?;
-    let server_out = raw::connect(b.raw_url(), "warren bench raw retry server (publish)").await?;
-    let caller_conn = raw::connect(b.raw_url(), "warren bench raw retry caller").await?;
-    let conns = [server_in, server_out, caller_conn];
+    let (rpc, mut caller) = RawRpc::start(b, "retry").await?;
     let result = async {
-        let [server_in, server_out, caller_conn] = &conns;
-        start_raw_server(b, &queue, server_in, server_out).await?;
-        let mut caller = start_raw_caller(&queue, caller_conn).await?;
         let target: Target = "bench-0123456789-retry.flaky".parse()?;
         caller.set_body_len(
             Envelope::new(&target, serde_json::json!(FAILS), None)
@@ -128,9 +120,7 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
         drive(|fails| async move { caller.call_with(Some(i32::try_from(fails)?)).await }).await
     }
     .await;
-    for c in &conns {
-        let _ = c.close(200, short("bye")).await;
-    }
+    rpc.close().await;
     result
 }
 
@@ -138,9 +128,8 @@ async fn raw_side(b: &Bench) -> anyhow::Result<Measured> {
 
 async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let svc = b.service("retry")?;
-    let worker = b
-        .worker_builder("warren bench retry worker")?
-        .service(
+    let guard = b
+        .start_worker(b.worker_builder("warren bench retry worker")?.service(
             Service::new(&svc)?.method("flaky", |ctx: Context, fails: u32| async move {
                 if ctx.attempt() <= fails {
                     return Err(TaskError::fail(format!(
@@ -150,12 +139,10 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
                 }
                 Ok::<u32, TaskError>(ctx.attempt())
             })?,
-        )
-        .build()
+        ))
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench retry client")?)
+    let client = b
+        .client_builder("warren bench retry client")?
         .invoke_timeout(CALL_TIMEOUT)
         .connect()
         .await?;

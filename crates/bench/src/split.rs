@@ -7,16 +7,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicQosOptions};
 use tokio::sync::mpsc;
-use warren_client::{Client, Task};
+use warren_client::Task;
 use warren_core::topology::QueueSpec;
 use warren_core::Target;
 use warren_worker::{Context, Service, TaskError};
 
-use super::raw::{self, short};
+use super::raw;
+use super::stats::median;
 use super::{note, Bench, Figure, Group, GroupRun};
 
 /// The group.
@@ -63,12 +62,6 @@ fn run(b: &Bench) -> GroupRun<'_> {
     })
 }
 
-/// The median (the upper one for an even count).
-pub(super) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// Raw lapin: parts queue → a consumer that publishes each result (confirmed) then acks →
 /// results queue → when all are in, one hook publish → hook queue. Returns ms per run.
 pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Result<Vec<f64>> {
@@ -83,21 +76,12 @@ pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Resul
     for q in [&parts_q, &results_q, &hook_q] {
         raw::declare_queue(&pch, q, b.queue_type).await?;
     }
-    let props = BasicProperties::default()
-        .with_content_type(short("application/json"))
-        .with_delivery_mode(2);
+    let props = raw::persistent_json();
     // The worker: consume parts, publish a result per part (confirmed), then ack.
     let wch = raw::confirm_channel(&worker).await?;
     wch.basic_qos(b.args.prefetch, BasicQosOptions::default())
         .await?;
-    let mut parts = wch
-        .basic_consume(
-            short(&parts_q),
-            short("raw-split-worker"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut parts = raw::consume(&wch, &parts_q, "raw-split-worker", false).await?;
     let (wres, wprops) = (results_q.clone(), props.clone());
     let worker_task = tokio::spawn(async move {
         let mut inflight = FuturesUnordered::new();
@@ -108,8 +92,7 @@ pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Resul
                     let d = d?;
                     let (ch, q, p) = (wch.clone(), wres.clone(), wprops.clone());
                     inflight.push(async move {
-                        let c = ch.basic_publish(short(""), short(&q), BasicPublishOptions { mandatory: true, immediate: false }, &d.data, p).await?.await;
-                        raw::check_confirm(c)?;
+                        raw::publish_one(&ch, "", &q, &d.data, p).await?;
                         if !d.acker.ack(BasicAckOptions::default()).await? {
                             bail!("ack not delivered");
                         }
@@ -123,25 +106,8 @@ pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Resul
     });
     let cch = driver.create_channel().await?;
     cch.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut results = cch
-        .basic_consume(
-            short(&results_q),
-            short("raw-split-results"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut hooks = cch
-        .basic_consume(
-            short(&hook_q),
-            short("raw-split-hook"),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut results = raw::consume(&cch, &results_q, "raw-split-results", false).await?;
+    let mut hooks = raw::consume(&cch, &hook_q, "raw-split-hook", true).await?;
     let body = raw::body_of_len(300);
     let mut times = Vec::new();
     for _ in 0..runs {
@@ -151,12 +117,9 @@ pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Resul
             for _ in 0..n {
                 confirms.push(
                     pch.basic_publish(
-                        short(""),
-                        short(&parts_q),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
+                        raw::short(""),
+                        raw::short(&parts_q),
+                        raw::mandatory(),
                         &body,
                         props.clone(),
                     )
@@ -170,20 +133,7 @@ pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Resul
                 let d = results.next().await.context("results stream ended")??;
                 d.acker.ack(BasicAckOptions::default()).await?;
             }
-            let c = pch
-                .basic_publish(
-                    short(""),
-                    short(&hook_q),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &body,
-                    props.clone(),
-                )
-                .await?
-                .await;
-            raw::check_confirm(c)?;
+            raw::publish_one(&pch, "", &hook_q, &body, props.clone()).await?;
             hooks.next().await.context("hook stream ended")??;
             Ok::<_, anyhow::Error>(())
         };
@@ -193,8 +143,7 @@ pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Resul
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     worker_task.abort();
-    let _ = driver.close(200, short("done")).await;
-    let _ = worker.close(200, short("done")).await;
+    raw::close_all(&[driver, worker]).await;
     Ok(times)
 }
 
@@ -202,32 +151,17 @@ pub(super) async fn raw_floor(b: &Bench, n: usize, runs: usize) -> anyhow::Resul
 async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let svc = b.service("split")?;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let service = Service::new(&svc)?
-        .method("job_part", |_: Context, n: u32| async move {
-            Ok::<_, TaskError>((0..n).collect::<Vec<u32>>())
-        })?
-        .method(
-            "job",
-            |_: Context, i: u32| async move { Ok::<_, TaskError>(i) },
-        )?
-        .method("done", move |ctx: Context, results: Vec<u32>| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(format!("{} {}", ctx.cid(), results.len()));
-                Ok::<_, TaskError>(())
-            }
-        })?;
-    let worker = b
-        .worker_builder("warren bench split worker")?
-        .service(service)
-        .part_queue_expiry(Duration::from_secs(120))
-        .build()
+    let service = split_service(&svc, move |ctx, results| {
+        let _ = tx.send(format!("{} {}", ctx.cid(), results.len()));
+    })?;
+    let guard = b
+        .start_worker(
+            b.worker_builder("warren bench split worker")?
+                .service(service)
+                .part_queue_expiry(Duration::from_secs(120)),
+        )
         .await?;
-    let guard = b.spawn_worker(worker);
-    let client = Client::builder()
-        .amqp(b.amqp("warren bench split client")?)
-        .connect()
-        .await?;
+    let client = b.client("warren bench split client").await?;
     let hook = Target::new(&svc, "done")?;
     let one = |n: u32, k: usize| {
         let (client, hook, svc) = (client.clone(), hook.clone(), svc.clone());
@@ -268,6 +202,27 @@ async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     client.close().await;
     guard.stop().await;
     Ok(out)
+}
+
+/// The service of a split job: `job` takes a number `n` and is split by `job_part` into the
+/// parts `0..n`, each part's `job` returns its number, and the oncomplete hook `done` hands
+/// the job's results to `done`.
+pub(super) fn split_service<F>(svc: &str, done: F) -> anyhow::Result<Service>
+where
+    F: Fn(&Context, Vec<u32>) + Send + Sync + 'static,
+{
+    Ok(Service::new(svc)?
+        .method("job_part", |_: Context, n: u32| async move {
+            Ok::<_, TaskError>((0..n).collect::<Vec<u32>>())
+        })?
+        .method(
+            "job",
+            |_: Context, i: u32| async move { Ok::<_, TaskError>(i) },
+        )?
+        .method("done", move |ctx: Context, results: Vec<u32>| {
+            done(&ctx, results);
+            async { Ok::<_, TaskError>(()) }
+        })?)
 }
 
 /// The default completion window in ms: the bench workers' done-marker queues are named by it.

@@ -1,7 +1,19 @@
 //! Percentiles over a sorted list of latencies (nearest-rank: the value below which `p`% of
-//! the samples fall).
+//! the samples fall), medians and rates.
 
 use std::time::Duration;
+
+/// The median (the upper one for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `n` things in `took`, per second.
+#[allow(clippy::cast_precision_loss)]
+pub fn per_sec(n: u64, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
 
 /// The `p`-th percentile (0 < p <= 100) of `samples`, in microseconds; sorts them first.
 pub fn percentile_us(samples: &mut [Duration], p: f64) -> f64 {

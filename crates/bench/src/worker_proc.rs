@@ -8,8 +8,6 @@
 //! the child's stdin, which makes the child drain and exit.
 
 use std::process::{ExitCode, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -18,11 +16,9 @@ use std::io::Read as _;
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{ChildStdout, Command};
-use tokio::sync::Notify;
-use warren_client::Client;
 use warren_worker::Worker;
 
-use super::noop::{enqueue_all, noop_service};
+use super::noop::{enqueue_all, noop_service, Tally};
 use super::{procfs, Bench, Host};
 
 /// `warren bench-worker` options (internal).
@@ -44,16 +40,10 @@ pub struct BenchWorkerArgs {
 
 /// `warren bench-worker`: runs until stdin closes.
 pub async fn run(host: &Host, args: &BenchWorkerArgs) -> anyhow::Result<ExitCode> {
-    let handled = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
+    let tally = Tally::new(args.count);
     let worker = Worker::builder()
         .amqp((host.amqp)("warren bench-worker")?)
-        .service(noop_service(
-            &args.service,
-            args.count,
-            handled.clone(),
-            done.clone(),
-        )?)
+        .service(noop_service(&args.service, tally.clone())?)
         .concurrency(args.concurrency)
         .prefetch(args.prefetch)
         .drain_timeout(Duration::from_secs(5))
@@ -61,8 +51,8 @@ pub async fn run(host: &Host, args: &BenchWorkerArgs) -> anyhow::Result<ExitCode
         .await?;
     println!("ready");
     tokio::spawn(async move {
-        done.notified().await;
-        println!("done {}", handled.load(Ordering::Relaxed));
+        tally.done().await;
+        println!("done {}", tally.handled());
     });
     worker
         .run_until(async {
@@ -115,10 +105,7 @@ pub async fn rss_run(b: &Bench) -> anyhow::Result<RssRun> {
     let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
     let result = async {
         expect_line(&mut lines, "ready", Duration::from_secs(60)).await?;
-        let client = Client::builder()
-            .amqp(b.amqp("warren bench client")?)
-            .connect()
-            .await?;
+        let client = b.client("warren bench client").await?;
         client.ensure_service(&svc).await?;
         let started = Instant::now();
         let sent = enqueue_all(&client, &format!("{svc}.noop"), n, b.args.in_flight).await;
