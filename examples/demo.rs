@@ -52,7 +52,7 @@ struct Chunk {
 async fn worker_process(svc: String, n: String) -> anyhow::Result<()> {
     let who = format!("[worker process {n}]");
     let who2 = who.clone();
-    let service = Service::new(&svc)?
+    let service = Service::new(&svc)
         // The splitter: one part per chunk of words.
         .method("count_part", move |_: Context, job: CountJob| {
             let who = who.clone();
@@ -66,7 +66,7 @@ async fn worker_process(svc: String, n: String) -> anyhow::Result<()> {
                 println!("  {who} split the text into {} parts", parts.len());
                 Ok::<_, TaskError>(parts)
             }
-        })?
+        })
         // Each part counts the words of its chunk.
         .method("count", move |ctx: Context, chunk: Chunk| {
             let who = who2.clone();
@@ -79,7 +79,7 @@ async fn worker_process(svc: String, n: String) -> anyhow::Result<()> {
                 println!("  {who} part {part} done: {} distinct words", counts.len());
                 Ok::<_, TaskError>(counts)
             }
-        })?;
+        });
     let worker = Worker::builder()
         .service(service)
         .concurrency(2)
@@ -170,10 +170,10 @@ async fn main() -> anyhow::Result<()> {
         let flaky = flaky_calls.clone();
         Worker::builder()
             .service(
-                Service::new(&greeter)?
+                Service::new(&greeter)
                     .method("hello", |ctx: Context, g: Greeting| async move {
                         Ok::<_, TaskError>(format!("hello, {}! (task {}, attempt {})", g.name, ctx.task_id(), ctx.attempt()))
-                    })?
+                    })
                     .method("flaky", move |ctx: Context, _: ()| {
                         let flaky = flaky.clone();
                         async move {
@@ -184,10 +184,10 @@ async fn main() -> anyhow::Result<()> {
                             }
                             Ok(format!("succeeded on attempt {}", ctx.attempt()))
                         }
-                    })?,
+                    }),
             )
             .service(
-                Service::new(&billing)?
+                Service::new(&billing)
                     .method("invoice", move |ctx: Context, inv: Invoice| {
                         let ev = ev1.clone();
                         async move {
@@ -197,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
                             let _ = ev.send(format!("[worker] billed order {} for {} cents (cid {})", inv.order, inv.cents, ctx.cid()));
                             Ok(inv.cents)
                         }
-                    })?
+                    })
                     .method("on_shipped", {
                         let ev = events.clone();
                         move |ctx: Context, order: serde_json::Value| {
@@ -207,17 +207,17 @@ async fn main() -> anyhow::Result<()> {
                                 Ok::<_, TaskError>(())
                             }
                         }
-                    })?
-                    .subscribe(&topic, "on_shipped")?
+                    })
+                    .subscribe(&topic, "on_shipped")
                     // Chain steps return key-values merged into the chain's bog.
                     .method("quote", |_: Context, q: Quote| async move {
                         Ok::<_, TaskError>(serde_json::json!({"subtotal": q.items * 250}))
-                    })?
+                    })
                     .method("tax", |_: Context, s: Subtotal| async move {
                         Ok::<_, TaskError>(serde_json::json!({"total": s.subtotal + s.subtotal / 5}))
-                    })?,
+                    }),
             )
-            .service(Service::new(&audit)?.method("words", {
+            .service(Service::new(&audit).method("words", {
                 let ev = events.clone();
                 move |ctx: Context, counts: Vec<std::collections::BTreeMap<String, u32>>| {
                     let ev = ev.clone();
@@ -235,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
                         Ok::<_, TaskError>(())
                     }
                 }
-            })?.method("step", {
+            }).method("step", {
                 let ev = events.clone();
                 move |ctx: Context, o: TargetOutcome| {
                     let ev = ev.clone();
@@ -245,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
                         Ok::<_, TaskError>(())
                     }
                 }
-            })?.method("summary", {
+            }).method("summary", {
                 let ev = events.clone();
                 move |ctx: Context, o: FanInOutcome| {
                     let ev = ev.clone();
@@ -255,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
                         Ok::<_, TaskError>(())
                     }
                 }
-            })?.method("retried", {
+            }).method("retried", {
                 let ev = events.clone();
                 move |_: Context, o: RetryOutcome| {
                     let ev = ev.clone();
@@ -264,7 +264,7 @@ async fn main() -> anyhow::Result<()> {
                         Ok::<_, TaskError>(())
                     }
                 }
-            })?.method("on_shipped", {
+            }).method("on_shipped", {
                 let ev = events.clone();
                 move |ctx: Context, order: serde_json::Value| {
                     let ev = ev.clone();
@@ -273,13 +273,13 @@ async fn main() -> anyhow::Result<()> {
                         Ok::<_, TaskError>(())
                     }
                 }
-            })?.subscribe(&topic, "on_shipped")?.method("record", move |ctx: Context, cents: u64| {
+            }).subscribe(&topic, "on_shipped").method("record", move |ctx: Context, cents: u64| {
                 let ev = ev2.clone();
                 async move {
                     let _ = ev.send(format!("[worker] oncomplete hook: audit recorded {cents} cents (same cid {})", ctx.cid()));
                     Ok::<_, TaskError>(())
                 }
-            })?)
+            }))
             .concurrency(8)
             .part_queue_expiry(Duration::from_secs(60))
             .build()

@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<RetryOutcome>();
     // Calls per key, so each mode's target fails on its first two calls.
     let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
-    let service = Service::new(&svc)?
+    let service = Service::new(&svc)
         .method("sync_crm", move |_: Context, key: String| {
             let calls = calls.clone();
             async move {
@@ -36,14 +36,14 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Ok(format!("{key}: synced on call {n}"))
             }
-        })?
+        })
         .method("done", move |_: Context, o: RetryOutcome| {
             let tx = tx.clone();
             async move {
                 let _ = tx.send(o);
                 Ok::<_, TaskError>(())
             }
-        })?;
+        });
     let worker = Worker::builder().service(service).build().await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(worker.run_until(async move {

@@ -18,17 +18,17 @@ async fn main() -> anyhow::Result<()> {
     );
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let (tx1, tx2) = (tx.clone(), tx);
-    let service = Service::new(&svc)?
+    let service = Service::new(&svc)
         // Targets: ordinary methods.
         .method("price", |_: Context, sku: String| async move {
             Ok::<_, TaskError>(sku.len() as u64 * 100)
-        })?
+        })
         .method("stock", |_: Context, sku: String| async move {
             if sku == "gone" {
                 return Err(TaskError::reject("no such sku"));
             }
             Ok(7u32)
-        })?
+        })
         // After each target, success or failure.
         .method("on_each", move |ctx: Context, o: TargetOutcome| {
             let tx = tx1.clone();
@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 Ok::<_, TaskError>(())
             }
-        })?
+        })
         // Once, after all targets, with every outcome in the order they were added.
         .method("on_all", move |_: Context, all: FanInOutcome| {
             let tx = tx2.clone();
@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 Ok::<_, TaskError>(())
             }
-        })?;
+        });
     let worker = Worker::builder().service(service).build().await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(worker.run_until(async move {

@@ -40,11 +40,11 @@ async fn main() -> anyhow::Result<()> {
         "example-retries-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let service = Service::new(&svc)?
-        .method("flaky", flaky)?
-        .method("careful", flaky)?
-        .method("polite", polite)?
-        .method("strict", strict)?
+    let service = Service::new(&svc)
+        .method("flaky", flaky)
+        .method("careful", flaky)
+        .method("polite", polite)
+        .method("strict", strict)
         // Service policy: 3 attempts, 100 ms apart.
         .retry(RetryPolicy::fixed(3, Duration::from_millis(100)))
         // Method policy: 5 attempts, exponential from 100 ms, capped at 1 s, with jitter.

@@ -19,9 +19,9 @@
 //! let svc = unique("math");
 //! let worker = TestWorker::start(
 //!     Worker::builder().service(
-//!         Service::new(&svc)?.method("double", |_: Context, n: i64| async move {
+//!         Service::new(&svc).method("double", |_: Context, n: i64| async move {
 //!             Ok::<_, TaskError>(n * 2)
-//!         })?,
+//!         }),
 //!     ),
 //! )
 //! .await?;

@@ -26,21 +26,17 @@ async fn bad_input(qt: QueueType) {
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
     let service = Service::new(&svc)
-        .unwrap()
         .method("double", move |_: Context, n: i64| {
             r.fetch_add(1, Ordering::SeqCst);
             async move { Ok::<_, TaskError>(n * 2) }
         })
-        .unwrap()
         .method(
             "job",
             |_: Context, n: i64| async move { Ok::<_, TaskError>(n) },
         )
-        .unwrap()
         .method("job_part", |_: Context, n: i64| async move {
             Ok::<_, TaskError>((0..n).collect::<Vec<i64>>())
         })
-        .unwrap()
         .method("boom", move |_: Context, _: ()| {
             p.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -49,8 +45,7 @@ async fn bad_input(qt: QueueType) {
                 }
                 Ok::<(), TaskError>(())
             }
-        })
-        .unwrap();
+        });
     let worker = Worker::builder()
         .amqp(config(qt))
         .service(service)
@@ -328,12 +323,9 @@ async fn bad_input_classic() {
 async fn reply_to_outside_warren_is_not_honoured() {
     let svc = unique("replyto");
     let _cleanup = Cleanup::new(&[&svc]);
-    let service = Service::new(&svc)
-        .unwrap()
-        .method("double", |_: Context, n: i64| async move {
-            Ok::<_, TaskError>(n * 2)
-        })
-        .unwrap();
+    let service = Service::new(&svc).method("double", |_: Context, n: i64| async move {
+        Ok::<_, TaskError>(n * 2)
+    });
     let worker = Worker::builder()
         .amqp(config(QueueType::Classic))
         .service(service)

@@ -54,7 +54,6 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
     let (r1, r2, r3) = (ran.clone(), ran.clone(), ran.clone());
     let (g1, g2) = (gauge.clone(), gauge.clone());
     Service::new(svc)
-        .unwrap()
         .retry(RetryPolicy::none())
         .method("double", move |_: Context, s: Start| {
             let r = r1.clone();
@@ -63,7 +62,6 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
                 Ok::<_, TaskError>(json!({"doubled": s.x * 2}))
             }
         })
-        .unwrap()
         .method("inc", move |_: Context, m: Mid| {
             let r = r2.clone();
             async move {
@@ -71,11 +69,9 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
                 Ok::<_, TaskError>(json!({"plus_one": m.doubled + 1, "x": 100}))
             }
         })
-        .unwrap()
         .method("boom", |_: Context, _: Value| async move {
             Err::<Value, _>(TaskError::fail("step two fails"))
         })
-        .unwrap()
         .method("last", move |_: Context, _: Value| {
             let r = r3.clone();
             async move {
@@ -83,19 +79,16 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
                 Ok::<_, TaskError>(json!({"done": true}))
             }
         })
-        .unwrap()
         .method("wait", |_: Context, w: Wait| async move {
             tokio::time::sleep(Duration::from_millis(w.ms)).await;
             Ok::<_, TaskError>(json!({"finished": w.tag}))
         })
-        .unwrap()
         .method("flaky_step", |ctx: Context, _: Value| async move {
             if ctx.attempt() < 2 {
                 return Err(TaskError::fail("first attempt fails"));
             }
             Ok::<_, TaskError>(json!({"attempt": ctx.attempt()}))
         })
-        .unwrap()
         .retry_method(
             "flaky_step",
             RetryPolicy::fixed(3, Duration::from_millis(10)),
@@ -103,7 +96,6 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
         .method("scalar", |_: Context, _: Value| async move {
             Ok::<_, TaskError>(7)
         })
-        .unwrap()
         // Enqueues `n` one-step child chains (each returns {"child<k>": k}) and waits for
         // them; a child of a child when n > 1 (the first child spawns one grandchild).
         .method("spawn", |ctx: Context, s: Spawn| async move {
@@ -122,7 +114,6 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
             let ok = results.iter().filter(|(_, r)| r.is_ok()).count();
             Ok::<_, TaskError>(json!({"spawned": ok, "child0": "parent wins"}))
         })
-        .unwrap()
         .method("child", |ctx: Context, b: Value| async move {
             let k = b["k"].as_i64().unwrap_or(-1);
             if b["grandchild"] == json!(true) {
@@ -136,7 +127,6 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
             }
             Ok::<_, TaskError>(json!({ format!("child{k}"): k }))
         })
-        .unwrap()
         .method("enter", move |_: Context, _: Index| {
             let g = g1.clone();
             async move {
@@ -146,7 +136,6 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
                 Ok::<_, TaskError>(json!({"entered": true}))
             }
         })
-        .unwrap()
         .method("leave", move |_: Context, x: Index| {
             let g = g2.clone();
             async move {
@@ -155,7 +144,6 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
                 Ok::<_, TaskError>(json!({"out": x.i * 10}))
             }
         })
-        .unwrap()
 }
 
 struct Fixture {

@@ -24,22 +24,19 @@ async fn worker_via(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), warren::WorkerError>>,
 ) {
-    let service = Service::new(svc)
-        .unwrap()
-        .method("work", move |ctx: Context, n: u64| {
-            let ledger = ledger.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                ledger
-                    .lock()
-                    .unwrap()
-                    .entry(n)
-                    .or_default()
-                    .push(ctx.redelivered());
-                Ok::<_, TaskError>(())
-            }
-        })
-        .unwrap();
+    let service = Service::new(svc).method("work", move |ctx: Context, n: u64| {
+        let ledger = ledger.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            ledger
+                .lock()
+                .unwrap()
+                .entry(n)
+                .or_default()
+                .push(ctx.redelivered());
+            Ok::<_, TaskError>(())
+        }
+    });
     let worker = Worker::builder()
         .amqp(config_for(url, QueueType::Quorum))
         .service(service)

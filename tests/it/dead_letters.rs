@@ -27,7 +27,6 @@ type Ledger = Arc<Mutex<Vec<(bool, u64, Uuid)>>>;
 /// dead-lettered at once) or succeeds, recording each run.
 async fn worker(svc: &str, qt: QueueType, ledger: Ledger, fixed: bool) -> common::Running {
     let service = Service::new(svc)
-        .unwrap()
         .method("work", move |ctx: Context, n: u64| {
             let ledger = ledger.clone();
             async move {
@@ -39,7 +38,6 @@ async fn worker(svc: &str, qt: QueueType, ledger: Ledger, fixed: bool) -> common
                 }
             }
         })
-        .unwrap()
         .retry(RetryPolicy::none());
     let worker = Worker::builder()
         .amqp(config(qt))

@@ -45,7 +45,6 @@ async fn fixture() -> Fixture {
     let (a, c) = (attempts.clone(), callbacks.clone());
     let me = svc.clone();
     let service = Service::new(&svc)
-        .unwrap()
         // Invoke/retry's own policy must win over this one (the task's policy comes first).
         .retry(RetryPolicy::fixed(5, Duration::ZERO))
         .method("flaky", move |ctx: Context, f: Flaky| {
@@ -61,7 +60,6 @@ async fn fixture() -> Fixture {
                 Ok(format!("{}-ok", f.key))
             }
         })
-        .unwrap()
         .method("cb", move |ctx: Context, o: RetryOutcome| {
             let callbacks = c.clone();
             async move {
@@ -72,7 +70,6 @@ async fn fixture() -> Fixture {
                 Ok::<_, TaskError>(())
             }
         })
-        .unwrap()
         .method("caller", move |ctx: Context, key: String| {
             let svc = me.clone();
             async move {
@@ -82,8 +79,7 @@ async fn fixture() -> Fixture {
                     .callback(&format!("{svc}.cb"))?;
                 Ok::<_, TaskError>(ctx.invoke_retry_async(call).await?)
             }
-        })
-        .unwrap();
+        });
     let worker = Worker::builder()
         .amqp(config(QueueType::Quorum))
         .service(service)

@@ -38,20 +38,16 @@ fn recorder(
 fn service(svc: &str, calls: &Calls) -> Service {
     let target_svc = svc.to_owned();
     Service::new(svc)
-        .unwrap()
         .retry(RetryPolicy::none())
         .method("inc", |_: Context, x: i64| async move {
             Ok::<_, TaskError>(x + 1)
         })
-        .unwrap()
         .method("double", |_: Context, x: i64| async move {
             Ok::<_, TaskError>(x * 2)
         })
-        .unwrap()
         .method("boom", |_: Context, _: i64| async move {
             Err::<i64, _>(TaskError::fail("boom"))
         })
-        .unwrap()
         .method("fan", move |ctx: Context, n: i64| {
             let svc = target_svc.clone();
             async move {
@@ -64,15 +60,10 @@ fn service(svc: &str, calls: &Calls) -> Service {
                 Ok::<_, TaskError>(r.job.to_string())
             }
         })
-        .unwrap()
         .method("cb1", recorder(calls, "cb1"))
-        .unwrap()
         .method("cb2", recorder(calls, "cb2"))
-        .unwrap()
         .method("all1", recorder(calls, "all1"))
-        .unwrap()
         .method("all2", recorder(calls, "all2"))
-        .unwrap()
 }
 
 struct Fixture {

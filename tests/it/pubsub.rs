@@ -27,7 +27,6 @@ type Ledger = Arc<Mutex<Vec<(String, String, u32, bool, Via, Option<String>)>>>;
 fn subscriber(svc: &str, topic: &str, ledger: &Ledger) -> Service {
     let (l, name) = (ledger.clone(), svc.to_owned());
     Service::new(svc)
-        .unwrap()
         .retry(RetryPolicy::fixed(3, Duration::ZERO))
         .method("got", move |ctx: Context, e: Event| {
             let (l, name) = (l.clone(), name.clone());
@@ -46,9 +45,7 @@ fn subscriber(svc: &str, topic: &str, ledger: &Ledger) -> Service {
                 Ok::<_, TaskError>(())
             }
         })
-        .unwrap()
         .subscribe(topic, "got")
-        .unwrap()
 }
 
 async fn start(svc: &str, topic: &str, ledger: &Ledger) -> common::Running {

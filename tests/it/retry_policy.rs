@@ -46,17 +46,11 @@ async fn precedence_is_task_then_method_then_service_then_worker() {
     let _cleanup = Cleanup::new(&[&with_policy, &without]);
     let runs: Runs = Arc::default();
     let a = Service::new(&with_policy)
-        .unwrap()
         .method("plain", recording(&runs))
-        .unwrap()
         .method("special", recording(&runs))
-        .unwrap()
         .retry(RetryPolicy::fixed(3, Duration::ZERO))
         .retry_method("special", RetryPolicy::fixed(4, Duration::ZERO));
-    let b = Service::new(&without)
-        .unwrap()
-        .method("plain", recording(&runs))
-        .unwrap();
+    let b = Service::new(&without).method("plain", recording(&runs));
     let worker = Worker::builder()
         .amqp(config(QueueType::Quorum))
         .service(a)
@@ -118,10 +112,7 @@ async fn a_long_delay_does_not_hold_back_a_short_one() {
     let svc = unique("rp-hol");
     let _cleanup = Cleanup::new(&[&svc]);
     let runs: Runs = Arc::default();
-    let service = Service::new(&svc)
-        .unwrap()
-        .method("once", recording(&runs))
-        .unwrap();
+    let service = Service::new(&svc).method("once", recording(&runs));
     let worker = Worker::builder()
         .amqp(config(QueueType::Quorum))
         .service(service)

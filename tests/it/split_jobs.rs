@@ -47,7 +47,6 @@ async fn fixture(qt: QueueType, barrier: Option<Arc<Barrier>>) -> Fixture {
     let hooks: Hooks = Arc::default();
     let (h1, h2) = (hooks.clone(), hooks.clone());
     let service = Service::new(&svc)
-        .unwrap()
         .method("square_part", |_: Context, job: Job| async move {
             Ok::<_, TaskError>(
                 (0..job.n)
@@ -58,7 +57,6 @@ async fn fixture(qt: QueueType, barrier: Option<Arc<Barrier>>) -> Fixture {
                     .collect::<Vec<_>>(),
             )
         })
-        .unwrap()
         .method("square", move |ctx: Context, p: Part| {
             let barrier = barrier.clone();
             async move {
@@ -72,7 +70,6 @@ async fn fixture(qt: QueueType, barrier: Option<Arc<Barrier>>) -> Fixture {
                 Ok(p.i * p.i)
             }
         })
-        .unwrap()
         .method("done", move |ctx: Context, results: Value| {
             let hooks = h1.clone();
             async move {
@@ -83,7 +80,6 @@ async fn fixture(qt: QueueType, barrier: Option<Arc<Barrier>>) -> Fixture {
                 Ok::<_, TaskError>(())
             }
         })
-        .unwrap()
         .method("failed", move |ctx: Context, err: Value| {
             let hooks = h2.clone();
             async move {
@@ -94,7 +90,6 @@ async fn fixture(qt: QueueType, barrier: Option<Arc<Barrier>>) -> Fixture {
                 Ok::<_, TaskError>(())
             }
         })
-        .unwrap()
         .retry(RetryPolicy::none());
     let worker = Worker::builder()
         .amqp(config(qt))

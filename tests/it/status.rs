@@ -29,7 +29,6 @@ fn redis_url() -> String {
 
 fn service(svc: &str) -> Service {
     Service::new(svc)
-        .unwrap()
         .retry(RetryPolicy::none())
         .method("double", |_: Context, x: i64| async move {
             if x < 0 {
@@ -37,7 +36,6 @@ fn service(svc: &str) -> Service {
             }
             Ok::<_, TaskError>(x * 2)
         })
-        .unwrap()
 }
 
 async fn worker(svc: &str, store: Option<Arc<dyn StatusStore>>) -> common::Running {
@@ -198,7 +196,6 @@ async fn a_task_can_notify_a_topic_of_its_end() {
     let heard: Arc<Mutex<Vec<TaskStatus>>> = Arc::default();
     let h = heard.clone();
     let listen = Service::new(&listener)
-        .unwrap()
         .method("heard", move |_: Context, s: TaskStatus| {
             let h = h.clone();
             async move {
@@ -206,9 +203,7 @@ async fn a_task_can_notify_a_topic_of_its_end() {
                 Ok::<_, TaskError>(())
             }
         })
-        .unwrap()
-        .subscribe(&topic, "heard")
-        .unwrap();
+        .subscribe(&topic, "heard");
     let w = Worker::builder()
         .amqp(config(QueueType::Quorum))
         .service(service(&svc))

@@ -207,19 +207,16 @@ async fn amqps_with_a_private_ca() {
     let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
     let recorded = seen.clone();
     let service = Service::new(&svc)
-        .unwrap()
         .method("add", |_: Context, s: Sum| async move {
             Ok::<_, TaskError>(s.a + s.b)
         })
-        .unwrap()
         .method("record", move |_: Context, n: u64| {
             let seen = recorded.clone();
             async move {
                 seen.lock().unwrap().push(n);
                 Ok::<_, TaskError>(())
             }
-        })
-        .unwrap();
+        });
     let worker = Worker::builder()
         .amqp(trusted.clone())
         .service(service)

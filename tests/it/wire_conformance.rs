@@ -1,7 +1,7 @@
 //! `docs/wire-format.md` as a contract: a producer that knows only the doc, here raw lapin,
 //! declares what the doc says, publishes what the doc says, and gets the answers, hooks and
 //! join the doc promises from a warren worker. The bad-input half of the contract (every kind
-//! of refusal, dead-lettered once and answered) is `tests/bad_input.rs`.
+//! of refusal, dead-lettered once and answered) is the `bad_input` module.
 
 use crate::common;
 
@@ -153,11 +153,9 @@ async fn a_producer_that_follows_the_doc() {
     let flaky_runs = Arc::new(AtomicU32::new(0));
     let f = flaky_runs.clone();
     let service = Service::new(&svc)
-        .unwrap()
         .method("double", |_: Context, n: i64| async move {
             Ok::<_, TaskError>(n * 2)
         })
-        .unwrap()
         .method("record", move |ctx: Context, v: Value| {
             let tx = hooks_tx.clone();
             async move {
@@ -165,7 +163,6 @@ async fn a_producer_that_follows_the_doc() {
                 Ok::<_, TaskError>(())
             }
         })
-        .unwrap()
         .method("flaky", move |ctx: Context, n: i64| {
             f.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -175,11 +172,9 @@ async fn a_producer_that_follows_the_doc() {
                 Ok::<_, TaskError>(n + ctx.attempt() as i64)
             }
         })
-        .unwrap()
         .method("piece", |_: Context, n: i64| async move {
             Ok::<_, TaskError>(n * 10)
-        })
-        .unwrap();
+        });
     let worker = Worker::builder()
         .amqp(config(QueueType::Quorum))
         .service(service)

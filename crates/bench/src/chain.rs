@@ -180,9 +180,9 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let svc = b.service("chain")?;
     let guard = b
         .start_worker(b.worker_builder("warren bench chain worker")?.service(
-            Service::new(&svc)?.method("step", |_ctx: Context, _bog: Value| async move {
+            Service::new(&svc).method("step", |_ctx: Context, _bog: Value| async move {
                 Ok::<Value, TaskError>(json!({}))
-            })?,
+            }),
         ))
         .await?;
     let client = b.client("warren bench chain client").await?;

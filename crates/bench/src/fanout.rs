@@ -82,10 +82,10 @@ async fn warren_fanout(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let svc = b.service("fanout")?;
     let waiters: Waiters = Arc::default();
     let w = waiters.clone();
-    let service = Service::new(&svc)?
+    let service = Service::new(&svc)
         .method("target", |_: Context, i: u32| async move {
             Ok::<_, TaskError>(i)
-        })?
+        })
         .method("final", move |ctx: Context, outcome: FanInOutcome| {
             let started = Instant::now();
             let tx = w.lock().ok().and_then(|mut m| m.remove(ctx.cid()));
@@ -95,7 +95,7 @@ async fn warren_fanout(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
                 }
                 Ok::<_, TaskError>(())
             }
-        })?;
+        });
     let guard = b
         .start_worker(
             b.worker_builder("warren bench fanout worker")?

@@ -370,9 +370,9 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let svc = b.service("echo")?;
     let guard = b
         .start_worker(b.worker_builder("warren bench worker")?.service(
-            Service::new(&svc)?.method("echo", |_ctx: Context, v: Value| async move {
+            Service::new(&svc).method("echo", |_ctx: Context, v: Value| async move {
                 Ok::<Value, TaskError>(v)
-            })?,
+            }),
         ))
         .await?;
     let client = b

@@ -33,6 +33,9 @@
 //!   enqueue to hook; raw: per job a queue declare, 10 parts, 10 results into the job's
 //!   queue, a hook and a queue delete), `jobs_queues_left` (per-job queues still on the
 //!   broker once the joins' completion window has passed; should be 0).
+//! - `drain`: `noop_drain_throughput` (20,000 no-op tasks queued before the worker starts,
+//!   tasks/s from the first completion to the last; raw: a consumer with the same prefetch
+//!   draining as many pre-published persistent messages).
 //! - `raw`: the raw-lapin building blocks the groups share (connections, declares, confirmed
 //!   publishes, acking consumers).
 //! - `stats`: percentiles, medians, rates.
@@ -41,6 +44,7 @@
 //!   peak memory is read.
 
 mod chain;
+mod drain;
 mod fanout;
 mod invoke;
 mod jobs;
@@ -167,6 +171,7 @@ const GROUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 /// Every group, in the order they run.
 pub const GROUPS: &[Group] = &[
     noop::GROUP,
+    drain::GROUP,
     invoke::GROUP,
     split::GROUP,
     fanout::GROUP,

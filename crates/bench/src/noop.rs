@@ -14,7 +14,7 @@
 //! (`warren bench-worker`), and reads that process's peak resident memory.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -84,7 +84,7 @@ pub fn payload(i: u64) -> Value {
 }
 
 /// The size of a warren envelope carrying a no-op payload to `target`.
-fn envelope_len(target: &str) -> anyhow::Result<usize> {
+pub fn envelope_len(target: &str) -> anyhow::Result<usize> {
     let target: Target = target.parse()?;
     Ok(Envelope::new(&target, payload(12345), None)
         .to_bytes()?
@@ -127,7 +127,7 @@ async fn raw_noop(b: &Bench) -> anyhow::Result<f64> {
         .await;
         match finished {
             Ok(end) => {
-                let took = end? - started;
+                let took = end?.last - started;
                 note(format!(
                     "noop: raw lapin used {} CPU per message (publisher and consumer)",
                     cpu_text(procfs::us_per(cpu_before, procfs::cpu_time(None), n))
@@ -147,10 +147,13 @@ pub fn cpu_text(us: Option<f64>) -> String {
     us.map_or_else(|| String::from("? us"), |u| format!("{u:.1} us"))
 }
 
-/// What a no-op service saw: how many calls it handled, and whether `count` were.
+/// What a no-op service saw: how many calls it handled, and when the first and the
+/// `count`-th of them ended.
 pub struct Tally {
     count: u64,
     handled: AtomicU64,
+    first: OnceLock<Instant>,
+    last: OnceLock<Instant>,
     done: Notify,
 }
 
@@ -160,12 +163,19 @@ impl Tally {
         Arc::new(Self {
             count,
             handled: AtomicU64::new(0),
+            first: OnceLock::new(),
+            last: OnceLock::new(),
             done: Notify::new(),
         })
     }
 
     fn record(&self) {
-        if self.handled.fetch_add(1, Ordering::Relaxed) + 1 == self.count {
+        let k = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
+        if k == 1 {
+            let _ = self.first.set(Instant::now());
+        }
+        if k == self.count {
+            let _ = self.last.set(Instant::now());
             self.done.notify_one();
         }
     }
@@ -179,15 +189,20 @@ impl Tally {
     pub async fn done(&self) {
         self.done.notified().await;
     }
+
+    /// When the first call ended and when the `count`-th did, once it has.
+    pub fn span(&self) -> Option<(Instant, Instant)> {
+        Some((*self.first.get()?, *self.last.get()?))
+    }
 }
 
 /// A no-op service named `name` whose method `noop` counts its calls in `tally`.
 pub fn noop_service(name: &str, tally: Arc<Tally>) -> anyhow::Result<Service> {
     Ok(
-        Service::new(name)?.method("noop", move |_ctx: Context, _p: Value| {
+        Service::new(name).method("noop", move |_ctx: Context, _p: Value| {
             tally.record();
             async { Ok::<(), TaskError>(()) }
-        })?,
+        }),
     )
 }
 

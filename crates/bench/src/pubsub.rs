@@ -196,7 +196,7 @@ async fn raw_pubsub(b: &Bench) -> anyhow::Result<f64> {
             ));
             let mut last = started;
             for c in consumers {
-                last = last.max(c.await??);
+                last = last.max(c.await??.last);
             }
             Ok::<_, anyhow::Error>(last)
         })
@@ -232,7 +232,7 @@ fn subscriber(
     left: Arc<AtomicU64>,
     done: Arc<Notify>,
 ) -> anyhow::Result<Service> {
-    Ok(Service::new(svc)?
+    Ok(Service::new(svc)
         .method(METHOD, move |_ctx: Context, _p: Value| {
             let (handled, left, done) = (handled.clone(), left.clone(), done.clone());
             async move {
@@ -243,8 +243,8 @@ fn subscriber(
                 }
                 Ok::<(), TaskError>(())
             }
-        })?
-        .subscribe(topic, METHOD)?)
+        })
+        .subscribe(topic, METHOD))
 }
 
 /// warren, both subscribers in one in-process worker: returns deliveries per second.

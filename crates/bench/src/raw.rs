@@ -164,6 +164,15 @@ pub async fn consume(
     .with_context(|| format!("consuming {queue}"))
 }
 
+/// When the first and the last of a consumer's acks went through.
+#[derive(Debug, Clone, Copy)]
+pub struct AckSpan {
+    /// The first ack.
+    pub first: Instant,
+    /// The last ack.
+    pub last: Instant,
+}
+
 /// Takes `n` deliveries from `consumer` and acks each, the acks in flight concurrently (each
 /// delivery acked on its own, as warren does, so the consumer does not wait for one ack
 /// frame to be written before the next), counting them in `acked`; the task returns when
@@ -172,12 +181,16 @@ pub fn ack_n(
     mut consumer: Consumer,
     n: u64,
     acked: Arc<AtomicU64>,
-) -> JoinHandle<anyhow::Result<Instant>> {
+) -> JoinHandle<anyhow::Result<AckSpan>> {
     tokio::spawn(async move {
         if n == 0 {
-            return Ok(Instant::now());
+            let now = Instant::now();
+            return Ok(AckSpan {
+                first: now,
+                last: now,
+            });
         }
-        let (mut received, mut done) = (0u64, 0u64);
+        let (mut received, mut done, mut first) = (0u64, 0u64, None);
         let mut acks = FuturesUnordered::new();
         loop {
             tokio::select! {
@@ -191,9 +204,11 @@ pub fn ack_n(
                         bail!("ack not delivered");
                     }
                     acked.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    let first = *first.get_or_insert(now);
                     done += 1;
                     if done == n {
-                        return Ok(Instant::now());
+                        return Ok(AckSpan { first, last: now });
                     }
                 }
             }

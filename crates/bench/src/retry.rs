@@ -130,7 +130,7 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let svc = b.service("retry")?;
     let guard = b
         .start_worker(b.worker_builder("warren bench retry worker")?.service(
-            Service::new(&svc)?.method("flaky", |ctx: Context, fails: u32| async move {
+            Service::new(&svc).method("flaky", |ctx: Context, fails: u32| async move {
                 if ctx.attempt() <= fails {
                     return Err(TaskError::fail(format!(
                         "bench: planned failure {} of {fails}",
@@ -138,7 +138,7 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
                     )));
                 }
                 Ok::<u32, TaskError>(ctx.attempt())
-            })?,
+            }),
         ))
         .await?;
     let client = b

@@ -211,18 +211,18 @@ pub(super) fn split_service<F>(svc: &str, done: F) -> anyhow::Result<Service>
 where
     F: Fn(&Context, Vec<u32>) + Send + Sync + 'static,
 {
-    Ok(Service::new(svc)?
+    Ok(Service::new(svc)
         .method("job_part", |_: Context, n: u32| async move {
             Ok::<_, TaskError>((0..n).collect::<Vec<u32>>())
-        })?
+        })
         .method(
             "job",
             |_: Context, i: u32| async move { Ok::<_, TaskError>(i) },
-        )?
+        )
         .method("done", move |ctx: Context, results: Vec<u32>| {
             done(&ctx, results);
             async { Ok::<_, TaskError>(()) }
-        })?)
+        }))
 }
 
 /// The default completion window in ms: the bench workers' done-marker queues are named by it.

@@ -45,13 +45,10 @@ async fn topics_peek_and_status_report_what_happened() {
     let (svc, topic) = (unique("cli-sub"), unique("cli-topic"));
     let store: Arc<dyn StatusStore> = Arc::new(RedisStore::from_env().unwrap());
     let service = Service::new(&svc)
-        .unwrap()
         .method("got", |_: Context, n: u64| async move {
             Ok::<_, TaskError>(n * 10)
         })
-        .unwrap()
-        .subscribe(&topic, "got")
-        .unwrap();
+        .subscribe(&topic, "got");
     // Subscribe (creates the queue), then stop so messages stay pending.
     let worker = Worker::builder()
         .amqp(cfg.clone())
@@ -107,13 +104,10 @@ async fn topics_peek_and_status_report_what_happened() {
         .amqp(cfg)
         .service(
             Service::new(&svc)
-                .unwrap()
                 .method("got", |_: Context, n: u64| async move {
                     Ok::<_, TaskError>(n * 10)
                 })
-                .unwrap()
-                .subscribe(&topic, "got")
-                .unwrap(),
+                .subscribe(&topic, "got"),
         )
         .status_store(store)
         .build()

@@ -9,7 +9,7 @@
 
 use crate::envelope::{Envelope, HookTarget};
 use crate::names::{check_amqp_len, validate_name, validate_queue_name, NameError};
-use crate::topology::{recent_queue, PREFIX};
+use crate::topology::{dead_queue, recent_queue, service_queue, PREFIX};
 
 /// Most parts one split job (or fan-in) may have: a joiner reads every result of a job at
 /// once, through one consumer whose prefetch is at most 65,535.
@@ -42,8 +42,16 @@ pub fn validate_part_queue_name(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// A service name whose queue names (`warren.svc.<svc>`, `warren.dead.<svc>`) fit in 255
+/// bytes.
+fn service(svc: &str) -> Result<(), NameError> {
+    validate_name("service", svc)?;
+    service_queue(svc)?;
+    dead_queue(svc).map(drop)
+}
+
 fn target(what: &str, t: &HookTarget) -> Result<(), String> {
-    validate_name("service", &t.svc)
+    service(&t.svc)
         .and_then(|()| validate_name("method", &t.method))
         .map_err(|e| format!("{what}: {e}"))
 }
@@ -53,7 +61,7 @@ impl Envelope {
     /// field breaks which rule. [`Envelope::from_bytes`] calls it, so a decoded envelope is
     /// always valid.
     pub fn validate(&self) -> Result<(), String> {
-        validate_name("service", &self.svc).map_err(|e| e.to_string())?;
+        service(&self.svc).map_err(|e| e.to_string())?;
         validate_name("method", &self.method).map_err(|e| e.to_string())?;
         if self.cid.is_empty() || self.cid.len() > 255 {
             return Err("cid must be 1 to 255 bytes".to_owned());
@@ -184,6 +192,13 @@ mod tests {
     fn refuses_each_bad_field_with_its_name() {
         for (bad, says) in [
             (r#","attempt":0"#, "attempt"),
+            (
+                &format!(
+                    r#","hooks":{{"oncomplete":{{"svc":"{}","method":"b"}}}}"#,
+                    "a".repeat(245)
+                ),
+                "hooks.oncomplete",
+            ),
             (
                 r#","hooks":{"oncomplete":{"svc":"BAD NAME","method":"b"}}"#,
                 "hooks.oncomplete",

@@ -19,6 +19,10 @@ pub enum WorkerError {
     /// Two values of the same type were given to `WorkerBuilder::state`.
     #[error("shared state of type {0} is registered twice")]
     DuplicateState(&'static str),
+    /// Registrations were invalid (names, duplicates, unknown methods): every problem found,
+    /// reported by `build` before it connects.
+    #[error("invalid registrations: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Registration(Vec<WorkerError>),
     /// The worker has no services.
     #[error("a worker needs at least one service")]
     NoServices,

@@ -13,7 +13,7 @@
 //!
 //! # async fn run() -> Result<(), warren_worker::WorkerError> {
 //! let worker = Worker::builder()
-//!     .service(Service::new("math")?.method("add", add)?)
+//!     .service(Service::new("math").method("add", add))
 //!     .concurrency(16)
 //!     .build()
 //!     .await?;

@@ -83,7 +83,7 @@ impl WorkerBuilder {
     /// # async fn demo() -> Result<(), warren_worker::WorkerError> {
     /// let worker = Worker::builder()
     ///     .state(Greeting("hello".into()))
-    ///     .service(Service::new("greeter")?.method("greet", greet)?)
+    ///     .service(Service::new("greeter").method("greet", greet))
     ///     .build()
     ///     .await?;
     /// # let _ = worker; Ok(()) }
@@ -162,31 +162,44 @@ impl WorkerBuilder {
     /// Connects (one connection to consume, one to publish), declares every service's
     /// queues and subscribes. Fails fast when the broker refuses a declaration (a service
     /// queue that exists with another queue type, say).
-    pub async fn build(self) -> Result<Worker, WorkerError> {
+    pub async fn build(mut self) -> Result<Worker, WorkerError> {
         // Everything that can be wrong with the registrations is reported before connecting.
         if self.services.is_empty() {
             return Err(WorkerError::NoServices);
         }
         let mut names = std::collections::HashSet::new();
-        for s in &self.services {
-            if !names.insert(s.name.as_str()) {
-                return Err(WorkerError::Duplicate(format!("service {}", s.name)));
+        let mut errors = Vec::new();
+        for s in &mut self.services {
+            errors.append(&mut s.errors);
+            if !names.insert(s.name.clone()) {
+                errors.push(WorkerError::Duplicate(format!("service {}", s.name)));
             }
-            if let Some((topic, method)) = s
-                .subscriptions
-                .iter()
-                .find(|(_, m)| !s.methods.contains_key(m))
-            {
-                return Err(WorkerError::UnknownMethod(
-                    format!("{}.{method}", s.name),
-                    topic.clone(),
-                ));
+            for (topic, method) in &s.subscriptions {
+                if !s.methods.contains_key(method) {
+                    errors.push(WorkerError::UnknownMethod(
+                        format!("{}.{method}", s.name),
+                        topic.clone(),
+                    ));
+                }
             }
-            if let Some(m) = s.method_retry.keys().find(|m| !s.methods.contains_key(*m)) {
-                return Err(WorkerError::UnknownRetryMethod(format!("{}.{m}", s.name)));
+            for m in s.method_retry.keys() {
+                if !s.methods.contains_key(m) {
+                    errors.push(WorkerError::UnknownRetryMethod(format!("{}.{m}", s.name)));
+                }
             }
         }
-        let state = self.state.build().map_err(WorkerError::DuplicateState)?;
+        let state = match std::mem::take(&mut self.state).build() {
+            Ok(state) => state,
+            Err(name) => {
+                errors.push(WorkerError::DuplicateState(name));
+                crate::state::State::default()
+            }
+        };
+        match errors.len() {
+            0 => {}
+            1 => return Err(errors.remove(0)),
+            _ => return Err(WorkerError::Registration(errors)),
+        }
         tracing::debug!(types = ?state.type_names(), "shared state");
         let amqp = match self.amqp {
             Some(c) => c,

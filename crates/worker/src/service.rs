@@ -18,12 +18,17 @@ use warren_core::RetryPolicy;
 /// `Out: Serialize`. warren decodes the payload into `In`; a payload that does not fit is
 /// dead-lettered as `bad_payload` without calling the handler.
 ///
+/// Registration never fails on the spot: an invalid name, a method registered twice or a
+/// subscription of an unknown method is remembered, and `WorkerBuilder::build` reports every
+/// one of them at once ([`WorkerError::Registration`]), before it connects.
+///
 /// ```
 /// use warren_worker::{Context, Service, TaskError};
 /// async fn echo(_: Context, s: String) -> Result<String, TaskError> { Ok(s) }
-/// let svc = Service::new("text").unwrap().method("echo", echo).unwrap();
-/// assert!(Service::new("Text").is_err());
-/// assert!(svc.method("echo", echo).is_err()); // registered twice
+/// let svc = Service::new("text").method("echo", echo);
+/// assert!(svc.errors().is_empty());
+/// assert_eq!(Service::new("Text").errors().len(), 1);
+/// assert_eq!(svc.method("echo", echo).errors().len(), 1); // registered twice
 /// ```
 pub struct Service {
     pub(crate) name: String,
@@ -31,6 +36,8 @@ pub struct Service {
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) method_retry: HashMap<String, RetryPolicy>,
     pub(crate) subscriptions: Vec<(String, String)>,
+    /// What was wrong with the registrations, reported by `WorkerBuilder::build`.
+    pub(crate) errors: Vec<WorkerError>,
 }
 
 impl std::fmt::Debug for Service {
@@ -43,35 +50,52 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    /// A service named `name` (`[a-z0-9_.-]`, and its queue name within 255 bytes).
-    pub fn new(name: impl Into<String>) -> Result<Self, WorkerError> {
+    /// A service named `name` (`[a-z0-9_.-]`, and its queue name within 255 bytes; an
+    /// invalid name is reported by `build`).
+    pub fn new(name: impl Into<String>) -> Self {
         let name = name.into();
-        validate_name("service", &name)?;
-        service_queue(&name)?;
-        Ok(Self {
+        let mut errors = Vec::new();
+        if let Err(e) =
+            validate_name("service", &name).and_then(|()| service_queue(&name).map(drop))
+        {
+            errors.push(e.into());
+        }
+        Self {
             name,
             methods: BTreeMap::new(),
             retry: None,
             method_retry: HashMap::new(),
             subscriptions: Vec::new(),
-        })
+            errors,
+        }
     }
 
-    /// Registers a method.
-    pub fn method<F, Fut, In, Out>(mut self, name: &str, handler: F) -> Result<Self, WorkerError>
+    /// Registers a method (an invalid or repeated name is reported by `build`).
+    #[must_use]
+    pub fn method<F, Fut, In, Out>(mut self, name: &str, handler: F) -> Self
     where
         F: Fn(Context, In) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Out, TaskError>> + Send + 'static,
         In: DeserializeOwned + 'static,
         Out: Serialize + 'static,
     {
-        validate_name("method", name)?;
-        if self.methods.contains_key(name) {
-            return Err(WorkerError::Duplicate(format!("{}.{name}", self.name)));
+        if let Err(e) = validate_name("method", name) {
+            self.errors.push(e.into());
+        } else if self.methods.contains_key(name) {
+            self.errors
+                .push(WorkerError::Duplicate(format!("{}.{name}", self.name)));
+        } else {
+            self.methods
+                .insert(name.to_owned(), Arc::new(Typed::new(handler)));
         }
-        self.methods
-            .insert(name.to_owned(), Arc::new(Typed::new(handler)));
-        Ok(self)
+        self
+    }
+
+    /// What is wrong with this service's registrations so far (empty when nothing is);
+    /// `WorkerBuilder::build` fails with all of them.
+    #[must_use]
+    pub fn errors(&self) -> &[WorkerError] {
+        &self.errors
     }
 
     /// The retry policy of this service's methods (overrides the worker's default).
@@ -88,8 +112,8 @@ impl Service {
     /// use std::time::Duration;
     /// use warren_worker::{Context, RetryPolicy, Service, TaskError};
     /// async fn charge(_: Context, cents: u64) -> Result<u64, TaskError> { Ok(cents) }
-    /// let svc = Service::new("billing").unwrap()
-    ///     .method("charge", charge).unwrap()
+    /// let svc = Service::new("billing")
+    ///     .method("charge", charge)
     ///     .retry_method("charge", RetryPolicy::fixed(5, Duration::from_secs(2)));
     /// # let _ = svc;
     /// ```
@@ -109,29 +133,36 @@ impl Service {
     /// ```
     /// use warren_worker::{Context, Service, TaskError};
     /// async fn ship(_: Context, order: serde_json::Value) -> Result<(), TaskError> { Ok(()) }
-    /// let svc = Service::new("shipping").unwrap()
-    ///     .method("ship", ship).unwrap()
-    ///     .subscribe("orders.paid", "ship").unwrap();
+    /// let svc = Service::new("shipping")
+    ///     .method("ship", ship)
+    ///     .subscribe("orders.paid", "ship");
     /// # let _ = svc;
     /// ```
-    pub fn subscribe(mut self, topic: &str, method: &str) -> Result<Self, WorkerError> {
-        validate_name("topic", topic)?;
-        validate_name("method", method)?;
-        warren_core::topology::QueueSpec::subscription(
-            topic,
-            &self.name,
-            method,
-            warren_core::QueueType::Quorum,
-        )?;
+    #[must_use]
+    pub fn subscribe(mut self, topic: &str, method: &str) -> Self {
+        let checked = validate_name("topic", topic)
+            .and_then(|()| validate_name("method", method))
+            .and_then(|()| {
+                warren_core::topology::QueueSpec::subscription(
+                    topic,
+                    &self.name,
+                    method,
+                    warren_core::QueueType::Quorum,
+                )
+                .map(drop)
+            });
         let sub = (topic.to_owned(), method.to_owned());
-        if self.subscriptions.contains(&sub) {
-            return Err(WorkerError::Duplicate(format!(
+        if let Err(e) = checked {
+            self.errors.push(e.into());
+        } else if self.subscriptions.contains(&sub) {
+            self.errors.push(WorkerError::Duplicate(format!(
                 "subscription of {}.{method} to {topic}",
                 self.name
             )));
+        } else {
+            self.subscriptions.push(sub);
         }
-        self.subscriptions.push(sub);
-        Ok(self)
+        self
     }
 
     /// The service name.
