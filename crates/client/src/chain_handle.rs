@@ -287,7 +287,8 @@ impl Drop for ForgetOnDrop {
 
 /// Polls the status store for chain `id` until it has ended.
 pub(crate) async fn poll_store(client: Client, id: Uuid) -> Ended {
-    let mut pause = Duration::from_millis(20);
+    let mut pauses =
+        warren_core::amqp::backoff(Duration::from_millis(20), Duration::from_millis(500));
     loop {
         match client.status(id).await {
             Ok(Some(s)) if s.state == TaskState::Succeeded => {
@@ -308,8 +309,7 @@ pub(crate) async fn poll_store(client: Client, id: Uuid) -> Ended {
                 tracing::debug!(chain = %id, error = %e, "status store read failed; retrying")
             }
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 3 / 2).min(Duration::from_millis(500));
+        tokio::time::sleep(pauses.next().unwrap_or(Duration::from_millis(500))).await;
     }
 }
 

@@ -51,11 +51,20 @@ pub(crate) fn settle(published: &Result<(), warren_client::Error>, failed_before
     }
 }
 
-/// `FIRST_PAUSE * 2^n`, at most [`MAX_PAUSE`].
+/// The `n`-th pause of a backon exponential backoff from [`FIRST_PAUSE`] to [`MAX_PAUSE`]
+/// (no jitter, so the decision stays a pure function): `FIRST_PAUSE * 2^n`, capped.
 fn pause(n: u32) -> Duration {
-    FIRST_PAUSE
-        .saturating_mul(2u32.saturating_pow(n.min(16)))
-        .min(MAX_PAUSE)
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(FIRST_PAUSE)
+        .with_max_delay(MAX_PAUSE)
+        .without_max_times()
+        .build()
+        .nth(n.min(16) as usize)
+        // Whole milliseconds: backon computes in floating point.
+        .map_or(MAX_PAUSE, |d| {
+            Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        })
 }
 
 #[cfg(test)]

@@ -161,7 +161,7 @@ impl Broker {
         let policy = &cfg.reconnect;
         let tls = cfg.lapin_tls();
         let started = Instant::now();
-        let mut delay = policy.min_delay;
+        let mut delays = super::publisher::backoff(policy.min_delay, policy.max_delay);
         let mut last: Option<AmqpError> = None;
         loop {
             let mut tls_failure: Option<Error> = None;
@@ -205,6 +205,7 @@ impl Broker {
                 return Err(err);
             }
             let waited = started.elapsed();
+            let delay = delays.next().unwrap_or(policy.max_delay);
             if policy.give_up_after.is_some_and(|max| waited + delay > max) {
                 return Err(Error::Unavailable {
                     urls: cfg.redacted_urls(),
@@ -212,8 +213,7 @@ impl Broker {
                     source: last,
                 });
             }
-            tokio::time::sleep(jitter(delay)).await;
-            delay = (delay * 2).min(policy.max_delay);
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -615,10 +615,4 @@ fn rustls_error(err: &lapin::Error) -> Option<&rustls::Error> {
         next = e.source();
     }
     None
-}
-
-/// `d` plus up to 50% random jitter, so reconnecting processes do not stampede.
-pub(crate) fn jitter(d: Duration) -> Duration {
-    let extra = rand::random::<f64>() * 0.5;
-    d.mul_f64(1.0 + extra)
 }

@@ -10,7 +10,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{declare_exchanges_on, declare_on, jitter, Broker};
+use super::broker::{declare_exchanges_on, declare_on, Broker};
 use super::message::short;
 use crate::error::{classify, Error, Result};
 use crate::topology::QueueSpec;
@@ -144,7 +144,8 @@ impl Subscription {
     /// The next event; `Ok(None)` once cancelled. `Err` only for errors that repeat (the
     /// broker refusing the queue declaration); connection failures are handled inside.
     pub async fn next(&mut self) -> Result<Option<ConsumerEvent>> {
-        let mut pause = Duration::from_millis(100);
+        let mut pauses =
+            super::publisher::backoff(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(None);
@@ -165,9 +166,8 @@ impl Subscription {
                         tracing::warn!(queue = %self.spec.queue.name, error = %e, "resubscribe failed; will retry");
                         tokio::select! {
                             () = self.cancel.cancelled() => return Ok(None),
-                            () = tokio::time::sleep(jitter(pause)) => {}
+                            () = tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))) => {}
                         }
-                        pause = (pause * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 }
