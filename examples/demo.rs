@@ -483,9 +483,9 @@ async fn main() -> anyhow::Result<()> {
     running.await??;
     println!("11. workers drained and stopped");
     for q in [
-        warren::core::topology::subscription_queue(&topic, &billing, "on_shipped"),
-        warren::core::topology::subscription_queue(&topic, &audit, "on_shipped"),
-        warren::core::topology::recent_queue(&topic),
+        warren::topology::subscription_queue(&topic, &billing, "on_shipped"),
+        warren::topology::subscription_queue(&topic, &audit, "on_shipped"),
+        warren::topology::recent_queue(&topic),
     ] {
         let _ = client.broker().delete_queue(&q).await;
     }
@@ -500,8 +500,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // The fan-in's done marker would expire by itself after the completion window.
-    let fanin = warren::core::topology::fanout_queue(&receipt.job);
-    for q in warren::core::topology::job_queues(&fanin) {
+    let fanin = warren::topology::fanout_queue(&receipt.job);
+    for q in warren::topology::job_queues(&fanin) {
         let _ = client.broker().delete_queue(&q).await;
     }
     client.close().await;

@@ -1,21 +1,36 @@
 //! warren: a distributed worker framework for Rust on RabbitMQ.
 //!
 //! Worker processes host named services; any process enqueues or invokes work through a
-//! client. This facade re-exports the three crates:
+//! client. This facade is the one curated set of names a user needs, each at one path:
 //!
-//! - [`client`] (`warren-client`): [`Client`], [`Task`]: enqueue, invoke; [`Parallel`]
-//!   (parallel execution, fan-out/fan-in) and [`InvokeRetry`].
-//! - [`worker`] (`warren-worker`): [`Worker`], [`Service`], [`Context`], [`TaskError`].
-//! - [`core`] (`warren-core`): the envelope, names, topology, configuration and AMQP layer.
+//! - the client side: [`Client`], [`Task`] (enqueue, invoke), [`Parallel`] (parallel
+//!   execution, fan-out/fan-in), [`InvokeRetry`], [`Chain`] and its handles;
+//! - the worker side: [`Worker`], [`Service`], [`Context`], [`TaskError`];
+//! - outcomes and configuration: [`Failure`], [`FailureKind`], [`RetryPolicy`],
+//!   [`AmqpConfig`], [`QueueType`], [`ReconnectPolicy`];
+//! - [`wire`]: the envelope and the other wire types, for tools and producers that build
+//!   messages themselves (docs/wire-format.md);
+//! - [`topology`]: the names of warren's queues and exchanges, for operators and tests;
+//! - [`testing`]: a worker for your own tests.
 //!
-//! See the README for a quick start and `docs/` for the architecture, wire format and
-//! guarantees.
+//! The crates behind it (`warren-core`, `warren-client`, `warren-worker`) stay available
+//! for lower-level work. See the README for a quick start and `docs/` for the architecture,
+//! wire format and guarantees.
 
 pub mod testing;
 
-pub use warren_client as client;
-pub use warren_core as core;
-pub use warren_worker as worker;
+/// Queue and exchange names and specs (`warren.svc.<svc>`, `warren.dead.<svc>`, part and
+/// subscription queues, ...): what operators and tests look for on the broker.
+pub use warren_core::topology;
+
+/// The wire types: the envelope a task travels in, its hooks and decorators, the reply, and
+/// the chain state (docs/wire-format.md).
+pub mod wire {
+    pub use warren_core::chain::ChainState;
+    pub use warren_core::envelope::{
+        Envelope, HookTarget, Hooks, PartDecorator, Reply, ReplyOutcome, ENVELOPE_VERSION,
+    };
+}
 
 pub use warren_client::{
     as_completed, Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError,
@@ -25,11 +40,11 @@ pub use warren_client::{
 pub use warren_core::status::RedisStore;
 pub use warren_core::status::{StatusStore, TaskState, TaskStatus};
 pub use warren_core::{
-    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, SplitStarted, Target,
-    TargetOutcome, Via,
+    AmqpConfig, Error as BrokerError, Failure, FailureKind, FanInOutcome, QueueType,
+    ReconnectPolicy, RetryOutcome, SplitStarted, Target, TargetOutcome, Via,
 };
 pub use warren_worker::{
-    Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError,
+    Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError, DUPLICATE_STEPS,
 };
 
 /// The README's and `docs/patterns.md`'s code blocks, compiled by `cargo test` so the

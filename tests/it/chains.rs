@@ -13,7 +13,7 @@ use common::{config, run_in_background, unique, Cleanup};
 use futures_util::stream::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use warren::core::status::RedisStore;
+use warren::RedisStore;
 use warren::{
     as_completed, Chain, Client, ClientError, Context, Extract, FailureKind, QueueType,
     RetryPolicy, Service, StatusStore, TaskError, Worker,
@@ -495,15 +495,15 @@ async fn a_handle_is_recreated_from_its_id_through_the_store() {
 
 #[tokio::test]
 async fn a_re_sent_chain_step_runs_once_with_a_store() {
-    use warren::core::chain::ChainState;
-    use warren::core::{Envelope, Target, Via};
+    use warren::wire::ChainState;
+    use warren::{wire::Envelope, Target, Via};
     let store = store("chaindup");
     let f = fixture_with(Some(store.clone())).await;
     // What a redelivered predecessor re-sends: a second, first-delivery copy of a step.
     let id = uuid::Uuid::now_v7();
     let state = ChainState {
         id,
-        steps: vec![warren::core::HookTarget {
+        steps: vec![warren::wire::HookTarget {
             svc: f.svc.clone(),
             method: "leave".into(),
         }],
@@ -525,10 +525,7 @@ async fn a_re_sent_chain_step_runs_once_with_a_store() {
     common::poll("the copy dropped", Duration::from_secs(30), || {
         let store = store.clone();
         async move {
-            let n = store
-                .counter(warren::worker::DUPLICATE_STEPS)
-                .await
-                .unwrap();
+            let n = store.counter(warren::DUPLICATE_STEPS).await.unwrap();
             (n == Some(1)).then_some(())
         }
     })

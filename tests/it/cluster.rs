@@ -427,7 +427,7 @@ async fn invokes_through_a_node_kill() {
                 timeouts += 1;
             }
             // The deadline passed before the broker confirmed the request: a timeout too.
-            Err(warren::ClientError::Broker(warren::core::Error::Unconfirmed { .. }))
+            Err(warren::ClientError::Broker(warren::BrokerError::Unconfirmed { .. }))
                 if took <= DEADLINE + Duration::from_secs(1) =>
             {
                 unconfirmed += 1;

@@ -332,7 +332,7 @@ async fn fails_over_to_the_next_url_and_never_shows_the_password() {
     // Nothing answers at all: a clear error after the reconnect policy gives up.
     let cfg = warren::AmqpConfig::new("amqp://guest:secret@127.0.0.1:1/%2f")
         .unwrap()
-        .with_reconnect(warren::core::ReconnectPolicy {
+        .with_reconnect(warren::ReconnectPolicy {
             min_delay: Duration::from_millis(50),
             max_delay: Duration::from_millis(100),
             give_up_after: Some(Duration::from_millis(500)),

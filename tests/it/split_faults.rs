@@ -278,17 +278,17 @@ async fn a_split_task_redelivered_after_its_join_does_nothing() {
     // The same split task again (same id, payload, cid and hooks), made a redelivery: taken
     // once without an ack and put back.
     let id: uuid::Uuid = pq.rsplit_once("-sum-").unwrap().1.parse().unwrap();
-    let mut env = warren::core::Envelope::new(
+    let mut env = warren::wire::Envelope::new(
         &Target::new(&s.svc, "sum").unwrap(),
         serde_json::json!({"n": 5, "ms": 0}),
         Some(cid.clone()),
     );
     env.id = id;
-    env.hooks.oncomplete = Some(warren::core::HookTarget {
+    env.hooks.oncomplete = Some(warren::wire::HookTarget {
         svc: s.svc.clone(),
         method: "done".into(),
     });
-    env.hooks.onerror = Some(warren::core::HookTarget {
+    env.hooks.onerror = Some(warren::wire::HookTarget {
         svc: s.svc.clone(),
         method: "failed".into(),
     });

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{config, poll, run_in_background, unique, Cleanup};
-use warren::core::status::RedisStore;
+use warren::RedisStore;
 use warren::{
     Client, ClientError, Context, QueueType, RetryPolicy, Service, StatusStore, Task, TaskError,
     TaskState, TaskStatus, Worker,
