@@ -218,7 +218,7 @@ impl Drop for Held<'_> {
 
 /// Returns at once when not black-holed; else waits until the black hole is lifted. With
 /// `count` (the client-to-upstream direction), the connection is counted as holding bytes
-/// back while `from` has unread bytes, or from the start if `pending` (bytes already read
+/// back once `from` has an unread byte, or from the start if `pending` (bytes already read
 /// and not forwarded).
 async fn hold(
     from: &mut OwnedReadHalf,
@@ -230,17 +230,22 @@ async fn hold(
         return Ok(());
     }
     let counter = count.map(|s| &s.held_from_clients);
-    let mut held = counter.filter(|_| pending).map(Held::new);
+    // Counted while this guard lives (it is only ever dropped, never read).
+    let mut _held = counter.filter(|_| pending).map(Held::new);
     let mut peeked = [0u8; 1];
+    // Peek (which consumes nothing) until the first byte arrives. EOF or an error is not a
+    // byte: a connection its client just closed is not counted as holding anything.
+    let mut peeking = counter.is_some() && !pending;
     loop {
         tokio::select! {
             lifted = blackhole.wait_for(|on| !*on) => {
                 return lifted.map(|_| ()).map_err(|_| gone());
             }
-            // Peeking consumes nothing; it also returns at EOF or on an error, which are
-            // waiting to be forwarded too.
-            _ = from.peek(&mut peeked), if held.is_none() && counter.is_some() => {
-                held = counter.map(Held::new);
+            got = from.peek(&mut peeked), if peeking => {
+                peeking = false;
+                if matches!(got, Ok(n) if n > 0) {
+                    _held = counter.map(Held::new);
+                }
             }
         }
     }
