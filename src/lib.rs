@@ -32,6 +32,18 @@ pub mod wire {
     };
 }
 
+/// Metrics: the names and labels warren records (docs/operations.md#metrics), and warren's
+/// own Prometheus recorder with its `/metrics` endpoint (`WorkerBuilder::metrics_listen`).
+pub mod metrics {
+    pub use warren_core::metrics::*;
+    pub use warren_worker::{MetricsError, MetricsServer, Prometheus};
+}
+
+/// W3C trace context in AMQP headers: what every published message carries, and the
+/// context a handler runs in (`TraceContext::current()`); OpenTelemetry with the `otel`
+/// feature (docs/operations.md#tracing).
+pub use warren_core::trace;
+
 pub use warren_client::{
     as_completed, Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError,
     Extract, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task,

@@ -241,6 +241,12 @@ impl Client {
             Err(_) => return Err(timed_out(&env)),
         };
         drop(forget);
+        warren_core::metrics::invoke_answered(
+            &env.svc,
+            &env.method,
+            matches!(reply.outcome, ReplyOutcome::Ok(_)),
+            started.elapsed(),
+        );
         match reply.outcome {
             ReplyOutcome::Ok(v) => {
                 serde_json::from_value(v).map_err(|source| Error::Decode { id: env.id, source })

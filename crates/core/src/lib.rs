@@ -18,17 +18,21 @@
 //!   ([`Subscription`]). lapin's own types never appear in this crate's public API, so a lapin
 //!   upgrade is not a breaking change for users.
 //! - [`error`]: the typed [`Error`] every fallible call returns.
+//! - [`metrics`]: the names and labels of every metric warren records.
+//! - [`trace`]: W3C trace context in AMQP headers ([`trace::TraceContext`]).
 
 pub mod amqp;
 pub mod chain;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod metrics;
 pub mod names;
 pub mod patterns;
 pub mod retry;
 pub mod status;
 pub mod topology;
+pub mod trace;
 pub mod validate;
 
 pub use amqp::{

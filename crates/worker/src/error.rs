@@ -30,6 +30,10 @@ pub enum WorkerError {
     /// another queue type).
     #[error(transparent)]
     Broker(#[from] warren_core::Error),
+    /// The `/metrics` endpoint asked for with `WorkerBuilder::metrics_listen` could not be
+    /// set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// The embedded client failed.
     #[error(transparent)]
     Client(#[from] warren_client::Error),

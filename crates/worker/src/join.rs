@@ -337,6 +337,7 @@ async fn join_round(shared: &Shared, job: &Job) -> Res<Round> {
     let (ok, payload) = hook_payload(job, &results)?;
     let mut batch = batch;
     fire(shared, job, ok, &payload, &fired, Some(&mut batch)).await?;
+    crate::metrics::join_fired(&job.svc);
     batch.delete_queue(&job.part_queue).await?;
     tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
     Ok(Round::Over)
@@ -353,7 +354,9 @@ async fn join_empty(shared: &Shared, job: &Job) -> Res {
         &BTreeSet::new(),
         None,
     )
-    .await
+    .await?;
+    crate::metrics::join_fired(&job.svc);
+    Ok(())
 }
 
 /// One result per part id; a success wins over a failure of the same part (a part that

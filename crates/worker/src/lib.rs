@@ -38,6 +38,8 @@
 //! - `outcome`: [`TaskError`], the explicit "fail / retry after / reject" a handler returns.
 //! - `fanout`: the callbacks of parallel targets (each target's on-target callbacks).
 //! - `split`, `join`: split jobs and the exactly-once join that fan-ins share.
+//! - `metrics`: per-method metric handles and [`Prometheus`], the optional `/metrics`
+//!   endpoint (names in `warren_core::metrics`).
 //!
 //! Retry policies ([`RetryPolicy`]) and their delay queues live in `warren_core::retry`.
 
@@ -47,6 +49,7 @@ mod error;
 mod fanout;
 mod handler;
 mod join;
+mod metrics;
 mod outcome;
 mod process;
 mod publish;
@@ -58,6 +61,7 @@ mod state;
 
 pub use context::Context;
 pub use error::WorkerError;
+pub use metrics::{MetricsError, MetricsServer, Prometheus};
 pub use outcome::TaskError;
 pub use process::DUPLICATE_STEPS;
 pub use runtime::{Worker, WorkerBuilder, DEFAULT_COMPLETION_WINDOW};

@@ -17,6 +17,7 @@ use warren_client::{Client, Extract};
 use warren_core::envelope::ReplyOutcome;
 use warren_core::status::Recorder;
 use warren_core::topology::H_REPLAYED;
+use warren_core::trace::{TraceContext, H_TRACEPARENT, H_TRACESTATE};
 use warren_core::{Broker, Envelope, Failure, FailureKind, Incoming, TaskSender, Via};
 
 use crate::chain;
@@ -24,6 +25,7 @@ use crate::context::Children;
 use crate::fanout::on_target;
 use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
+use crate::metrics::{MethodMetrics, Outcome, Settled};
 use crate::outcome::Action;
 use crate::publish::{dead_letter, hook, reply, retry};
 use crate::settle::{settle, Settle};
@@ -79,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) requeues: Requeues,
     /// The values handlers read with `Context::state`.
     pub(crate) state: crate::state::State,
+    /// Metric handles per hosted method.
+    pub(crate) metrics: crate::metrics::Registry,
 }
 
 /// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.
@@ -149,8 +153,27 @@ fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
     }
 }
 
-/// Handles one delivery from the queue of service `svc`, to the ack.
+/// Handles one delivery from the queue of service `svc`, to the ack, in the trace of
+/// whatever sent it: everything it publishes continues that trace (a new one when the
+/// message carries none; see `warren_core::trace`).
 pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) {
+    let received = TraceContext::from_headers(
+        d.header(H_TRACEPARENT).as_ref(),
+        d.header(H_TRACESTATE).as_ref(),
+    );
+    let task = received
+        .as_ref()
+        .map_or_else(TraceContext::new_root, TraceContext::child);
+    task.scope(handle_delivery(shared, route, d, received))
+        .await;
+}
+
+async fn handle_delivery(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    d: Incoming,
+    received: Option<TraceContext>,
+) {
     let svc = &route.svc;
     if !d.is_live() {
         tracing::debug!("delivery from a closed channel skipped; the broker will redeliver it");
@@ -161,12 +184,18 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
         Err(e) => {
             tracing::warn!(queue_service = %svc, message_id = ?d.message_id(), error = %e, "bad envelope");
             let f = failure(FailureKind::BadEnvelope, e.to_string());
-            refuse(&shared, &route, &d, f).await;
+            let m = shared.metrics.of(svc, None);
+            let _in_flight = m.received(None, false);
+            let settled = refuse(&shared, &route, &d, m, f).await;
+            m.settled(Outcome::Failed(FailureKind::BadEnvelope), settled);
             return;
         }
     };
     let kind = Kind::of(&env);
     let span = tracing::info_span!("task", svc = %env.svc, method = %env.method, id = %env.id, cid = %env.cid, attempt = env.attempt);
+    if let Some(parent) = &received {
+        parent.set_parent_of(&span);
+    }
     async {
         tracing::debug!(redelivered = d.redelivered, "received");
         if duplicate_step(&shared, &env, &d).await {
@@ -177,11 +206,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
             ack(&d).await;
             return;
         }
+        let m = shared.metrics.of(svc, Some(&env.method));
         if let Kind::JoinCheck(job) = &kind {
             let checked = join::try_join(&shared, job).await.map_err(Into::into);
-            settle_delivery(&shared, &route, &d, Some(&env), checked).await;
+            settle_delivery(&shared, &route, &d, Some(&env), m, checked).await;
             return;
         }
+        let _in_flight = m.received(Some(&env), matches!(kind, Kind::Part(_)));
         if let Some(r) = shared.recorder.as_ref() {
             r.record(&status_of(&env, TaskState::Running, None, None))
                 .await;
@@ -192,8 +223,16 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
             d.header(warren_core::topology::H_RESENT),
             Some(warren_core::HeaderValue::Bool(true))
         );
+        let started = std::time::Instant::now();
         let resolution = run(&shared, svc, &env, d.redelivered || resent).await;
-        finish(&shared, &route, &d, &env, &kind, resolution).await;
+        m.ran(started.elapsed());
+        let outcome = match &resolution {
+            Resolution::Done(_) | Resolution::Step(..) | Resolution::Split(_) => Outcome::Succeeded,
+            Resolution::Retry(_) => Outcome::Retried,
+            Resolution::Dead(f) => Outcome::Failed(f.kind),
+        };
+        let settled = finish(&shared, &route, &d, &env, &kind, m, resolution).await;
+        m.settled(outcome, settled);
     }
     .instrument(span)
     .await;
@@ -399,8 +438,9 @@ async fn finish(
     d: &Incoming,
     env: &Envelope,
     kind: &Kind,
+    m: &MethodMetrics,
     resolution: Resolution,
-) {
+) -> Settled {
     // The status the outcome leaves, computed only when someone reads it.
     let wanted = shared.recorder.is_some() || env.notify.is_some();
     let status = match &resolution {
@@ -413,7 +453,7 @@ async fn finish(
         Resolution::Split(_) => None,
     };
     let mut published: Result<(), warren_client::Error> =
-        publish_outcome(shared, route, d, env, kind, resolution)
+        publish_outcome(shared, route, d, env, kind, m, resolution)
             .await
             .map_err(Into::into);
     if let (Ok(()), Some(st), e) = (&published, &status, env) {
@@ -432,19 +472,25 @@ async fn finish(
                 .map(|_| ());
         }
     }
-    settle_delivery(shared, route, d, Some(env), published).await;
+    settle_delivery(shared, route, d, Some(env), m, published).await
 }
 
 /// A delivery that is not a task warren can run: dead-lettered with its reason and answered
 /// (under the id its body names, if any), then settled like any other outcome.
-async fn refuse(shared: &Shared, route: &Route, d: &Incoming, f: Failure) {
+async fn refuse(
+    shared: &Shared,
+    route: &Route,
+    d: &Incoming,
+    m: &MethodMetrics,
+    f: Failure,
+) -> Settled {
     let published = async {
-        dead_letter(shared, route, d, &f).await?;
+        dead_letter(shared, route, d, m, &f).await?;
         reply(shared, d, None, ReplyOutcome::Error(f)).await
     }
     .await
     .map_err(Into::into);
-    settle_delivery(shared, route, d, None, published).await;
+    settle_delivery(shared, route, d, None, m, published).await
 }
 
 /// Acks, requeues (after a pause) or dead-letters the delivery, as [`settle`] decides from
@@ -454,35 +500,46 @@ async fn settle_delivery(
     route: &Route,
     d: &Incoming,
     env: Option<&Envelope>,
+    m: &MethodMetrics,
     published: Result<(), warren_client::Error>,
-) {
+) -> Settled {
     let key = env.map(|e| e.id);
     let failed_before = key.map_or(0, |k| shared.requeues.failures(k));
     match (settle(&published, failed_before), published) {
         (Settle::Ack, _) => {
             shared.requeues.forget(key);
             ack(d).await;
+            Settled::Acked
         }
         (Settle::Requeue { after }, Err(e)) => {
             tracing::error!(error = %e, requeue_in = ?after, "could not publish the task's outcome; requeueing it");
             shared.requeues.failed(key);
             tokio::time::sleep(after).await;
             requeue(d).await;
+            Settled::Requeued
         }
-        (Settle::Requeue { .. }, Ok(())) => requeue(d).await,
+        (Settle::Requeue { .. }, Ok(())) => {
+            requeue(d).await;
+            Settled::Requeued
+        }
         (Settle::DeadLetter(f), _) => {
             tracing::error!(error = %f.message, "the task's outcome cannot be published; dead-lettering it");
             shared.requeues.forget(key);
-            let dead = dead_letter(shared, route, d, &f).await;
+            let kind = f.kind;
+            let dead = dead_letter(shared, route, d, m, &f).await;
             if let Err(e) = reply(shared, d, env, ReplyOutcome::Error(f)).await {
                 tracing::warn!(error = %e, "could not answer the caller");
             }
             match dead {
-                Ok(()) => ack(d).await,
+                Ok(()) => {
+                    ack(d).await;
+                    Settled::DeadLettered(kind)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "could not dead-letter; requeueing");
                     tokio::time::sleep(crate::settle::MAX_PAUSE).await;
                     requeue(d).await;
+                    Settled::Requeued
                 }
             }
         }
@@ -543,6 +600,7 @@ async fn publish_outcome(
     d: &Incoming,
     env: &Envelope,
     kind: &Kind,
+    m: &MethodMetrics,
     resolution: Resolution,
 ) -> warren_core::Result<()> {
     match (kind, resolution) {
@@ -557,7 +615,7 @@ async fn publish_outcome(
             chain::advance(shared, d, env, v, Map::new()).await
         }
         (Kind::ChainStep, Resolution::Dead(f)) => {
-            dead_letter(shared, route, d, &f).await?;
+            dead_letter(shared, route, d, m, &f).await?;
             chain::end(shared, d, env, ReplyOutcome::Error(f)).await
         }
         // A part reports to its part queue and joins; it has no reply or hooks of its own
@@ -568,7 +626,7 @@ async fn publish_outcome(
             report_part(shared, job, env, outcome).await
         }
         (Kind::Part(job), Resolution::Dead(f)) => {
-            dead_letter(shared, route, d, &f).await?;
+            dead_letter(shared, route, d, m, &f).await?;
             let outcome = ReplyOutcome::Error(f);
             on_target(shared, Some(env), &outcome).await?;
             report_part(shared, job, env, outcome).await
@@ -586,7 +644,7 @@ async fn publish_outcome(
         (Kind::Task, Resolution::Dead(f)) => {
             // A blocking invoke/retry attempt that the caller will repeat is not dead yet.
             if !(f.kind == FailureKind::Handler && env.caller_retries) {
-                dead_letter(shared, route, d, &f).await?;
+                dead_letter(shared, route, d, m, &f).await?;
             }
             on_target(shared, Some(env), &ReplyOutcome::Error(f.clone())).await?;
             let payload = json!({

@@ -13,6 +13,7 @@ use warren_core::{
     Envelope, Failure, HeaderValue, Incoming, Outgoing, Reply, Via, ENVELOPE_VERSION,
 };
 
+use crate::metrics::MethodMetrics;
 use crate::process::{Route, Shared};
 
 /// Answers a waiting invoker, if the message names a warren reply queue.
@@ -134,6 +135,7 @@ pub(crate) async fn dead_letter(
     shared: &Shared,
     route: &Route,
     d: &Incoming,
+    m: &MethodMetrics,
     f: &Failure,
 ) -> warren_core::Result<()> {
     let queue_svc = route.svc.as_str();
@@ -169,5 +171,7 @@ pub(crate) async fn dead_letter(
         msg.headers
             .push((warren_core::topology::H_REPLAYED.to_owned(), n));
     }
-    shared.sender.publisher().publish(&msg).await
+    shared.sender.publisher().publish(&msg).await?;
+    m.dead_lettered(f.kind);
+    Ok(())
 }

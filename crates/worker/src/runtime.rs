@@ -38,6 +38,7 @@ pub struct WorkerBuilder {
     joins: JoinSettings,
     store: Option<Arc<dyn StatusStore>>,
     state: StateBuilder,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Default of [`WorkerBuilder::completion_window`].
@@ -58,6 +59,7 @@ impl Default for WorkerBuilder {
             },
             store: None,
             state: StateBuilder::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -159,6 +161,19 @@ impl WorkerBuilder {
         self
     }
 
+    /// Serves the process's metrics in the Prometheus text format at
+    /// `http://<addr>/metrics` while the worker runs (port 0 picks a free port:
+    /// [`Worker::metrics_addr`]). `build()` installs warren's Prometheus recorder as the
+    /// process's global `metrics` recorder ([`crate::Prometheus::install`]); it fails with
+    /// [`crate::MetricsError::RecorderInstalled`] when the application installed another one
+    /// (serve that one yourself), and with [`crate::MetricsError::Listen`] when the address
+    /// cannot be bound. Without this, warren records into whatever recorder the application
+    /// installs (before `build()`), or nowhere. Names and labels: docs/operations.md.
+    pub fn metrics_listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
+        self
+    }
+
     /// Connects (one connection to consume, one to publish), declares every service's
     /// queues and subscribes. Fails fast when the broker refuses a declaration (a service
     /// queue that exists with another queue type, say).
@@ -201,6 +216,17 @@ impl WorkerBuilder {
             _ => return Err(WorkerError::Registration(errors)),
         }
         tracing::debug!(types = ?state.type_names(), "shared state");
+        // Before any metric handle is taken, so they are bound to this recorder.
+        let metrics_server = match self.metrics_listen {
+            Some(addr) => Some(crate::Prometheus::install()?.serve(addr).await?),
+            None => None,
+        };
+        let metrics = crate::metrics::Registry::new(self.services.iter().map(|s| {
+            (
+                s.name.as_str(),
+                s.methods.keys().map(String::as_str).collect::<Vec<_>>(),
+            )
+        }));
         let amqp = match self.amqp {
             Some(c) => c,
             None => AmqpConfig::from_env()?,
@@ -274,11 +300,13 @@ impl WorkerBuilder {
                 checking: std::sync::Mutex::default(),
                 requeues: crate::process::Requeues::default(),
                 state,
+                metrics,
             }),
             consume,
             subs,
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
+            metrics_server,
         })
     }
 }
@@ -290,6 +318,7 @@ pub struct Worker {
     subs: Vec<(Arc<Route>, Subscription)>,
     concurrency: usize,
     drain_timeout: Duration,
+    metrics_server: Option<crate::MetricsServer>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -329,6 +358,14 @@ impl Worker {
         names
     }
 
+    /// The address `/metrics` is served on, with [`WorkerBuilder::metrics_listen`].
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_server
+            .as_ref()
+            .map(crate::MetricsServer::local_addr)
+    }
+
     /// A client sharing the worker's publishing connection.
     #[must_use]
     pub fn client(&self) -> Client {
@@ -348,6 +385,7 @@ impl Worker {
             subs,
             concurrency,
             drain_timeout,
+            metrics_server,
         } = self;
         let permits = Arc::new(Semaphore::new(concurrency));
         let tracker = TaskTracker::new();
@@ -403,6 +441,8 @@ impl Worker {
         }
         shared.client.close().await;
         consume.close().await;
+        // The endpoint answers until the worker has stopped.
+        drop(metrics_server);
         tracing::info!("worker stopped");
         result
     }

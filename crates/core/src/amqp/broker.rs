@@ -144,6 +144,9 @@ impl Broker {
         self.inner.closed_by_broker.store(0, Ordering::Release);
         self.inner.opened.store(0, Ordering::Release);
         let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if generation > 1 {
+            crate::metrics::reconnected();
+        }
         let live = Live {
             conn: Arc::new(conn),
             generation,

@@ -4,6 +4,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
 use crate::names::{check_amqp_len, NameError};
+use crate::trace::H_TRACEPARENT;
 
 /// A header value. AMQP tables hold more types; the ones warren writes are these, and any
 /// other value read from a message is shown as [`HeaderValue::Other`] (its debug text).
@@ -156,14 +157,21 @@ impl Outgoing {
         if let Some(ms) = self.expiration_ms {
             p = p.with_expiration(short(&ms.to_string()));
         }
-        if !self.headers.is_empty() {
-            let mut t = FieldTable::default();
-            for (k, v) in &self.headers {
-                t.insert(short(k), v.into());
-            }
-            p = p.with_headers(t);
+        let mut t = FieldTable::default();
+        for (k, v) in &self.headers {
+            t.insert(short(k), v.into());
         }
-        p
+        // Every message continues (or starts) a trace, unless it carries one already
+        // (crate::trace).
+        if !self.headers.iter().any(|(k, _)| k == H_TRACEPARENT) {
+            for (k, v) in crate::trace::for_outgoing().headers() {
+                t.insert(
+                    short(k),
+                    AMQPValue::LongString(LongString::from(v.into_bytes())),
+                );
+            }
+        }
+        p.with_headers(t)
     }
 }
 

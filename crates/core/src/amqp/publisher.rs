@@ -18,6 +18,7 @@ use super::batch::Batch;
 use super::broker::{Broker, ChannelSlot};
 use super::message::{short, Outgoing};
 use crate::error::{classify, Error, Result};
+use crate::metrics::RetryReason;
 use crate::topology::{QueueSpec, H_RESENT};
 
 /// One confirm channel and the connection generation it belongs to, opened on first use.
@@ -294,6 +295,11 @@ impl Publisher {
                 Err(e) => return Err(e),
             };
             tracing::debug!(error = %err, "publish not confirmed; trying again");
+            crate::metrics::publish_retried(match &err {
+                Error::Nacked { .. } => RetryReason::Nack,
+                Error::Unroutable { .. } => RetryReason::Returned,
+                _ => RetryReason::Connection,
+            });
             if maybe_stored {
                 // The broker may hold a first copy: mark the next ones, so a consumer that
                 // gets two can tell the second may be a duplicate.

@@ -93,6 +93,7 @@ impl TaskSender {
         self.publisher
             .publish_routed(&msg, svc, &|| service_specs(svc, qt), deadline)
             .await?;
+        crate::metrics::task_sent(env);
         tracing::debug!(id = %env.id, cid = %env.cid, svc = %env.svc, method = %env.method, "task sent");
         Ok(())
     }
@@ -125,7 +126,9 @@ impl TaskSender {
         };
         self.publisher
             .publish_routed(&msg, &spec.name, &declare, deadline)
-            .await
+            .await?;
+        crate::metrics::task_sent(env);
+        Ok(())
     }
 
     /// Declares a service's queue and dead-letter queue (once per sender), so tasks can wait
