@@ -1,7 +1,7 @@
 //! `warren dead`: look at dead letters and replay them.
 //!
-//! - `warren dead list` lists every `warren.dead.*` queue with its counts (through
-//!   `rabbitmqctl`, like `warren queues`: warren does not use the management API);
+//! - `warren dead list` lists every `warren.dead.*` queue with its counts (from the
+//!   management API, else `rabbitmqctl`, like `warren queues`);
 //! - `warren dead list <svc>` shows the dead letters of one service without removing them:
 //!   they are taken with `basic.get`, held unacked, and put back in their order;
 //! - `warren dead replay <svc> --id <task id>... | --all` republishes dead letters to the
@@ -17,12 +17,12 @@ use anyhow::{bail, Context as _};
 use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
 use serde_json::{json, Value};
+use warren_admin::queues::{warren_queues, QueueRow};
 use warren_core::topology::{dead_queue, service_queue};
 use warren_core::{Broker, HeaderValue, Publisher};
 use warren_ops::{DeadLetter, DeadLetterOps, DeadLetters, ReplayReport, ReplaySelection};
 
 use crate::opts::Global;
-use crate::queues::{is_local, rabbitmqctl_queues, CtlRow};
 
 /// Prefix of dead-letter queues.
 const DEAD_PREFIX: &str = "warren.dead.";
@@ -58,7 +58,7 @@ enum DeadCommand {
 #[derive(Debug, Args)]
 struct ListArgs {
     /// The service whose dead letters to show; without it, every dead-letter queue and its
-    /// count (needs rabbitmqctl on this machine)
+    /// count (needs the management API, or rabbitmqctl on this machine)
     #[arg(value_name = "SERVICE")]
     svc: Option<String>,
     /// Show at most this many dead letters, oldest first (0: all)
@@ -114,25 +114,20 @@ async fn connect(global: &Global) -> anyhow::Result<Broker> {
 // warren dead list (every queue)
 
 async fn list_queues(global: &Global, args: &ListArgs) -> anyhow::Result<ExitCode> {
-    let cfg = global.amqp("warren dead")?;
-    let local = cfg.urls().first().is_some_and(|u| is_local(&u.host_port()));
-    if !local {
-        bail!(
-            "cannot list the dead-letter queues: the broker is not on this machine, so \
-             rabbitmqctl cannot be used (and warren does not use the management API); name \
-             the service: warren dead list <SERVICE>"
-        );
-    }
-    let broker = Broker::connect(cfg)
-        .await
-        .context("cannot connect to the broker")?;
+    let broker = connect(global).await?;
     let vhost = broker.identity().await.map(|(v, _)| v);
     broker.close().await;
     let vhost = vhost?;
-    let rows = rabbitmqctl_queues(&vhost).await.context(
-        "cannot list the dead-letter queues; name the service instead: warren dead list <SERVICE>",
-    )?;
-    let mut rows: Vec<CtlRow> = rows
+    let mgmt = global.management().await?;
+    let listing = warren_queues(mgmt.as_ref(), &vhost, global.broker_is_local())
+        .await
+        .context(
+            "cannot list the dead-letter queues; name the service instead: warren dead list \
+             <SERVICE>",
+        )?;
+    let source = listing.source;
+    let mut rows: Vec<QueueRow> = listing
+        .queues
         .into_iter()
         .filter(|r| r.name.starts_with(DEAD_PREFIX) && r.name.len() > DEAD_PREFIX.len())
         .collect();
@@ -145,16 +140,19 @@ async fn list_queues(global: &Global, args: &ListArgs) -> anyhow::Result<ExitCod
                     "service": &r.name[DEAD_PREFIX.len()..],
                     "queue": r.name,
                     "type": r.kind,
-                    "messages": r.messages_ready.unwrap_or(0) + r.messages_unacknowledged.unwrap_or(0),
-                    "ready": r.messages_ready,
-                    "unacked": r.messages_unacknowledged,
+                    "messages": r.messages(),
+                    "ready": r.ready,
+                    "unacked": r.unacked,
                 })
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("# dead-letter queues of vhost {vhost} (counts from rabbitmqctl)");
+    println!(
+        "# dead-letter queues of vhost {vhost} (counts from {})",
+        source.as_str()
+    );
     if rows.is_empty() {
         println!("# none");
         return Ok(ExitCode::SUCCESS);
@@ -165,8 +163,8 @@ async fn list_queues(global: &Global, args: &ListArgs) -> anyhow::Result<ExitCod
             let show = |v: Option<u64>| v.map_or_else(|| String::from("-"), |n| n.to_string());
             vec![
                 r.name[DEAD_PREFIX.len()..].to_owned(),
-                show(r.messages_ready),
-                show(r.messages_unacknowledged),
+                show(r.ready),
+                show(r.unacked),
                 r.kind.clone().unwrap_or_else(|| String::from("-")),
                 r.name.clone(),
             ]
@@ -345,9 +343,26 @@ async fn replay(global: &Global, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
     };
     let broker = connect(global).await?;
     let publisher = Publisher::new(broker.clone(), 1);
+    // A progress bar on stderr (hidden when stderr is not a terminal, and with --json).
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "replaying {bar:40} {pos}/{len} dead letters ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
     let report = broker
-        .replay_dead_letters(&publisher, &args.svc, &selection)
+        .replay_dead_letters_with_progress(&publisher, &args.svc, &selection, &progress)
         .await;
+    bar.finish_and_clear();
     broker.close().await;
     let Some(report) = report? else {
         bail!(

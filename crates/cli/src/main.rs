@@ -7,6 +7,9 @@
 //! - `enqueue`: `warren enqueue` and `warren invoke`.
 //! - `queues`: `warren queues`, warren's queues and their counts.
 //! - `dead`: `warren dead list` and `warren dead replay`, dead letters and their replay.
+//! - `topics`: `warren topics`, `warren peek` and `warren status`.
+//! - `web`: `warren web`, the web admin (warren-admin).
+//! - Listings read RabbitMQ's management API (`--management-url`), else rabbitmqctl.
 //! - `warren bench`, the same workloads through raw lapin and through warren, and the hidden
 //!   `warren bench-worker` the bench starts as a separate process, come from the unpublished
 //!   `warren-bench` crate, with the `bench` feature (on by default; `--no-default-features`
@@ -18,6 +21,7 @@ mod enqueue;
 mod opts;
 mod queues;
 mod topics;
+mod web;
 
 use std::process::ExitCode;
 
@@ -47,6 +51,7 @@ use tracing_subscriber::EnvFilter;
         warren status order-42\n  \
         warren dead list images\n  \
         warren dead replay images --all\n  \
+        warren web --listen 127.0.0.1:8088\n  \
         cargo run --release -p warren-cli -- bench --only noop"
 )]
 struct Cli {
@@ -74,6 +79,8 @@ enum Command {
     Status(topics::StatusArgs),
     /// List dead letters (per queue, or one service's) and replay them.
     Dead(dead::DeadArgs),
+    /// Serve the web admin: services, dead letters and replay, topics, tasks, jobs.
+    Web(web::WebArgs),
     /// Measure warren against raw lapin on the same broker, in one run.
     #[cfg(feature = "bench")]
     Bench(warren_bench::BenchArgs),
@@ -139,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topics(args) => topics::run_topics(&global, &args).await,
         Command::Peek(args) => topics::run_peek(&global, &args).await,
         Command::Status(args) => topics::run_status(&args).await,
+        Command::Web(args) => web::run(&global, &args).await,
         #[cfg(feature = "bench")]
         Command::Bench(args) => {
             let product = broker_product(&global);

@@ -28,6 +28,18 @@ pub struct Global {
     /// Give up connecting to the broker after this long (e.g. 500ms, 10s, 1m)
     #[arg(long, default_value = "10s", value_parser = parse_duration, global = true, value_name = "DURATION")]
     pub connect_timeout: Duration,
+
+    /// RabbitMQ management API, `http[s]://user:password@host:15672`, for `queues`, `topics`,
+    /// `dead list` and `web` [default: the broker's host, port 15672, with the broker URL's
+    /// credentials, if it answers; else rabbitmqctl]
+    #[arg(
+        long,
+        env = "WARREN_MANAGEMENT_URL",
+        hide_env_values = true,
+        global = true,
+        value_name = "URL"
+    )]
+    pub management_url: Option<String>,
 }
 
 /// `--queue-type` values.
@@ -87,6 +99,31 @@ impl Global {
                 give_up_after: Some(self.connect_timeout),
             })
             .with_connection_name(name))
+    }
+
+    /// The management API client: `--management-url` / `WARREN_MANAGEMENT_URL`, else the
+    /// first broker's host on port 15672 if it answers within a second, else `None`.
+    pub async fn management(&self) -> anyhow::Result<Option<warren_admin::ManagementClient>> {
+        let first = self.each_url().first().copied().unwrap_or(DEFAULT_URL);
+        warren_admin::ManagementClient::discover(
+            self.management_url.as_deref(),
+            first,
+            Duration::from_secs(1),
+        )
+        .await
+        .context("--management-url / WARREN_MANAGEMENT_URL")
+    }
+
+    /// `true` when the first broker URL names this machine (rabbitmqctl can reach it).
+    pub fn broker_is_local(&self) -> bool {
+        self.amqp("warren")
+            .ok()
+            .and_then(|c| {
+                c.urls()
+                    .first()
+                    .map(|u| warren_admin::queues::is_local(&u.host_port()))
+            })
+            .unwrap_or(false)
     }
 
     /// warren's configuration for the whole URL list.

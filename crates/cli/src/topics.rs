@@ -1,23 +1,18 @@
 //! `warren topics`, `warren peek <topic>` and `warren status <id|cid>`: what operators ask
 //! about publish/subscribe and about what became of a task.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use serde::Serialize;
-use serde_json::Value;
-use warren_core::envelope::Envelope;
+use warren_admin::queues::warren_queues;
 use warren_core::patterns::utc_timestamp;
 use warren_core::status::{RedisStore, StatusStore, TaskStatus};
-use warren_core::topology::{dead_queue, parse_subscription_queue, recent_queue, PREFIX};
 use warren_core::Broker;
 
 use crate::opts::Global;
-use crate::queues::{is_local, rabbitmqctl_queues};
 
 /// `warren topics` options.
 #[derive(Debug, Args)]
@@ -58,28 +53,7 @@ pub struct StatusArgs {
     json: bool,
 }
 
-#[derive(Debug, Serialize)]
-struct Subscriber {
-    target: String,
-    queue: String,
-    pending: Option<u64>,
-    unacked: Option<u64>,
-    consumers: Option<u64>,
-    /// Dead letters of the subscriber's service (all its methods).
-    dead: Option<u64>,
-}
-
-#[derive(Debug, Serialize)]
-struct Topic {
-    topic: String,
-    /// Messages published, counted by the status store (`None` without one).
-    published: Option<u64>,
-    /// Recent messages kept for `warren peek`.
-    recent: Option<u64>,
-    subscribers: Vec<Subscriber>,
-}
-
-fn store(url: Option<&str>) -> anyhow::Result<Arc<dyn StatusStore>> {
+pub(crate) fn store(url: Option<&str>) -> anyhow::Result<Arc<dyn StatusStore>> {
     let store = match url {
         Some(u) => RedisStore::new(u, warren_core::status::DEFAULT_RETENTION)?,
         None => RedisStore::from_env()?,
@@ -87,62 +61,28 @@ fn store(url: Option<&str>) -> anyhow::Result<Arc<dyn StatusStore>> {
     Ok(Arc::new(store.with_timeout(Duration::from_secs(2))))
 }
 
-/// `warren topics`: topics and their subscriptions, from `rabbitmqctl` (queue names and
-/// counts) and the status store (published counts, when reachable).
+/// `warren topics`: topics and their subscriptions. Queue names come from the management
+/// API (or rabbitmqctl on the broker's machine); ready and consumer counts from passive
+/// declares, which are exact; published counts from the status store, when reachable.
 pub async fn run_topics(global: &Global, args: &TopicsArgs) -> anyhow::Result<ExitCode> {
-    let cfg = global.amqp("warren topics")?;
-    let local = cfg.urls().first().is_some_and(|u| is_local(&u.host_port()));
-    if !local {
-        bail!(
-            "warren topics lists queues with rabbitmqctl, which needs the broker on this \
-             machine (warren does not use the management API)"
-        );
-    }
-    let broker = Broker::connect(cfg)
+    let broker = Broker::connect(global.amqp("warren topics")?)
         .await
         .context("cannot connect to the broker")?;
     let (vhost, _) = broker.identity().await?;
-    let rows = rabbitmqctl_queues(&vhost).await?;
-    // rabbitmqctl finds the queues; their ready and consumer counts come from passive
-    // declares, which are exact (rabbitmqctl's figures can lag by seconds).
-    let mut exact: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for r in &rows {
-        let ours = r.name.starts_with(&format!("{PREFIX}topic."))
-            || r.name.starts_with(&format!("{PREFIX}dead."))
-            || parse_subscription_queue(&r.name).is_some();
-        if ours {
-            if let Some(s) = broker.queue_stats(&r.name).await? {
-                exact.insert(r.name.clone(), (u64::from(s.ready), u64::from(s.consumers)));
-            }
+    let mgmt = global.management().await?;
+    let listing = warren_queues(mgmt.as_ref(), &vhost, global.broker_is_local()).await;
+    let listing = match listing {
+        Ok(l) => l,
+        Err(e) => {
+            broker.close().await;
+            bail!("warren topics: {e}");
         }
-    }
-    broker.close().await;
-    let ready = |name: &str| exact.get(name).map(|e| e.0);
-    let mut topics: BTreeMap<String, Topic> = BTreeMap::new();
-    let recent_prefix = format!("{PREFIX}topic.");
-    for r in &rows {
-        if let Some(t) = r.name.strip_prefix(&recent_prefix) {
-            topic_entry(&mut topics, t).recent = ready(&r.name);
-        }
-        if let Some((t, svc, method)) = parse_subscription_queue(&r.name) {
-            let dead = dead_queue(svc).ok().and_then(|d| ready(&d));
-            topic_entry(&mut topics, t).subscribers.push(Subscriber {
-                target: format!("{svc}.{method}"),
-                queue: r.name.clone(),
-                pending: ready(&r.name),
-                unacked: r.messages_unacknowledged,
-                consumers: exact.get(&r.name).map(|e| e.1),
-                dead,
-            });
-        }
-    }
+    };
     let store = store(None).ok();
-    for (name, t) in &mut topics {
-        if let Some(s) = &store {
-            t.published = s.counter(&format!("published:{name}")).await.ok().flatten();
-        }
-    }
-    let topics: Vec<Topic> = topics.into_values().collect();
+    let topics =
+        warren_admin::topics::topics(&listing.queues, Some(&broker), store.as_deref()).await;
+    broker.close().await;
+    let topics = topics?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&topics)?);
         return Ok(ExitCode::SUCCESS);
@@ -188,23 +128,6 @@ pub async fn run_topics(global: &Global, args: &TopicsArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-fn topic_entry<'a>(topics: &'a mut BTreeMap<String, Topic>, t: &str) -> &'a mut Topic {
-    topics.entry(t.to_owned()).or_insert_with(|| Topic {
-        topic: t.to_owned(),
-        published: None,
-        recent: None,
-        subscribers: Vec::new(),
-    })
-}
-
-#[derive(Debug, Serialize)]
-struct Peeked {
-    id: Option<String>,
-    cid: Option<String>,
-    published_at: Option<String>,
-    payload: Value,
-}
-
 /// `warren peek <topic>`: the last messages published to a topic, read from its recent
 /// queue without removing them.
 pub async fn run_peek(global: &Global, args: &PeekArgs) -> anyhow::Result<ExitCode> {
@@ -212,58 +135,26 @@ pub async fn run_peek(global: &Global, args: &PeekArgs) -> anyhow::Result<ExitCo
     let broker = Broker::connect(global.amqp("warren peek")?)
         .await
         .context("cannot connect to the broker")?;
-    let queue = recent_queue(&args.topic);
-    let Some(stats) = broker.queue_stats(&queue).await? else {
-        broker.close().await;
+    let peeked = warren_admin::topics::peek(&broker, &args.topic, args.last).await;
+    broker.close().await;
+    let Some(peek) = peeked? else {
         bail!(
             "no topic {:?}: nothing was ever published to it",
             args.topic
         );
     };
-    let total = stats.ready as usize;
-    let batch = if total == 0 {
-        None
-    } else {
-        broker
-            .take(&queue, total, Duration::from_millis(500), |b| {
-                b.len() >= total
-            })
-            .await?
-    };
-    let bodies = batch.as_ref().map(|b| b.bodies.clone()).unwrap_or_default();
-    if let Some(b) = batch {
-        b.release().await;
-    }
-    broker.close().await;
-    let skip = bodies.len().saturating_sub(args.last);
-    let msgs: Vec<Peeked> = bodies[skip..]
-        .iter()
-        .map(|b| match Envelope::from_bytes(b) {
-            Ok(env) => Peeked {
-                id: Some(env.id.to_string()),
-                cid: Some(env.cid),
-                published_at: Some(utc_timestamp(env.created_ms)),
-                payload: env.payload,
-            },
-            Err(_) => Peeked {
-                id: None,
-                cid: None,
-                published_at: None,
-                payload: Value::String(String::from_utf8_lossy(b).into_owned()),
-            },
-        })
-        .collect();
+    let msgs = &peek.messages;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&msgs)?);
+        println!("{}", serde_json::to_string_pretty(msgs)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
         "{} of {} recent messages on {} (oldest first)",
         msgs.len(),
-        total,
+        peek.total,
         args.topic
     );
-    for m in &msgs {
+    for m in msgs {
         let mut payload = m.payload.to_string();
         if payload.len() > 80 {
             let mut cut = 77;

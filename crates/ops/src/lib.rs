@@ -250,6 +250,17 @@ pub trait DeadLetterOps {
         svc: &str,
         selection: &ReplaySelection,
     ) -> impl std::future::Future<Output = Result<Option<ReplayReport>>> + Send;
+
+    /// Like [`DeadLetterOps::replay_dead_letters`], calling `progress(done, selected)` after
+    /// each selected dead letter was handled (replayed or failed), e.g. to drive a progress
+    /// bar.
+    fn replay_dead_letters_with_progress(
+        &self,
+        publisher: &Publisher,
+        svc: &str,
+        selection: &ReplaySelection,
+        progress: &(dyn Fn(usize, usize) + Send + Sync),
+    ) -> impl std::future::Future<Output = Result<Option<ReplayReport>>> + Send;
 }
 
 impl DeadLetterOps for Broker {
@@ -300,6 +311,18 @@ impl DeadLetterOps for Broker {
         svc: &str,
         selection: &ReplaySelection,
     ) -> Result<Option<ReplayReport>> {
+        self.replay_dead_letters_with_progress(publisher, svc, selection, &|_, _| {})
+            .await
+    }
+
+    /// See [`DeadLetterOps::replay_dead_letters_with_progress`].
+    async fn replay_dead_letters_with_progress(
+        &self,
+        publisher: &Publisher,
+        svc: &str,
+        selection: &ReplaySelection,
+        progress: &(dyn Fn(usize, usize) + Send + Sync),
+    ) -> Result<Option<ReplayReport>> {
         let queue = dead_queue(svc)?;
         let Some(held) = self.hold(&queue, None).await? else {
             return Ok(None);
@@ -338,7 +361,10 @@ impl DeadLetterOps for Broker {
             }
         };
         report.skipped = selected.iter().filter(|s| !**s).count();
+        let total = letters.len() - report.skipped;
+        progress(0, total);
         for (letter, _) in letters.iter().zip(&selected).filter(|(_, s)| **s) {
+            progress(report.replayed.len() + report.failed.len(), total);
             if !held.is_live() {
                 report.interrupted = true;
                 break;
@@ -401,6 +427,7 @@ impl DeadLetterOps for Broker {
                 }
             }
         }
+        progress(report.replayed.len() + report.failed.len(), total);
         if let Err(e) = held.release().await {
             // The acks may not have reached the broker: the dead letters counted as replayed
             // may still be there, and replaying them again would duplicate their tasks.
