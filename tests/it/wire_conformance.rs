@@ -35,13 +35,26 @@ fn text(s: &str) -> AMQPValue {
 
 /// Publishes `body` persistent, mandatory and confirmed, as the doc's table says.
 async fn publish(ch: &Channel, exchange: &str, key: &str, body: &Value, reply_to: Option<&str>) {
+    publish_with(ch, exchange, key, body, reply_to, FieldTable::default()).await;
+}
+
+/// [`publish`] with AMQP headers.
+async fn publish_with(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &Value,
+    reply_to: Option<&str>,
+    headers: FieldTable,
+) {
     let id = body["id"].as_str().unwrap();
     let cid = body["cid"].as_str().unwrap();
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_message_id(id.into())
-        .with_correlation_id(cid.into());
+        .with_correlation_id(cid.into())
+        .with_headers(headers);
     if let Some(r) = reply_to {
         props = props.with_reply_to(r.into());
     }
@@ -343,6 +356,54 @@ async fn a_producer_that_follows_the_doc() {
         .unwrap()
         .unwrap();
     assert_eq!(next_cid, sentinel["cid"].as_str().unwrap());
+
+    // 6. "Trace context": a task carrying a W3C `traceparent` (and `tracestate`) runs in
+    //    that trace, and what the worker publishes for it (here its answer) carries the same
+    //    trace id and state, with the task's own span as the parent.
+    let traced = envelope(&svc, "double", json!(7));
+    let (trace_id, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    publish_with(
+        &ch,
+        "warren.tasks",
+        &svc,
+        &traced,
+        Some(&reply_q),
+        args(&[
+            ("traceparent", text(&format!("00-{trace_id}-{parent}-01"))),
+            ("tracestate", text("congo=t61rcWkgMzE")),
+        ]),
+    )
+    .await;
+    let d = tokio::time::timeout(Duration::from_secs(30), replies.next())
+        .await
+        .expect("an answer within 30 s")
+        .unwrap()
+        .unwrap();
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    let v: Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(
+        (v["id"].clone(), v["ok"].clone()),
+        (traced["id"].clone(), json!(14))
+    );
+    let header = |k: &str| match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(k))
+    {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("header {k}: {other:?}"),
+    };
+    let tp = header("traceparent");
+    let fields: Vec<&str> = tp.split('-').collect();
+    assert_eq!(fields.len(), 4, "{tp}");
+    assert_eq!(
+        (fields[0], fields[1], fields[3]),
+        ("00", trace_id, "01"),
+        "{tp}"
+    );
+    assert_ne!(fields[2], parent, "the task's own span is the parent: {tp}");
+    assert_eq!(header("tracestate"), "congo=t61rcWkgMzE");
 
     stop.cancel();
     handle.await.unwrap().unwrap();
