@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use warren::Message;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -295,24 +296,24 @@ async fn main() -> anyhow::Result<()> {
 
     // 1. Invoke: typed request, typed response.
     let hello: String = client
-        .invoke(
-            &format!("{greeter}.hello"),
+        .invoke(Task::new(
+            format!("{greeter}.hello"),
             &Greeting { name: "Ada".into() },
-        )
+        ))
         .await?;
     println!("1. invoke {greeter}.hello -> {hello:?}");
 
     // 2. Enqueue (fire and forget) with an oncomplete hook.
     let task = Task::new(
-        &format!("{billing}.invoice"),
+        format!("{billing}.invoice"),
         &Invoice {
             order: 7,
             cents: 1250,
         },
-    )?
+    )
     .with_cid("order-7")
     .on_complete(&Target::new(&audit, "record")?);
-    let receipt = client.send(task).await?;
+    let receipt = client.enqueue(task).await?;
     println!(
         "2. enqueued {billing}.invoice: id {} cid {}",
         receipt.id, receipt.cid
@@ -325,10 +326,10 @@ async fn main() -> anyhow::Result<()> {
 
     // 3. A handler error comes back typed.
     match client
-        .invoke::<u64>(
-            &format!("{billing}.invoice"),
+        .invoke::<u64>(Task::new(
+            format!("{billing}.invoice"),
             &Invoice { order: 8, cents: 0 },
-        )
+        ))
         .await
     {
         Err(e) => println!(
@@ -339,7 +340,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 4. A retried task: it asks for a retry twice, through a durable delay queue.
-    let out: String = client.invoke(&format!("{greeter}.flaky"), &()).await?;
+    let out: String = client
+        .invoke(Task::new(format!("{greeter}.flaky"), &()))
+        .await?;
     println!(
         "4. invoke {greeter}.flaky -> {out:?} ({} calls)",
         flaky_calls.load(Ordering::SeqCst)
@@ -347,7 +350,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 5. Bad input: a payload of the wrong type is dead-lettered, never retried.
     match client
-        .invoke::<String>(&format!("{greeter}.hello"), &42)
+        .invoke::<String>(Task::new(format!("{greeter}.hello"), &42))
         .await
     {
         Err(e) => println!("5. invoke with a payload of the wrong type -> {e}"),
@@ -370,15 +373,15 @@ async fn main() -> anyhow::Result<()> {
     ];
     println!("6. two worker processes host {words}; enqueueing a word count split into 6 parts");
     let job = Task::new(
-        &format!("{words}.count"),
+        format!("{words}.count"),
         &CountJob {
             text: TEXT.into(),
             chunks: 6,
         },
-    )?
+    )
     .with_cid("word-count-1")
     .on_complete(&Target::new(&audit, "words")?);
-    client.send(job).await?;
+    client.enqueue(job).await?;
     if let Some(line) = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await? {
         println!("   {line}");
     }
@@ -393,27 +396,27 @@ async fn main() -> anyhow::Result<()> {
     //    callback after each target and a fan-in callback once after all of them.
     let parallel = Parallel::new()
         .target(
-            &format!("{greeter}.hello"),
+            format!("{greeter}.hello"),
             &Greeting {
                 name: "Grace".into(),
             },
-        )?
+        )
         .target(
-            &format!("{billing}.invoice"),
+            format!("{billing}.invoice"),
             &Invoice {
                 order: 9,
                 cents: 300,
             },
-        )?
+        )
         .target(
-            &format!("{billing}.invoice"),
+            format!("{billing}.invoice"),
             &Invoice {
                 order: 10,
                 cents: 0,
             },
-        )?
-        .on_target(&format!("{audit}.step"))?
-        .on_final(&format!("{audit}.summary"))?
+        )
+        .on_target(format!("{audit}.step"))
+        .on_final(format!("{audit}.summary"))
         .with_cid("checkout-9");
     let receipt = client.parallel(parallel).await?;
     println!(
@@ -435,11 +438,11 @@ async fn main() -> anyhow::Result<()> {
     // 8. Invoke/retry: the first call blocks and fails; the next attempts run in background
     //    through a durable delay queue, and the callback runs once at the end.
     flaky_calls.store(0, Ordering::SeqCst);
-    let call = InvokeRetry::new(&format!("{greeter}.flaky"), &())?
+    let call = InvokeRetry::new(format!("{greeter}.flaky"), &())
         .repeats(3)
         .seconds(1)
-        .callback(&format!("{audit}.retried"))?
-        .context(&serde_json::json!({"requested_by": "demo"}))?;
+        .callback(format!("{audit}.retried"))
+        .context(&serde_json::json!({"requested_by": "demo"}));
     match client.invoke_retry_fallback::<String>(call).await? {
         Retried::Done(v) => println!("8. invoke/retry done at once: {v}"),
         Retried::Background { cid } => {
@@ -455,7 +458,10 @@ async fn main() -> anyhow::Result<()> {
     // 9. Publish/subscribe: two services subscribe to a topic; one publish reaches both,
     //    each through its own durable queue.
     let published = client
-        .publish(&topic, &serde_json::json!({"order": 7, "carrier": "owl"}))
+        .publish(Message::new(
+            &topic,
+            &serde_json::json!({"order": 7, "carrier": "owl"}),
+        ))
         .await?;
     println!("9. published to topic {topic} (id {})", published.id);
     for _ in 0..2 {
@@ -467,9 +473,9 @@ async fn main() -> anyhow::Result<()> {
     // 10. A chain: billing.quote then billing.tax, sharing a bog; the result is the bog after
     //     the last step (here: the values the steps returned).
     let chain = Chain::new()
-        .step(&format!("{billing}.quote"))?
-        .step(&format!("{billing}.tax"))?
-        .input("items", &4)?
+        .step(format!("{billing}.quote"))
+        .step(format!("{billing}.tax"))
+        .input("items", &4)
         .with_timeout(Duration::from_secs(30));
     let result = client.run_chain(chain).await?;
     println!(

@@ -50,20 +50,20 @@ async fn main() -> anyhow::Result<()> {
         let _ = stopped.await;
     }));
     let client = Client::connect().await?;
-    let call = |key: &str| -> anyhow::Result<InvokeRetry> {
-        Ok(InvokeRetry::new(&format!("{svc}.sync_crm"), &key)?
+    let call = |key: &str| {
+        InvokeRetry::new(format!("{svc}.sync_crm"), &key)
             .repeats(3)
-            .seconds(1))
+            .seconds(1)
     };
 
     // Sync + sync: blocks through all attempts.
-    let v: String = client.invoke_retry(call("a")?).await?;
+    let v: String = client.invoke_retry(call("a")).await?;
     println!("sync+sync  -> {v}");
 
     // Sync + async: the first attempt blocks; it fails, so the rest run in background.
-    let with_callback = call("b")?
-        .callback(&format!("{svc}.done"))?
-        .context(&json!({"ticket": 42}))?;
+    let with_callback = call("b")
+        .callback(format!("{svc}.done"))
+        .context(&json!({"ticket": 42}));
     match client
         .invoke_retry_fallback::<String>(with_callback)
         .await?
@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Async + async: a cid at once.
     let cid = client
-        .invoke_retry_async(call("c")?.callback(&format!("{svc}.done"))?)
+        .invoke_retry_async(call("c").callback(format!("{svc}.done")))
         .await?;
     println!("async+async -> cid {cid}");
 

@@ -64,11 +64,11 @@ async fn main() -> anyhow::Result<()> {
     let receipt = client
         .parallel(
             Parallel::new()
-                .target(&format!("{svc}.price"), &"book")?
-                .target(&format!("{svc}.stock"), &"book")?
-                .target(&format!("{svc}.stock"), &"gone")?
-                .on_target(&format!("{svc}.on_each"))?
-                .on_final(&format!("{svc}.on_all"))?
+                .target(format!("{svc}.price"), &"book")
+                .target(format!("{svc}.stock"), &"book")
+                .target(format!("{svc}.stock"), &"gone")
+                .on_target(format!("{svc}.on_each"))
+                .on_final(format!("{svc}.on_all"))
                 .with_cid("basket-1"),
         )
         .await?;

@@ -64,21 +64,23 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::connect().await?;
 
     println!("service policy (3 attempts):");
-    let r: Result<String, _> = client.invoke(&format!("{svc}.flaky"), &3).await;
+    let r: Result<String, _> = client.invoke(Task::new(format!("{svc}.flaky"), &3)).await;
     println!("  -> {r:?}");
     println!("method policy (5 attempts):");
-    let r: Result<String, _> = client.invoke(&format!("{svc}.careful"), &5).await;
+    let r: Result<String, _> = client.invoke(Task::new(format!("{svc}.careful"), &5)).await;
     println!("  -> {r:?}");
     println!("task policy (1 attempt, overrides the method's 5):");
-    let task = Task::new(&format!("{svc}.careful"), &5)?.with_retry(RetryPolicy::none());
-    let r: Result<String, _> = client.invoke_task(task).await;
+    let task = Task::new(format!("{svc}.careful"), &5).with_retry(RetryPolicy::none());
+    let r: Result<String, _> = client.invoke(task).await;
     println!(
         "  -> {}",
         r.map_err(|e| e.to_string()).unwrap_or_else(|e| e)
     );
-    let r: String = client.invoke(&format!("{svc}.polite"), &()).await?;
+    let r: String = client
+        .invoke(Task::new(format!("{svc}.polite"), &()))
+        .await?;
     println!("retry_after(300 ms) -> {r}");
-    let r: Result<i64, _> = client.invoke(&format!("{svc}.strict"), &-5).await;
+    let r: Result<i64, _> = client.invoke(Task::new(format!("{svc}.strict"), &-5)).await;
     println!(
         "reject -> {}",
         r.map_err(|e| e.to_string())

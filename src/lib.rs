@@ -46,13 +46,13 @@ pub use warren_core::trace;
 
 pub use warren_client::{
     as_completed, Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError,
-    Extract, InvokeRetry, Parallel, ParallelReceipt, Receipt, Retried, Task,
+    Extract, InvokeRetry, Message, Parallel, ParallelReceipt, Receipt, Retried, Task,
 };
 #[cfg(feature = "redis")]
 pub use warren_core::status::RedisStore;
 pub use warren_core::status::{StatusStore, TaskState, TaskStatus};
 pub use warren_core::{
-    AmqpConfig, Error as BrokerError, Failure, FailureKind, FanInOutcome, QueueType,
+    AmqpConfig, Error as BrokerError, Failure, FailureKind, FanInOutcome, IntoTarget, QueueType,
     ReconnectPolicy, RetryOutcome, SplitStarted, Target, TargetOutcome, Via,
 };
 pub use warren_worker::{

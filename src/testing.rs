@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use warren::testing::{unique, TestWorker};
-//! use warren::{Context, Service, TaskError, Worker};
+//! use warren::{Context, Service, Task, TaskError, Worker};
 //!
 //! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -25,7 +25,7 @@
 //!     ),
 //! )
 //! .await?;
-//! let out: i64 = worker.client().invoke(&format!("{svc}.double"), &21).await?;
+//! let out: i64 = worker.client().invoke(Task::new(&format!("{svc}.double"), &21)).await?;
 //! assert_eq!(out, 42);
 //! worker.stop().await?; // or drop it: the queues are deleted either way
 //! # Ok(()) }

@@ -3,6 +3,7 @@
 //! retried, and good tasks sent after it are still handled.
 
 use crate::common;
+use warren::Task;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -195,7 +196,10 @@ async fn bad_input(qt: QueueType) {
 
     // A good task after all of them is still handled.
     let client = Client::builder().amqp(config(qt)).connect().await.unwrap();
-    let v: i64 = client.invoke(&format!("{svc}.double"), &21).await.unwrap();
+    let v: i64 = client
+        .invoke(Task::new(format!("{svc}.double"), &21))
+        .await
+        .unwrap();
     assert_eq!(v, 42);
 
     // Every bad message is in the dead-letter queue exactly once, with its reason.
@@ -294,7 +298,10 @@ async fn bad_input(qt: QueueType) {
     }
 
     // Invoking a split method answers at once: the job started, with its part count.
-    let started: warren::SplitStarted = client.invoke(&format!("{svc}.job"), &3).await.unwrap();
+    let started: warren::SplitStarted = client
+        .invoke(Task::new(format!("{svc}.job"), &3))
+        .await
+        .unwrap();
     assert_eq!(started.parts, 3);
 
     // Nothing is left in the service queue, and the worker is still running.
@@ -367,7 +374,10 @@ async fn reply_to_outside_warren_is_not_honoured() {
         .connect()
         .await
         .unwrap();
-    let _: i64 = client.invoke(&format!("{svc}.double"), &1).await.unwrap();
+    let _: i64 = client
+        .invoke(Task::new(format!("{svc}.double"), &1))
+        .await
+        .unwrap();
     let stats = common::service_stats(client.broker(), &svc).await;
     assert_eq!(stats.ready, 0);
     let got = ch

@@ -37,14 +37,9 @@ async fn a_chain_survives_its_worker_being_killed_mid_chain() {
     for i in 0..CHAINS {
         let mut chain = Chain::new().with_cid(format!("{svc}-c{i}"));
         for _ in 0..STEPS {
-            chain = chain.step(&format!("{svc}.step")).unwrap();
+            chain = chain.step(format!("{svc}.step"));
         }
-        handles.push(
-            client
-                .enqueue_chain(chain.input("ms", &40).unwrap())
-                .await
-                .unwrap(),
-        );
+        handles.push(client.enqueue_chain(chain.input("ms", &40)).await.unwrap());
     }
     // Kill once about a third of all steps have started: chains are mid-way, steps in flight.
     wait_lines(

@@ -100,13 +100,9 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
         // them; a child of a child when n > 1 (the first child spawns one grandchild).
         .method("spawn", |ctx: Context, s: Spawn| async move {
             for k in 0..s.n {
-                let mut c = Chain::new()
-                    .step(&format!("{}.child", s.svc))
-                    .map_err(TaskError::reject)?
-                    .input("k", &k)
-                    .map_err(TaskError::reject)?;
+                let mut c = Chain::new().step(format!("{}.child", s.svc)).input("k", &k);
                 if k == 0 && s.n > 1 {
-                    c = c.input("grandchild", &true).map_err(TaskError::reject)?;
+                    c = c.input("grandchild", &true);
                 }
                 ctx.enqueue_chain(c).await.map_err(TaskError::fail)?;
             }
@@ -118,11 +114,7 @@ fn service(svc: &str, ran: &Arc<Mutex<Vec<String>>>, gauge: &Arc<Gauge>) -> Serv
             let k = b["k"].as_i64().unwrap_or(-1);
             if b["grandchild"] == json!(true) {
                 let svc = ctx.service().to_owned();
-                let c = Chain::new()
-                    .step(&format!("{svc}.child"))
-                    .map_err(TaskError::reject)?
-                    .input("k", &99)
-                    .map_err(TaskError::reject)?;
+                let c = Chain::new().step(format!("{svc}.child")).input("k", &99);
                 ctx.run_chain(c).await.map_err(TaskError::fail)?;
             }
             Ok::<_, TaskError>(json!({ format!("child{k}"): k }))
@@ -205,16 +197,11 @@ async fn a_three_step_chain_builds_its_bog() {
     let (svc, client, ran, running, _c) = fixture().await;
     let t = |m: &str| format!("{svc}.{m}");
     let chain = Chain::new()
-        .step(&t("double"))
-        .unwrap()
-        .step(&t("inc"))
-        .unwrap()
-        .step(&t("last"))
-        .unwrap()
+        .step(t("double"))
+        .step(t("inc"))
+        .step(t("last"))
         .input("x", &20)
-        .unwrap()
         .input("note", &"kept")
-        .unwrap()
         .with_cid("chain-cid");
     let handle = client.enqueue_chain(chain).await.unwrap();
     assert_eq!(handle.cid, "chain-cid");
@@ -257,14 +244,10 @@ async fn a_failing_step_aborts_the_chain() {
     let t = |m: &str| format!("{svc}.{m}");
     let chain = || {
         Chain::new()
-            .step(&t("double"))
-            .unwrap()
-            .step(&t("boom"))
-            .unwrap()
-            .step(&t("last"))
-            .unwrap()
+            .step(t("double"))
+            .step(t("boom"))
+            .step(t("last"))
             .input("x", &1)
-            .unwrap()
     };
     let e = client
         .run_chain(chain().with_timeout(Duration::from_secs(30)))
@@ -289,7 +272,7 @@ async fn a_failing_step_aborts_the_chain() {
         "raising off: an outcome instead of an error"
     );
     // A step returning something other than key-values fails the chain, never retried.
-    let bad = Chain::new().step(&t("scalar")).unwrap();
+    let bad = Chain::new().step(t("scalar"));
     let e = client.run_chain(bad).await.unwrap_err();
     assert_eq!(e.failure_kind(), Some(FailureKind::Rejected), "{e}");
     assert!(
@@ -311,12 +294,9 @@ async fn handles_complete_in_completion_order() {
     let mut handles = Vec::new();
     for (ms, tag) in [(900u64, "slow"), (10, "fast"), (400, "middle")] {
         let chain = Chain::new()
-            .step(&format!("{svc}.wait"))
-            .unwrap()
+            .step(format!("{svc}.wait"))
             .input("ms", &ms)
-            .unwrap()
-            .input("tag", &tag)
-            .unwrap();
+            .input("tag", &tag);
         handles.push(client.enqueue_chain(chain).await.unwrap());
     }
     let ids: Vec<_> = handles.iter().map(|h| h.id).collect();
@@ -346,12 +326,9 @@ async fn handles_complete_in_completion_order() {
 async fn child_chain_results_merge_only_when_asked() {
     let f = fixture_with(None).await;
     let chain = Chain::new()
-        .step(&format!("{}.spawn", f.svc))
-        .unwrap()
+        .step(format!("{}.spawn", f.svc))
         .input("svc", &f.svc)
-        .unwrap()
-        .input("n", &3)
-        .unwrap();
+        .input("n", &3);
     let r = f
         .client
         .run_chain(chain.with_timeout(Duration::from_secs(60)))
@@ -380,12 +357,9 @@ async fn capped_parallel_chains_never_exceed_the_cap_and_keep_input_order() {
     let chains: Vec<Chain> = (0..50)
         .map(|i| {
             Chain::new()
-                .step(&format!("{}.enter", f.svc))
-                .unwrap()
-                .step(&format!("{}.leave", f.svc))
-                .unwrap()
+                .step(format!("{}.enter", f.svc))
+                .step(format!("{}.leave", f.svc))
                 .input("i", &i)
-                .unwrap()
         })
         .collect();
     let results = f.client.enqueue_in_parallel(chains, 4).await.unwrap();
@@ -422,22 +396,13 @@ async fn a_handle_is_recreated_from_its_id_through_the_store() {
     let store = store("chainst");
     let f = fixture_with(Some(store.clone())).await;
     let t = |m: &str| format!("{}.{m}", f.svc);
-    let ok = Chain::new()
-        .step(&t("double"))
-        .unwrap()
-        .step(&t("inc"))
-        .unwrap()
-        .input("x", &5)
-        .unwrap();
-    let bad = Chain::new().step(&t("boom")).unwrap();
+    let ok = Chain::new().step(t("double")).step(t("inc")).input("x", &5);
+    let bad = Chain::new().step(t("boom"));
     // A step's retry is a new copy of the step: with claims on, it must still run.
     let flaky = Chain::new()
-        .step(&t("flaky_step"))
-        .unwrap()
-        .step(&t("inc"))
-        .unwrap()
-        .input("doubled", &1)
-        .unwrap();
+        .step(t("flaky_step"))
+        .step(t("inc"))
+        .input("doubled", &1);
     let r = f
         .client
         .enqueue_chain(flaky)

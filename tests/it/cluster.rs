@@ -120,7 +120,10 @@ async fn enqueue_through_a_leader_kill() {
                         return;
                     }
                     let payload = serde_json::json!({"key": format!("k{i}"), "ms": 0});
-                    match client.enqueue(&format!("{svc}.work"), &payload).await {
+                    match client
+                        .enqueue(Task::new(format!("{svc}.work"), &payload))
+                        .await
+                    {
                         Ok(_) => {
                             ok.fetch_add(1, Ordering::SeqCst);
                             acked.lock().unwrap().push(i);
@@ -266,14 +269,13 @@ async fn split_job_through_a_node_kill() {
     let client = client_for(&urls).await;
     let cid = unique("job");
     let task = Task::new(
-        &format!("{svc}.sum"),
+        format!("{svc}.sum"),
         &serde_json::json!({"n": N, "ms": 100}),
     )
-    .unwrap()
     .with_cid(&cid)
-    .on_complete(&Target::new(&svc, "done").unwrap())
-    .on_error(&Target::new(&svc, "failed").unwrap());
-    let receipt = client.send(task).await.expect("split job enqueued");
+    .on_complete(Target::new(&svc, "done").unwrap())
+    .on_error(Target::new(&svc, "failed").unwrap());
+    let receipt = client.enqueue(task).await.expect("split job enqueued");
     let part_queue = format!("part.{svc}-sum-{}", receipt.id);
 
     // Mid-job: a quarter of the parts ran.
@@ -366,13 +368,12 @@ async fn invokes_through_a_node_kill() {
         tokio::spawn(async move {
             let key = format!("k{i}");
             let task = Task::new(
-                &format!("{svc}.work"),
+                format!("{svc}.work"),
                 &serde_json::json!({"key": key, "ms": 3000}),
             )
-            .unwrap()
             .with_timeout(DEADLINE);
             let t = Instant::now();
-            let res = client.invoke_task::<String>(task).await;
+            let res = client.invoke::<String>(task).await;
             (key, t.elapsed(), res)
         })
     };

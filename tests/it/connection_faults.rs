@@ -4,6 +4,7 @@
 
 use crate::common;
 use crate::support;
+use warren::Task;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -83,7 +84,10 @@ async fn connection_cut_twice_under_load() {
         .unwrap();
     const N: u64 = 600;
     for n in 0..N {
-        client.enqueue(&format!("{svc}.work"), &n).await.unwrap();
+        client
+            .enqueue(Task::new(format!("{svc}.work"), &n))
+            .await
+            .unwrap();
     }
     for threshold in [100, 300] {
         poll("progress before the cut", Duration::from_secs(60), || {
@@ -140,14 +144,20 @@ async fn blackholed_connection_is_detected_by_heartbeat() {
         .await
         .unwrap();
     for n in 0..100u64 {
-        client.enqueue(&format!("{svc}.work"), &n).await.unwrap();
+        client
+            .enqueue(Task::new(format!("{svc}.work"), &n))
+            .await
+            .unwrap();
     }
     wait_done(&ledger, 100, 60).await;
     let before = proxy.connection_count();
     proxy.blackhole(true);
     // Work sent while the worker's connections are black-holed.
     for n in 100..200u64 {
-        client.enqueue(&format!("{svc}.work"), &n).await.unwrap();
+        client
+            .enqueue(Task::new(format!("{svc}.work"), &n))
+            .await
+            .unwrap();
     }
     // Heartbeats time out; the worker tries new connections (still black-holed).
     poll(

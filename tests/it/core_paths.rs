@@ -119,7 +119,13 @@ async fn enqueue_10k_exactly_once(qt: QueueType) {
         senders.spawn(async move {
             let mut ids = Vec::new();
             for n in (lane..N).step_by(32) {
-                ids.push(client.enqueue(&target, &n).await.expect("enqueue").id);
+                ids.push(
+                    client
+                        .enqueue(Task::new(&target, &n))
+                        .await
+                        .expect("enqueue")
+                        .id,
+                );
             }
             ids
         });
@@ -166,17 +172,15 @@ async fn invoke_results_errors_deadlines(qt: QueueType) {
     let c = &run.client;
 
     let sum: i64 = c
-        .invoke(&format!("{svc}.add"), &Sum { a: 40, b: 2 })
+        .invoke(Task::new(format!("{svc}.add"), &Sum { a: 40, b: 2 }))
         .await
         .unwrap();
     assert_eq!(sum, 42);
 
     // A caller-supplied cid comes back in errors; a rejection is typed and not retried.
     let err = c
-        .invoke_task::<i64>(
-            Task::new(&format!("{svc}.add"), &Sum { a: i64::MAX, b: 1 })
-                .unwrap()
-                .with_cid("my-cid"),
+        .invoke::<i64>(
+            Task::new(format!("{svc}.add"), &Sum { a: i64::MAX, b: 1 }).with_cid("my-cid"),
         )
         .await
         .unwrap_err();
@@ -191,7 +195,7 @@ async fn invoke_results_errors_deadlines(qt: QueueType) {
 
     // A failing handler is retried (policy: 4 attempts, no delay) then reported.
     let err = c
-        .invoke::<()>(&format!("{svc}.fails"), &"disk full")
+        .invoke::<()>(Task::new(format!("{svc}.fails"), &"disk full"))
         .await
         .unwrap_err();
     assert_eq!(err.failure_kind(), Some(FailureKind::Handler));
@@ -200,21 +204,21 @@ async fn invoke_results_errors_deadlines(qt: QueueType) {
 
     // Payload that does not fit the handler's type.
     let err = c
-        .invoke::<i64>(&format!("{svc}.add"), &"not a sum")
+        .invoke::<i64>(Task::new(format!("{svc}.add"), &"not a sum"))
         .await
         .unwrap_err();
     assert_eq!(err.failure_kind(), Some(FailureKind::BadPayload));
 
     // Unknown method on a hosted service.
     let err = c
-        .invoke::<i64>(&format!("{svc}.nope"), &1)
+        .invoke::<i64>(Task::new(format!("{svc}.nope"), &1))
         .await
         .unwrap_err();
     assert_eq!(err.failure_kind(), Some(FailureKind::UnknownTarget));
 
     // A reply of the wrong type is a decode error, not a panic.
     let err = c
-        .invoke::<String>(&format!("{svc}.add"), &Sum { a: 1, b: 1 })
+        .invoke::<String>(Task::new(format!("{svc}.add"), &Sum { a: 1, b: 1 }))
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Decode { .. }), "{err:?}");
@@ -222,20 +226,24 @@ async fn invoke_results_errors_deadlines(qt: QueueType) {
     // The deadline expires cleanly, and the client still works afterwards.
     let started = std::time::Instant::now();
     let err = c
-        .invoke_task::<u64>(
-            Task::new(&format!("{svc}.slow"), &3_000u64)
-                .unwrap()
-                .with_timeout(Duration::from_millis(300)),
+        .invoke::<u64>(
+            Task::new(format!("{svc}.slow"), &3_000u64).with_timeout(Duration::from_millis(300)),
         )
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let v: u64 = c.invoke(&format!("{svc}.slow"), &1u64).await.unwrap();
+    let v: u64 = c
+        .invoke(Task::new(format!("{svc}.slow"), &1u64))
+        .await
+        .unwrap();
     assert_eq!(v, 1);
 
     // retry_after: attempts 1 and 2 ask for a 100 ms delay, attempt 3 succeeds.
-    let attempt: u32 = c.invoke(&format!("{svc}.flaky"), &3u32).await.unwrap();
+    let attempt: u32 = c
+        .invoke(Task::new(format!("{svc}.flaky"), &3u32))
+        .await
+        .unwrap();
     assert_eq!(attempt, 3);
 
     run.stop().await;
@@ -266,22 +274,22 @@ async fn names_are_checked_before_anything_is_sent() {
         "im ages.resize",
         "imagés.resize",
     ] {
-        let err = client.enqueue(bad, &1).await.unwrap_err();
+        let err = client.enqueue(Task::new(bad, &1)).await.unwrap_err();
         assert!(matches!(err, ClientError::Name(_)), "{bad}: {err:?}");
     }
     let long_svc = "s".repeat(250);
     let err = client
-        .enqueue(&format!("{long_svc}.m"), &1)
+        .enqueue(Task::new(format!("{long_svc}.m"), &1))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("255"), "{err}");
     let long_method = "m".repeat(300);
     assert!(client
-        .enqueue(&format!("svc.{long_method}"), &1)
+        .enqueue(Task::new(format!("svc.{long_method}"), &1))
         .await
         .is_err());
     let err = client
-        .send(Task::new("svc.m", &1).unwrap().with_cid("c".repeat(256)))
+        .enqueue(Task::new("svc.m", &1).with_cid("c".repeat(256)))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("cid"), "{err}");

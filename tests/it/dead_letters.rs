@@ -9,6 +9,7 @@
 //! adds only option parsing and printing, unit-tested in crates/cli/src/dead.rs.
 
 use crate::common;
+use warren::Task;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -99,7 +100,12 @@ async fn dead_letter_tasks(
     let failing = worker(svc, qt, ledger.clone(), false).await;
     let mut receipts = Vec::new();
     for i in 0..n {
-        receipts.push(client.enqueue(&format!("{svc}.work"), &i).await.unwrap());
+        receipts.push(
+            client
+                .enqueue(Task::new(format!("{svc}.work"), &i))
+                .await
+                .unwrap(),
+        );
     }
     wait_ready(
         client.broker(),
@@ -120,7 +126,7 @@ const SENTINEL: u64 = 1_000_000;
 /// show that nothing else runs. Returns the sentinel's task id.
 async fn run_sentinel(client: &Client, svc: &str, ledger: &Ledger) -> Uuid {
     let id = client
-        .enqueue(&format!("{svc}.work"), &SENTINEL)
+        .enqueue(Task::new(format!("{svc}.work"), &SENTINEL))
         .await
         .unwrap()
         .id;

@@ -41,18 +41,14 @@ async fn fan_in_of_100_targets_survives_a_sigkill() {
     let work = format!("{svc}.work");
     let mut p = Parallel::new();
     for i in 0..N {
-        p = p
-            .target(
-                &work,
-                &serde_json::json!({"key": format!("k{i}"), "ms": 20}),
-            )
-            .unwrap();
+        p = p.target(
+            &work,
+            &serde_json::json!({"key": format!("k{i}"), "ms": 20}),
+        );
     }
     let p = p
-        .on_final(&format!("{svc}.done"))
-        .unwrap()
-        .on_final(&format!("{svc}.failed"))
-        .unwrap()
+        .on_final(format!("{svc}.done"))
+        .on_final(format!("{svc}.failed"))
         .with_cid(&cid);
     let sent_from = utc_timestamp(now_ms());
     let receipt = client.parallel(p).await.unwrap();

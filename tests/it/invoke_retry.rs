@@ -73,10 +73,10 @@ async fn fixture() -> Fixture {
         .method("caller", move |ctx: Context, key: String| {
             let svc = me.clone();
             async move {
-                let call = InvokeRetry::new(&format!("{svc}.flaky"), &Flaky { key, ok_at: 2 })?
+                let call = InvokeRetry::new(format!("{svc}.flaky"), &Flaky { key, ok_at: 2 })
                     .repeats(3)
                     .interval(INTERVAL)
-                    .callback(&format!("{svc}.cb"))?;
+                    .callback(format!("{svc}.cb"));
                 Ok::<_, TaskError>(ctx.invoke_retry_async(call).await?)
             }
         });
@@ -111,13 +111,12 @@ impl Fixture {
 
     fn call(&self, key: &str, ok_at: u32, repeats: u32) -> InvokeRetry {
         InvokeRetry::new(
-            &self.t("flaky"),
+            self.t("flaky"),
             &Flaky {
                 key: key.into(),
                 ok_at,
             },
         )
-        .unwrap()
         .repeats(repeats)
         .interval(INTERVAL)
     }
@@ -227,16 +226,14 @@ async fn sync_async_returns_at_once_or_goes_on_in_background() {
     let f = fixture().await;
     let first = f
         .client
-        .invoke_retry_fallback::<String>(f.call("ok", 1, 3).callback(&f.t("cb")).unwrap())
+        .invoke_retry_fallback::<String>(f.call("ok", 1, 3).callback(f.t("cb")))
         .await
         .unwrap();
     assert_eq!(first, Retried::Done("ok-ok".to_owned()));
     let call = f
         .call("later", 3, 4)
-        .callback(&f.t("cb"))
-        .unwrap()
+        .callback(f.t("cb"))
         .context(&json!({"hi": "there"}))
-        .unwrap()
         .with_cid(unique("cid"));
     let Retried::Background { cid } = f
         .client
@@ -267,7 +264,7 @@ async fn sync_async_returns_at_once_or_goes_on_in_background() {
 #[tokio::test]
 async fn background_call_that_never_succeeds_reports_once() {
     let f = fixture().await;
-    let call = f.call("never", 99, 3).callback(&f.t("cb")).unwrap();
+    let call = f.call("never", 99, 3).callback(f.t("cb"));
     let Retried::Background { cid } = f
         .client
         .invoke_retry_fallback::<String>(call)
@@ -301,7 +298,7 @@ async fn async_async_returns_a_cid_at_once() {
     let f = fixture().await;
     let cid = f
         .client
-        .invoke_retry_async(f.call("bg", 2, 3).callback(&f.t("cb")).unwrap())
+        .invoke_retry_async(f.call("bg", 2, 3).callback(f.t("cb")))
         .await
         .unwrap();
     let (via, o) = f.wait_callback(&cid).await;
@@ -311,7 +308,7 @@ async fn async_async_returns_a_cid_at_once() {
     check_spacing(&f.attempts_of("bg"), 2);
     let cid2 = f
         .client
-        .invoke_retry_async(f.call("bg-never", 99, 2).callback(&f.t("cb")).unwrap())
+        .invoke_retry_async(f.call("bg-never", 99, 2).callback(f.t("cb")))
         .await
         .unwrap();
     let (_, o) = f.wait_callback(&cid2).await;
@@ -322,11 +319,7 @@ async fn async_async_returns_a_cid_at_once() {
     let caller_cid = unique("outer");
     let inner: String = f
         .client
-        .invoke_task(
-            warren::Task::new(&f.t("caller"), &"from-handler")
-                .unwrap()
-                .with_cid(caller_cid.clone()),
-        )
+        .invoke(warren::Task::new(f.t("caller"), &"from-handler").with_cid(caller_cid.clone()))
         .await
         .unwrap();
     let (_, o) = f.wait_callback(&inner).await;
@@ -340,7 +333,7 @@ async fn async_async_returns_a_cid_at_once() {
 #[tokio::test]
 async fn bad_requests_get_typed_errors_and_bad_targets_are_not_retried() {
     let f = fixture().await;
-    let no_interval = InvokeRetry::new(&f.t("flaky"), &1).unwrap().repeats(3);
+    let no_interval = InvokeRetry::new(f.t("flaky"), &1).repeats(3);
     for e in [
         f.client
             .invoke_retry::<Value>(no_interval.clone())
@@ -357,15 +350,14 @@ async fn bad_requests_get_typed_errors_and_bad_targets_are_not_retried() {
         .await
         .unwrap_err();
     assert!(matches!(e, ClientError::ZeroRepeats), "{e}");
+    // An invalid name is kept by the builder and returned before anything is sent.
+    let bad = InvokeRetry::new("nodot", &1).repeats(2).seconds(1);
     assert!(matches!(
-        InvokeRetry::new("nodot", &1),
+        f.client.invoke_retry_async(bad).await,
         Err(ClientError::Name(_))
     ));
     // An unknown method fails at once, whatever the repeats: it cannot succeed.
-    let unknown = InvokeRetry::new(&f.t("nope"), &1)
-        .unwrap()
-        .repeats(5)
-        .seconds(1);
+    let unknown = InvokeRetry::new(f.t("nope"), &1).repeats(5).seconds(1);
     let e = f
         .client
         .invoke_retry::<Value>(unknown.clone())
@@ -374,7 +366,7 @@ async fn bad_requests_get_typed_errors_and_bad_targets_are_not_retried() {
     assert_eq!(e.failure_kind(), Some(FailureKind::UnknownTarget), "{e}");
     let cid = f
         .client
-        .invoke_retry_async(unknown.callback(&f.t("cb")).unwrap())
+        .invoke_retry_async(unknown.callback(f.t("cb")))
         .await
         .unwrap();
     let (_, o) = f.wait_callback(&cid).await;

@@ -4,6 +4,7 @@
 //! calls from inside a handler name it as their source.
 
 use crate::common;
+use warren::Task;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,9 +54,9 @@ fn service(svc: &str, calls: &Calls) -> Service {
             async move {
                 let mut p = Parallel::new();
                 for i in 0..n {
-                    p = p.target(&format!("{svc}.inc"), &i)?;
+                    p = p.target(format!("{svc}.inc"), &i);
                 }
-                let p = p.on_final(&format!("{svc}.all1"))?;
+                let p = p.on_final(format!("{svc}.all1"));
                 let r = ctx.parallel(p).await?;
                 Ok::<_, TaskError>(r.job.to_string())
             }
@@ -141,16 +142,11 @@ async fn three_targets_two_callbacks(qt: QueueType) {
         .client
         .parallel(
             Parallel::new()
-                .target(&f.t("inc"), &10)
-                .unwrap()
-                .target(&f.t("double"), &10)
-                .unwrap()
-                .target(&f.t("boom"), &10)
-                .unwrap()
-                .on_target(&f.t("cb1"))
-                .unwrap()
-                .on_target(&f.t("cb2"))
-                .unwrap()
+                .target(f.t("inc"), &10)
+                .target(f.t("double"), &10)
+                .target(f.t("boom"), &10)
+                .on_target(f.t("cb1"))
+                .on_target(f.t("cb2"))
                 .with_cid(cid.clone()),
         )
         .await
@@ -213,15 +209,12 @@ async fn fan_in_runs_each_final_callback_once_with_every_outcome() {
     let mut p = Parallel::new();
     for i in 0..20 {
         let m = if i == 7 { "boom" } else { "inc" };
-        p = p.target(&f.t(m), &i).unwrap();
+        p = p.target(f.t(m), &i);
     }
     let p = p
-        .on_target(&f.t("cb1"))
-        .unwrap()
-        .on_final(&f.t("all1"))
-        .unwrap()
-        .on_final(&f.t("all2"))
-        .unwrap();
+        .on_target(f.t("cb1"))
+        .on_final(f.t("all1"))
+        .on_final(f.t("all2"));
     let receipt = f.client.parallel(p).await.unwrap();
     f.wait_calls("all1", 1).await;
     f.wait_calls("all2", 1).await;
@@ -264,7 +257,7 @@ async fn fan_in_runs_each_final_callback_once_with_every_outcome() {
 #[tokio::test]
 async fn fan_in_started_by_a_handler_names_its_source() {
     let f = fixture(QueueType::Quorum).await;
-    let job: String = f.client.invoke(&f.t("fan"), &5).await.unwrap();
+    let job: String = f.client.invoke(Task::new(f.t("fan"), &5)).await.unwrap();
     let finals = f.wait_calls("all1", 1).await;
     let out: FanInOutcome = serde_json::from_value(finals[0].2.clone()).unwrap();
     assert_eq!(out.source, Some(f.t("fan")));
@@ -293,16 +286,19 @@ async fn parallel_refuses_bad_requests_before_sending() {
         .unwrap();
     let e = client.parallel(Parallel::new()).await.unwrap_err();
     assert!(matches!(e, ClientError::NoTargets), "{e}");
+    // Invalid names are kept by the builder and returned before anything is sent.
     assert!(matches!(
-        Parallel::new().target("NoDot", &1),
+        client.parallel(Parallel::new().target("NoDot", &1)).await,
         Err(ClientError::Name(_))
     ));
     assert!(matches!(
-        Parallel::new().on_final("bad name.x"),
+        client
+            .parallel(Parallel::new().target("a.b", &1).on_final("bad name.x"))
+            .await,
         Err(ClientError::Name(_))
     ));
     let long = "c".repeat(256);
-    let p = Parallel::new().target("a.b", &1).unwrap().with_cid(long);
+    let p = Parallel::new().target("a.b", &1).with_cid(long);
     assert!(
         client.parallel(p).await.is_err(),
         "a cid over 255 bytes is refused"

@@ -4,6 +4,7 @@
 //! dead-lettered with the subscription queue as its source.
 
 use crate::common;
+use warren::Message;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -97,13 +98,13 @@ async fn two_subscribers_each_get_every_message_exactly_once() {
         let (client, topic) = (&client, &topic);
         async move {
             client
-                .publish(
+                .publish(Message::new(
                     topic,
                     &Event {
                         n,
                         fail_first: n % 1000 == 7,
                     },
-                )
+                ))
                 .await
         }
     });
@@ -173,13 +174,13 @@ async fn a_stopped_subscriber_gets_what_was_published_meanwhile() {
         .unwrap();
     for n in 0..300 {
         client
-            .publish(
+            .publish(Message::new(
                 &topic,
                 &Event {
                     n,
                     fail_first: false,
                 },
-            )
+            ))
             .await
             .unwrap();
     }
@@ -220,15 +221,18 @@ async fn a_message_that_cannot_be_handled_is_dead_lettered_from_its_subscription
         .connect()
         .await
         .unwrap();
-    client.publish(&topic, &"not an event").await.unwrap();
     client
-        .publish(
+        .publish(Message::new(&topic, &"not an event"))
+        .await
+        .unwrap();
+    client
+        .publish(Message::new(
             &topic,
             &Event {
                 n: 1,
                 fail_first: false,
             },
-        )
+        ))
         .await
         .unwrap();
     poll("the good message", Duration::from_secs(30), || async {
@@ -258,9 +262,12 @@ async fn publishing_checks_names_and_works_without_subscribers() {
         .connect()
         .await
         .unwrap();
-    assert!(client.publish("Bad Topic", &1).await.is_err());
+    assert!(client.publish(Message::new("Bad Topic", &1)).await.is_err());
     let topic = unique("lonely");
-    let r = client.publish_with_cid(&topic, &1, "my-cid").await.unwrap();
+    let r = client
+        .publish(Message::new(&topic, &1).with_cid("my-cid"))
+        .await
+        .unwrap();
     assert_eq!(r.cid, "my-cid");
     let recent = client
         .broker()
@@ -299,13 +306,13 @@ async fn a_worker_with_concurrency_one_serves_its_subscription_and_its_service()
         .unwrap();
     for n in 0..20 {
         client
-            .publish(
+            .publish(Message::new(
                 &topic,
                 &Event {
                     n,
                     fail_first: false,
                 },
-            )
+            ))
             .await
             .unwrap();
     }
@@ -317,16 +324,13 @@ async fn a_worker_with_concurrency_one_serves_its_subscription_and_its_service()
     .await;
     // And the service queue is served too.
     client
-        .send(
-            warren::Task::new(
-                &format!("{svc}.got"),
-                &Event {
-                    n: 99,
-                    fail_first: false,
-                },
-            )
-            .unwrap(),
-        )
+        .enqueue(warren::Task::new(
+            format!("{svc}.got"),
+            &Event {
+                n: 99,
+                fail_first: false,
+            },
+        ))
         .await
         .unwrap();
     poll("the direct task", Duration::from_secs(30), || async {

@@ -13,6 +13,7 @@
 
 use crate::common;
 use crate::support;
+use warren::Message;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -109,7 +110,7 @@ async fn publish_keys(
             async move {
                 let payload = serde_json::json!({"key": format!("k{i}"), "ms": ms});
                 let receipt = client
-                    .publish(topic, &payload)
+                    .publish(Message::new(topic, &payload))
                     .await
                     .map_err(|e| format!("publishing k{i} to {topic}: {e}"))?;
                 published.fetch_add(1, Ordering::SeqCst);

@@ -88,12 +88,11 @@ impl Setup {
     /// Sends `flaky` for `key`: attempt 1 fails, attempt 2 (after `delay`) succeeds.
     async fn send_flaky(&self, key: &str, delay: Duration) {
         let task = Task::new(
-            &format!("{}.flaky", self.svc),
+            format!("{}.flaky", self.svc),
             &serde_json::json!({"key": key, "fail_until": 2}),
         )
-        .unwrap()
         .with_retry(RetryPolicy::fixed(2, delay));
-        self.client.send(task).await.unwrap();
+        self.client.enqueue(task).await.unwrap();
     }
 
     /// Ready messages in a queue (0 when it does not exist).

@@ -78,11 +78,11 @@ async fn precedence_is_task_then_method_then_service_then_worker() {
     ];
     for (target, task_policy, attempts, level) in cases {
         let key = format!("{level}-key");
-        let mut task = Task::new(&target, &(key.clone(), 99u32)).unwrap();
+        let mut task = Task::new(&target, &(key.clone(), 99u32));
         if let Some(p) = task_policy {
             task = task.with_retry(p);
         }
-        let e = client.invoke_task::<String>(task).await.unwrap_err();
+        let e = client.invoke::<String>(task).await.unwrap_err();
         assert!(matches!(e, ClientError::Failed { .. }), "{e}");
         assert_eq!(e.failure_kind(), Some(FailureKind::Handler));
         assert_eq!(count(&runs, &key), attempts, "the {level} policy applies");
@@ -94,10 +94,10 @@ async fn precedence_is_task_then_method_then_service_then_worker() {
     }
     // A task that succeeds on its second attempt returns its value to the invoker.
     let v: String = client
-        .invoke(
-            &format!("{with_policy}.plain"),
+        .invoke(Task::new(
+            format!("{with_policy}.plain"),
             &("second".to_owned(), 2u32),
-        )
+        ))
         .await
         .unwrap();
     assert_eq!(v, "second");
@@ -127,10 +127,9 @@ async fn a_long_delay_does_not_hold_back_a_short_one() {
         .unwrap();
     let target = format!("{svc}.once");
     let send = |key: &str, delay: Duration| {
-        let task = Task::new(&target, &(key.to_owned(), 2u32))
-            .unwrap()
-            .with_retry(RetryPolicy::fixed(2, delay));
-        client.send(task)
+        let task =
+            Task::new(&target, &(key.to_owned(), 2u32)).with_retry(RetryPolicy::fixed(2, delay));
+        client.enqueue(task)
     };
     let at = |key: &str, attempt: u32| {
         runs.lock()

@@ -79,14 +79,13 @@ impl Setup {
     async fn job(&self, n: u64, ms: u64) -> (String, String) {
         let cid = unique("job");
         let task = Task::new(
-            &format!("{}.sum", self.svc),
+            format!("{}.sum", self.svc),
             &serde_json::json!({"n": n, "ms": ms}),
         )
-        .unwrap()
         .with_cid(&cid)
-        .on_complete(&Target::new(&self.svc, "done").unwrap())
-        .on_error(&Target::new(&self.svc, "failed").unwrap());
-        let r = self.client.send(task).await.unwrap();
+        .on_complete(Target::new(&self.svc, "done").unwrap())
+        .on_error(Target::new(&self.svc, "failed").unwrap());
+        let r = self.client.enqueue(task).await.unwrap();
         (cid, format!("part.{}-sum-{}", self.svc, r.id))
     }
 
@@ -331,10 +330,10 @@ async fn a_split_task_redelivered_after_its_join_does_nothing() {
     // One task at a time: the redelivered split task runs before a sentinel sent after it.
     let second = s.worker(1).await;
     s.client
-        .enqueue(
-            &format!("{}.work", s.svc),
+        .enqueue(Task::new(
+            format!("{}.work", s.svc),
             &serde_json::json!({"key": "sentinel"}),
-        )
+        ))
         .await
         .unwrap();
     let end = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -121,12 +121,11 @@ impl Fixture {
     /// Enqueues a split job and waits until its hook ran and its part queue is gone.
     async fn run_job(&self, job: &Job) -> (String, Vec<(String, String, Value)>) {
         let cid = unique("cid");
-        let task = Task::new(&format!("{}.square", self.svc), job)
-            .unwrap()
+        let task = Task::new(format!("{}.square", self.svc), job)
             .with_cid(&cid)
-            .on_complete(&self.target("done"))
-            .on_error(&self.target("failed"));
-        let receipt = self.client.send(task).await.unwrap();
+            .on_complete(self.target("done"))
+            .on_error(self.target("failed"));
+        let receipt = self.client.enqueue(task).await.unwrap();
         let part_queue = format!("part.{}-square-{}", self.svc, receipt.id);
         self.settle(&cid, &part_queue).await;
         let calls = self
@@ -226,16 +225,15 @@ async fn split_sizes(qt: QueueType) {
     // Zero parts: oncomplete at once with an empty list.
     let cid = unique("cid");
     let task = Task::new(
-        &format!("{}.square", f.svc),
+        format!("{}.square", f.svc),
         &Job {
             n: 0,
             fail_at: None,
         },
     )
-    .unwrap()
     .with_cid(&cid)
-    .on_complete(&f.target("done"));
-    let receipt = f.client.send(task).await.unwrap();
+    .on_complete(f.target("done"));
+    let receipt = f.client.enqueue(task).await.unwrap();
     let zero_queue = format!("part.{}-square-{}", f.svc, receipt.id);
     f.wait_hook(&cid).await;
     let calls = f.calls(&cid);
@@ -319,22 +317,21 @@ async fn hand_attached_parts_with_a_duplicate_join_once() {
     let cid = unique("cid");
     let part_queue = format!("part.custom-{}", uuid::Uuid::new_v4());
     let part = |i: u64| {
-        Task::new(&format!("{}.square", f.svc), &Part { i, fail: false })
-            .unwrap()
+        Task::new(format!("{}.square", f.svc), &Part { i, fail: false })
             .with_cid(&cid)
             .with_part(u32::try_from(i).unwrap(), 6, &part_queue)
-            .on_complete(&f.target("done"))
+            .on_complete(f.target("done"))
     };
     // Part 2 is sent twice (a duplicate), part 5 last.
     for i in [0, 1, 2, 3, 2, 4, 5] {
-        f.client.send(part(i)).await.unwrap();
+        f.client.enqueue(part(i)).await.unwrap();
     }
     f.wait_settled(&cid, &part_queue).await;
     let calls = f.calls(&cid);
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].2, squares(6));
     // A late duplicate after the join neither recreates the part queue nor fires again.
-    f.client.send(part(4)).await.unwrap();
+    f.client.enqueue(part(4)).await.unwrap();
     let broker = f.client.broker().clone();
     let sq = format!("warren.svc.{}", f.svc);
     poll("late duplicate taken", Duration::from_secs(30), || {
@@ -371,11 +368,11 @@ async fn part_queue_name_limit_is_checked_at_enqueue() {
     let fits = "m".repeat(212 - svc.len());
     let over = "m".repeat(213 - svc.len());
     client
-        .enqueue(&format!("{svc}.{fits}"), &1)
+        .enqueue(Task::new(format!("{svc}.{fits}"), &1))
         .await
         .expect("255-byte part queue fits");
     let err = client
-        .enqueue(&format!("{svc}.{over}"), &1)
+        .enqueue(Task::new(format!("{svc}.{over}"), &1))
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Name(_)), "{err:?}");
@@ -384,11 +381,7 @@ async fn part_queue_name_limit_is_checked_at_enqueue() {
     assert_eq!(stats.ready, 1, "only the task that fits was published");
     // A hand-attached part queue over the limit is refused too.
     let err = client
-        .send(
-            Task::new(&format!("{svc}.m"), &1)
-                .unwrap()
-                .with_part(0, 1, "p".repeat(256)),
-        )
+        .enqueue(Task::new(format!("{svc}.m"), &1).with_part(0, 1, "p".repeat(256)))
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Name(_)), "{err:?}");

@@ -66,19 +66,11 @@ async fn statuses_outlive_the_worker_and_the_caller() {
     let c = client(Some(st.clone())).await;
     let cid = unique("cid");
     let ok = c
-        .send(
-            Task::new(&format!("{svc}.double"), &21)
-                .unwrap()
-                .with_cid(cid.clone()),
-        )
+        .enqueue(Task::new(format!("{svc}.double"), &21).with_cid(cid.clone()))
         .await
         .unwrap();
     let bad = c
-        .send(
-            Task::new(&format!("{svc}.double"), &-1)
-                .unwrap()
-                .with_cid(cid.clone()),
-        )
+        .enqueue(Task::new(format!("{svc}.double"), &-1).with_cid(cid.clone()))
         .await
         .unwrap();
     poll("both tasks finished", Duration::from_secs(30), || async {
@@ -127,10 +119,8 @@ async fn statuses_expire_after_the_retention() {
     let running = worker(&svc, Some(st.clone())).await;
     let c = client(Some(st)).await;
     let cid = unique("cid");
-    let task = Task::new(&format!("{svc}.double"), &5)
-        .unwrap()
-        .with_cid(cid.clone());
-    let v: i64 = c.invoke_task(task).await.unwrap();
+    let task = Task::new(format!("{svc}.double"), &5).with_cid(cid.clone());
+    let v: i64 = c.invoke(task).await.unwrap();
     assert_eq!(v, 10);
     let s = poll("the final status", Duration::from_secs(10), || async {
         c.statuses(&cid)
@@ -166,10 +156,16 @@ async fn without_a_store_status_calls_say_so_and_with_redis_down_tasks_go_on() {
     let running = worker(&svc, Some(down.clone())).await;
     let c = client(Some(down)).await;
     for i in 0..20 {
-        let v: i64 = c.invoke(&format!("{svc}.double"), &i).await.unwrap();
+        let v: i64 = c
+            .invoke(Task::new(format!("{svc}.double"), &i))
+            .await
+            .unwrap();
         assert_eq!(v, i * 2, "tasks run while the store is down");
     }
-    let r = c.enqueue(&format!("{svc}.double"), &1).await.unwrap();
+    let r = c
+        .enqueue(Task::new(format!("{svc}.double"), &1))
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let e = c.status(r.id).await.unwrap_err();
     assert!(matches!(e, ClientError::Store(_)), "{e}");
@@ -214,11 +210,7 @@ async fn a_task_can_notify_a_topic_of_its_end() {
     let running = run_in_background(w);
     let c = client(None).await;
     let r = c
-        .send(
-            Task::new(&format!("{svc}.double"), &4)
-                .unwrap()
-                .notify(topic.clone()),
-        )
+        .enqueue(Task::new(format!("{svc}.double"), &4).notify(topic.clone()))
         .await
         .unwrap();
     let got = poll("the notification", Duration::from_secs(30), || async {

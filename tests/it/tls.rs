@@ -6,6 +6,7 @@
 
 use crate::common;
 use crate::support;
+use warren::Task;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -231,12 +232,12 @@ async fn amqps_with_a_private_ca() {
         .await
         .expect("client connects over amqps");
     let sum: i64 = client
-        .invoke(&format!("{svc}.add"), &Sum { a: 2, b: 40 })
+        .invoke(Task::new(format!("{svc}.add"), &Sum { a: 2, b: 40 }))
         .await
         .expect("invoke over amqps");
     assert_eq!(sum, 42);
     client
-        .enqueue(&format!("{svc}.record"), &7u64)
+        .enqueue(Task::new(format!("{svc}.record"), &7u64))
         .await
         .expect("enqueue over amqps");
     poll("the enqueued task ran", Duration::from_secs(20), || {

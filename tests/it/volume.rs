@@ -108,10 +108,9 @@ async fn five_thousand_split_jobs_leave_no_broker_state() {
     // One warm-up job, so the baseline holds every queue a run needs (the delay queues of
     // a retry would be among them).
     let warm = client
-        .send(
-            Task::new(&format!("{svc}.sum"), &serde_json::json!({"n": 2, "ms": 0}))
-                .unwrap()
-                .on_complete(&Target::new(&svc, "done").unwrap()),
+        .enqueue(
+            Task::new(format!("{svc}.sum"), &serde_json::json!({"n": 2, "ms": 0}))
+                .on_complete(Target::new(&svc, "done").unwrap()),
         )
         .await
         .unwrap();
@@ -136,14 +135,13 @@ async fn five_thousand_split_jobs_leave_no_broker_state() {
             async move {
                 let cid = format!("v{i}");
                 let task = Task::new(
-                    &format!("{svc}.sum"),
+                    format!("{svc}.sum"),
                     &serde_json::json!({"n": PARTS, "ms": 0}),
                 )
-                .unwrap()
                 .with_cid(&cid)
-                .on_complete(&Target::new(&svc, "done").unwrap())
-                .on_error(&Target::new(&svc, "failed").unwrap());
-                client.send(task).await.expect("enqueue");
+                .on_complete(Target::new(&svc, "done").unwrap())
+                .on_error(Target::new(&svc, "failed").unwrap());
+                client.enqueue(task).await.expect("enqueue");
                 cid
             }
         })

@@ -111,9 +111,9 @@ async fn warren_fanout(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
             let cid = format!("bench-fanout-{}-{k}", b.run_id);
             let mut p = Parallel::new();
             for i in 0..TARGETS {
-                p = p.target(&target, &i)?;
+                p = p.target(&target, &i);
             }
-            let p = p.on_final(&fin)?.with_cid(&cid);
+            let p = p.on_final(&fin).with_cid(&cid);
             let (tx, rx) = oneshot::channel();
             waiters
                 .lock()

@@ -16,6 +16,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use warren_client::Task;
 
 use anyhow::{anyhow, bail, Context as _};
 use futures_util::StreamExt;
@@ -385,7 +386,7 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let result = drive(b, move || {
         let (client, target) = (c.clone(), target.clone());
         async move {
-            let v: Value = client.invoke(&target, &payload()).await?;
+            let v: Value = client.invoke(Task::new(&*target, &payload())).await?;
             if v != payload() {
                 bail!("echo answered {v}");
             }

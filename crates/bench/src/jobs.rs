@@ -425,7 +425,7 @@ async fn warren_round(
                 w.insert(cid.clone(), tx);
             }
             let sent = client
-                .send(Task::new(target, &PARTS)?.with_cid(&cid).on_complete(hook))
+                .enqueue(Task::new(target, &PARTS).with_cid(&cid).on_complete(hook))
                 .await?;
             let names = job_queues(svc, &sent.id)?;
             for q in &names {

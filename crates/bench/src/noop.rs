@@ -16,6 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use warren_client::Task;
 
 use anyhow::{bail, Context as _};
 use lapin::options::BasicQosOptions;
@@ -270,7 +271,7 @@ pub async fn enqueue_all(
                 if i >= n {
                     return Ok::<_, anyhow::Error>(());
                 }
-                client.enqueue(&target, &payload(i)).await?;
+                client.enqueue(Task::new(&*target, &payload(i))).await?;
             }
         });
     }

@@ -25,6 +25,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use warren_client::{Message, Task};
 
 use anyhow::{bail, Context as _};
 use futures_util::stream;
@@ -284,7 +285,7 @@ async fn warren_pubsub(b: &Bench) -> anyhow::Result<f64> {
         let run = async {
             let (client, topic) = (&client, topic.as_str());
             let mut publishes = stream::iter(0..n)
-                .map(|i| async move { client.publish(topic, &payload(i)).await })
+                .map(|i| async move { client.publish(Message::new(topic, &payload(i))).await })
                 .buffer_unordered(b.args.in_flight.max(1));
             while let Some(r) = publishes.next().await {
                 r?;
@@ -454,7 +455,7 @@ async fn measure_status(
 /// Enqueues [`STATUS_TASKS`] no-op tasks for `target`, `in_flight` at a time; their ids.
 async fn run_tasks(client: &Client, target: &str, in_flight: usize) -> anyhow::Result<Vec<Uuid>> {
     let mut sends = stream::iter(0..STATUS_TASKS)
-        .map(|i| async move { client.enqueue(target, &payload(i)).await })
+        .map(|i| async move { client.enqueue(Task::new(target, &payload(i))).await })
         .buffer_unordered(in_flight.max(1));
     let mut ids = Vec::new();
     while let Some(r) = sends.next().await {

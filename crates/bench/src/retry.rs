@@ -1,7 +1,7 @@
 //! `retry`: what two retries add to an invoke (`retry_overhead_ms`).
 //!
 //! warren: one method that fails (`TaskError::fail`) while `ctx.attempt()` is at most its
-//! payload, then answers. Both calls are `Client::invoke_task` with the same
+//! payload, then answers. Both calls are `Client::invoke` with the same
 //! `RetryPolicy::fixed(3, Duration::ZERO)`: the plain call (payload 0) succeeds at once; the
 //! retried call (payload 2) fails twice, each failure republished by the worker straight to
 //! the service queue (zero delay: no wait queue), and succeeds on the third attempt. The
@@ -150,9 +150,9 @@ async fn warren_side(b: &Bench) -> anyhow::Result<Measured> {
     let result = drive(|fails| {
         let (client, target) = (&client, &target);
         async move {
-            let task = Task::new(target, &fails)?
-                .with_retry(RetryPolicy::fixed(FAILS + 1, Duration::ZERO));
-            let attempt: u32 = client.invoke_task(task).await?;
+            let task =
+                Task::new(target, &fails).with_retry(RetryPolicy::fixed(FAILS + 1, Duration::ZERO));
+            let attempt: u32 = client.invoke(task).await?;
             if attempt != fails + 1 {
                 bail!("answered on attempt {attempt}, expected {}", fails + 1);
             }

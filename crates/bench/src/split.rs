@@ -169,8 +169,8 @@ async fn warren_split(b: &Bench) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         async move {
             let started = Instant::now();
             let r = client
-                .send(
-                    Task::new(&format!("{svc}.job"), &n)?
+                .enqueue(
+                    Task::new(format!("{svc}.job"), &n)
                         .with_cid(&cid)
                         .on_complete(&hook),
                 )

@@ -49,7 +49,7 @@ fn prepare(target: &str, payload: &str, cid: Option<String>) -> anyhow::Result<T
         .parse()
         .with_context(|| format!("invalid target {target:?}"))?;
     let payload = read_payload(payload)?;
-    let mut task = Task::for_target(target, &payload)?;
+    let mut task = Task::new(target, &payload);
     if let Some(cid) = cid {
         if cid.is_empty() || cid.len() > 255 {
             return Err(anyhow!("--cid must be 1 to 255 bytes"));
@@ -104,7 +104,7 @@ fn hint(e: warren_client::Error, global: &Global) -> anyhow::Error {
 pub async fn run_enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     let task = prepare(&args.target, &args.payload, args.cid)?;
     let client = connect(global, Duration::from_secs(30)).await?;
-    let sent = client.send(task).await;
+    let sent = client.enqueue(task).await;
     client.close().await;
     let receipt = sent.map_err(|e| hint(e, global))?;
     println!("id  {}", receipt.id);
@@ -116,7 +116,7 @@ pub async fn run_enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<E
 pub async fn run_invoke(global: &Global, args: InvokeArgs) -> anyhow::Result<ExitCode> {
     let task = prepare(&args.target, &args.payload, args.cid)?.with_timeout(args.timeout);
     let client = connect(global, args.timeout).await?;
-    let reply = client.invoke_task::<Value>(task).await;
+    let reply = client.invoke::<Value>(task).await;
     client.close().await;
     match reply {
         Ok(v) => {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use warren_client::Message;
 
 use serde_json::Value;
 use warren_client::Client;
@@ -66,7 +67,7 @@ async fn topics_peek_and_status_report_what_happened() {
         .unwrap();
     for n in 0..5u64 {
         client
-            .publish_with_cid(&topic, &n, format!("cid-{topic}"))
+            .publish(Message::new(&topic, &n).with_cid(format!("cid-{topic}")))
             .await
             .unwrap();
     }

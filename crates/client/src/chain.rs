@@ -9,8 +9,9 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 use warren_core::chain::{ChainOutcome, ChainState};
 use warren_core::envelope::ReplyOutcome;
-use warren_core::{Envelope, HookTarget, Target, Via};
+use warren_core::{Envelope, HookTarget, IntoTarget, Target, Via};
 
+use crate::args::Invalid;
 use crate::chain_handle::{poll_store, run_capped, shared, Ended, ForgetOnDrop};
 use crate::{ChainHandle, ChainResult, Client, Error};
 
@@ -27,10 +28,10 @@ use crate::{ChainHandle, ChainResult, Client, Error};
 /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
 /// use warren_client::Chain;
 /// let chain = Chain::new()
-///     .step("images.fetch")?
-///     .step("images.resize")?
-///     .input("url", &"https://example.com/cat.png")?
-///     .input("width", &64)?;
+///     .step("images.fetch")
+///     .step("images.resize")
+///     .input("url", &"https://example.com/cat.png")
+///     .input("width", &64);
 /// let result = client.run_chain(chain).await?;
 /// let thumb = result.values(&["thumbnail_url"]);
 /// # let _ = thumb; Ok(()) }
@@ -38,6 +39,7 @@ use crate::{ChainHandle, ChainResult, Client, Error};
 #[derive(Debug, Clone, Default)]
 #[must_use]
 pub struct Chain {
+    invalid: Invalid,
     steps: Vec<HookTarget>,
     bog: Map<String, Value>,
     cid: Option<String>,
@@ -51,18 +53,21 @@ impl Chain {
         Self::default()
     }
 
-    /// Appends a step (`"svc.method"`).
-    pub fn step(mut self, target: &str) -> Result<Self, Error> {
-        self.steps
-            .push(HookTarget::from(&target.parse::<Target>()?));
-        Ok(self)
+    /// Appends a step (`"svc.method"` or a [`warren_core::Target`]). An invalid name is
+    /// returned by the call that sends the chain.
+    pub fn step(mut self, target: impl IntoTarget) -> Self {
+        if let Some(h) = self.invalid.hook(target) {
+            self.steps.push(h);
+        }
+        self
     }
 
-    /// Sets an input value in the bog.
-    pub fn input(mut self, key: &str, value: &impl Serialize) -> Result<Self, Error> {
-        let v = serde_json::to_value(value).map_err(Error::Encode)?;
+    /// Sets an input value in the bog. A value that does not serialize is returned by the
+    /// call that sends the chain.
+    pub fn input(mut self, key: &str, value: &impl Serialize) -> Self {
+        let v = self.invalid.json(value);
         self.bog.insert(key.to_owned(), v);
-        Ok(self)
+        self
     }
 
     /// Uses the caller's correlation id for every step (default: a fresh one).
@@ -99,6 +104,7 @@ impl Client {
     ///
     /// Errors: a chain without steps ([`Error::NoTargets`]); name, cid and broker errors.
     pub async fn enqueue_chain(&self, chain: Chain) -> Result<ChainHandle, Error> {
+        chain.invalid.check()?;
         let Some(first) = chain.steps.first() else {
             return Err(Error::NoTargets);
         };
@@ -190,8 +196,8 @@ impl Client {
     /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
     /// use warren_client::Chain;
     /// let chains = (0..50)
-    ///     .map(|i| Chain::new().step("images.resize")?.input("i", &i))
-    ///     .collect::<Result<Vec<_>, _>>()?;
+    ///     .map(|i| Chain::new().step("images.resize").input("i", &i))
+    ///     .collect::<Vec<_>>();
     /// let results = client.enqueue_in_parallel(chains, 4).await?;
     /// assert_eq!(results.len(), 50); // results[i] is chains[i]'s
     /// # Ok(()) }

@@ -142,7 +142,7 @@ impl IntoFuture for ChainHandle {
 /// use warren_client::{as_completed, Chain};
 /// let mut handles = Vec::new();
 /// for w in [64, 128, 256] {
-///     handles.push(client.enqueue_chain(Chain::new().step("images.resize")?.input("w", &w)?).await?);
+///     handles.push(client.enqueue_chain(Chain::new().step("images.resize").input("w", &w)).await?);
 /// }
 /// let mut done = as_completed(handles);
 /// while let Some((id, result)) = done.next().await {

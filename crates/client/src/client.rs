@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -156,14 +155,20 @@ impl Client {
         &self.inner.broker
     }
 
-    /// Enqueues `payload` for `target` (`"svc.method"`) and returns once the broker has
-    /// confirmed it. Fire and forget: the result is not awaited.
-    pub async fn enqueue(&self, target: &str, payload: &impl Serialize) -> Result<Receipt, Error> {
-        self.send(Task::new(target, payload)?).await
-    }
-
-    /// Enqueues a [`Task`] built with options (cid, hooks, parent).
-    pub async fn send(&self, task: Task) -> Result<Receipt, Error> {
+    /// Enqueues `task` and returns once the broker has confirmed it. Fire and forget: the
+    /// result is not awaited (see [`Client::invoke`] for that).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
+    /// use warren_client::Task;
+    /// let receipt = client.enqueue(Task::new("images.resize", &serde_json::json!({"w": 64}))).await?;
+    /// println!("queued {} (cid {})", receipt.id, receipt.cid);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Errors: an invalid name, cid or payload before anything is sent; broker errors
+    /// ([`Error::maybe_stored`] says whether the task may run anyway).
+    pub async fn enqueue(&self, task: Task) -> Result<Receipt, Error> {
         let (env, _) = task.into_envelope()?;
         if let Some(p) = &env.part {
             // A part the caller attached by hand: its job's part queue exists from the first
@@ -190,18 +195,8 @@ impl Client {
         })
     }
 
-    /// Invokes `target` with `payload` and waits (up to the client's invoke timeout) for the
-    /// handler's typed result.
-    pub async fn invoke<R: DeserializeOwned>(
-        &self,
-        target: &str,
-        payload: &impl Serialize,
-    ) -> Result<R, Error> {
-        self.invoke_task(Task::new(target, payload)?).await
-    }
-
-    /// Invokes a [`Task`] and waits for its typed result (deadline: the task's, else the
-    /// client's). A failure on the worker comes back as [`Error::Failed`] with its kind and
+    /// Invokes `task` and waits for its typed result (deadline: the task's, else the
+    /// client's invoke timeout). A failure on the worker comes back as [`Error::Failed`] with its kind and
     /// message; no answer in time is [`Error::Timeout`].
     ///
     /// The deadline bounds the whole call from its start: opening the reply queue, the
@@ -209,7 +204,14 @@ impl Client {
     /// the call returns [`Error::Timeout`] if the task was confirmed (it may still run), or
     /// the publish error ([`warren_core::Error::Unconfirmed`], whose `maybe_stored` says
     /// whether the task may run anyway).
-    pub async fn invoke_task<R: DeserializeOwned>(&self, task: Task) -> Result<R, Error> {
+    ///
+    /// ```no_run
+    /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
+    /// use warren_client::Task;
+    /// let sum: i64 = client.invoke(Task::new("math.add", &serde_json::json!({"a": 1, "b": 2}))).await?;
+    /// # let _ = sum; Ok(()) }
+    /// ```
+    pub async fn invoke<R: DeserializeOwned>(&self, task: Task) -> Result<R, Error> {
         let started = Instant::now();
         let (mut env, timeout) = task.into_envelope()?;
         env.channel = Via::Invoke;

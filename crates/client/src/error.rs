@@ -14,7 +14,7 @@ pub enum Error {
     Name(#[from] NameError),
     /// The payload could not be serialized to JSON; nothing was sent.
     #[error("payload could not be encoded as JSON")]
-    Encode(#[source] serde_json::Error),
+    Encode(#[source] std::sync::Arc<serde_json::Error>),
     /// The broker layer failed (unreachable, publish refused, unroutable, ...).
     #[error(transparent)]
     Broker(#[from] warren_core::Error),
@@ -93,7 +93,8 @@ impl Error {
     ///
     /// ```no_run
     /// # async fn demo(client: warren_client::Client) {
-    /// match client.enqueue("images.resize", &7).await {
+    /// use warren_client::Task;
+    /// match client.enqueue(Task::new("images.resize", &7)).await {
     ///     Ok(r) => println!("queued {}", r.id),
     ///     Err(e) if e.maybe_stored() == Some(true) => println!("unsure: check before resending ({e})"),
     ///     Err(e) => println!("not queued: {e}"),

@@ -10,9 +10,11 @@ use uuid::Uuid;
 use warren_core::envelope::now_ms;
 use warren_core::topology::{fanout_queue, QueueSpec};
 use warren_core::{
-    Envelope, FailureKind, FanOut, HookTarget, PartDecorator, RetryCall, RetryPolicy, Target, Via,
+    Envelope, FailureKind, FanOut, HookTarget, IntoTarget, PartDecorator, RetryCall, RetryPolicy,
+    Target, Via,
 };
 
+use crate::args::Invalid;
 use crate::parallel::{Origin, FANIN_QUEUE_EXPIRY_MS};
 use crate::{Client, Error, Task};
 
@@ -38,11 +40,11 @@ use crate::{Client, Error, Task};
 /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
 /// use serde_json::json;
 /// use warren_client::{InvokeRetry, Retried};
-/// let call = InvokeRetry::new("crm.sync", &json!({"user": 7}))?
+/// let call = InvokeRetry::new("crm.sync", &json!({"user": 7}))
 ///     .repeats(3)
 ///     .seconds(2)
-///     .callback("crm.synced")?
-///     .context(&json!({"requested_by": "cron"}))?;
+///     .callback("crm.synced")
+///     .context(&json!({"requested_by": "cron"}));
 /// match client.invoke_retry_fallback::<u64>(call).await? {
 ///     Retried::Done(n) => println!("synced {n} records"),
 ///     Retried::Background { cid } => println!("still trying in background, cid {cid}"),
@@ -52,7 +54,8 @@ use crate::{Client, Error, Task};
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct InvokeRetry {
-    target: Target,
+    invalid: Invalid,
+    target: Option<Target>,
     payload: Value,
     repeats: u32,
     interval: Option<Duration>,
@@ -78,10 +81,14 @@ pub enum Retried<R> {
 impl InvokeRetry {
     /// A call of `target` (`"svc.method"`) with `payload`; 1 attempt until
     /// [`InvokeRetry::repeats`] says otherwise.
-    pub fn new(target: &str, payload: &impl Serialize) -> Result<Self, Error> {
-        Ok(Self {
-            target: target.parse()?,
-            payload: serde_json::to_value(payload).map_err(Error::Encode)?,
+    pub fn new(target: impl IntoTarget, payload: &impl Serialize) -> Self {
+        let mut invalid = Invalid::default();
+        let target = invalid.target(target);
+        let payload = invalid.json(payload);
+        Self {
+            invalid,
+            target,
+            payload,
             repeats: 1,
             interval: None,
             callback: None,
@@ -89,7 +96,7 @@ impl InvokeRetry {
             cid: None,
             timeout: None,
             origin: Origin::default(),
-        })
+        }
     }
 
     /// Attempts in all, the first included (0 is refused with [`Error::ZeroRepeats`]).
@@ -119,15 +126,15 @@ impl InvokeRetry {
     }
 
     /// The service method run once when background attempts end (success or not).
-    pub fn callback(mut self, target: &str) -> Result<Self, Error> {
-        self.callback = Some(HookTarget::from(&target.parse::<Target>()?));
-        Ok(self)
+    pub fn callback(mut self, target: impl IntoTarget) -> Self {
+        self.callback = self.invalid.hook(target);
+        self
     }
 
     /// JSON handed to the callback as `context`.
-    pub fn context(mut self, context: &impl Serialize) -> Result<Self, Error> {
-        self.context = serde_json::to_value(context).map_err(Error::Encode)?;
-        Ok(self)
+    pub fn context(mut self, context: &impl Serialize) -> Self {
+        self.context = self.invalid.json(context);
+        self
     }
 
     /// The cid of the call (default: a fresh one).
@@ -158,6 +165,7 @@ impl InvokeRetry {
 
     /// Checks the settings; returns the interval and the call's cid.
     fn checked(&self) -> Result<(Duration, String), Error> {
+        self.target()?;
         if self.repeats == 0 {
             return Err(Error::ZeroRepeats);
         }
@@ -173,7 +181,8 @@ impl InvokeRetry {
     /// A blocking attempt; `last` when no attempt follows it (only then does a failure
     /// reach the dead-letter queue).
     fn attempt_task(&self, cid: &str, attempt: u32, last: bool) -> Result<Task, Error> {
-        let mut task = Task::for_target(self.target.clone(), &self.payload)?
+        let target = self.target()?;
+        let mut task = Task::new(target, &self.payload)
             .with_cid(cid)
             .with_retry(RetryPolicy::none());
         task.attempt = attempt;
@@ -185,6 +194,17 @@ impl InvokeRetry {
             task = task.with_parent(p);
         }
         Ok(task)
+    }
+}
+
+impl InvokeRetry {
+    /// The call's target; `Err` with the refused name when there is none.
+    fn target(&self) -> Result<&Target, Error> {
+        // `target` is `None` only with a name error kept in `invalid`.
+        self.invalid.check()?;
+        self.target.as_ref().ok_or_else(|| {
+            Error::Broker(warren_core::Error::Config("the call has no target".into()))
+        })
     }
 }
 
@@ -201,15 +221,15 @@ impl Client {
         let mut attempt = 1;
         loop {
             let last = attempt >= r.repeats;
-            match self.invoke_task(r.attempt_task(&cid, attempt, last)?).await {
+            match self.invoke(r.attempt_task(&cid, attempt, last)?).await {
                 Err(e) if repeatable(&e) && attempt < r.repeats => {
-                    tracing::debug!(target = %r.target, attempt, error = %e, "invoke/retry: attempt failed");
+                    tracing::debug!(target = ?r.target, attempt, error = %e, "invoke/retry: attempt failed");
                     tokio::time::sleep(interval).await;
                     attempt += 1;
                 }
                 Err(Error::Failed { failure, .. }) if failure.kind == FailureKind::Handler => {
                     return Err(Error::RetriesExhausted {
-                        target: r.target.to_string(),
+                        target: r.target()?.to_string(),
                         cid,
                         attempts: attempt,
                         failure,
@@ -230,17 +250,17 @@ impl Client {
         let (interval, cid) = r.checked()?;
         let started = now_ms();
         let last = r.repeats <= 1;
-        match self.invoke_task(r.attempt_task(&cid, 1, last)?).await {
+        match self.invoke(r.attempt_task(&cid, 1, last)?).await {
             Ok(v) => Ok(Retried::Done(v)),
             Err(e) if repeatable(&e) && r.repeats > 1 => {
-                tracing::debug!(target = %r.target, error = %e, "invoke/retry: first attempt failed; going on in background");
+                tracing::debug!(target = ?r.target, error = %e, "invoke/retry: first attempt failed; going on in background");
                 self.background(&r, cid.clone(), 2, interval, started)
                     .await?;
                 Ok(Retried::Background { cid })
             }
             Err(Error::Failed { failure, .. }) if failure.kind == FailureKind::Handler => {
                 Err(Error::RetriesExhausted {
-                    target: r.target.to_string(),
+                    target: r.target()?.to_string(),
                     cid,
                     attempts: 1,
                     failure,
@@ -270,7 +290,7 @@ impl Client {
         interval: Duration,
         started_ms: u64,
     ) -> Result<(), Error> {
-        let mut env = Envelope::new(&r.target, r.payload.clone(), Some(cid));
+        let mut env = Envelope::new(r.target()?, r.payload.clone(), Some(cid));
         env.channel = if first > 1 { Via::Retry } else { Via::Parallel };
         env.attempt = first;
         env.parent = r.origin.parent;

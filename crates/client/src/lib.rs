@@ -6,11 +6,11 @@
 //! use warren_client::{Client, Task};
 //! let client = Client::connect().await?; // WARREN_AMQP_URL or the local default
 //! // Fire and forget: returns the task id and cid.
-//! let receipt = client.enqueue("images.resize", &serde_json::json!({"w": 64})).await?;
+//! let receipt = client.enqueue(Task::new("images.resize", &serde_json::json!({"w": 64}))).await?;
 //! println!("queued {} (cid {})", receipt.id, receipt.cid);
 //! // Request/response with a typed result and a deadline.
 //! let size: u64 = client
-//!     .invoke_task(Task::new("images.size", &"cat.png")?.with_timeout(std::time::Duration::from_secs(5)))
+//!     .invoke(Task::new("images.size", &"cat.png").with_timeout(std::time::Duration::from_secs(5)))
 //!     .await?;
 //! # let _ = size; Ok(()) }
 //! ```
@@ -28,6 +28,7 @@
 //! - `reply`: the reply queue and the table of calls waiting for an answer.
 //! - `error`: [`Error`].
 
+mod args;
 mod chain;
 mod chain_handle;
 mod client;
@@ -44,8 +45,9 @@ pub use client::{Client, ClientBuilder};
 pub use error::Error;
 pub use invoke_retry::{InvokeRetry, Retried};
 pub use parallel::{Parallel, ParallelReceipt};
+pub use publish::Message;
 pub use task::{Receipt, Task};
 pub use warren_core::{
-    AmqpConfig, Failure, FailureKind, FanInOutcome, QueueType, RetryOutcome, RetryPolicy,
-    SplitStarted, Target, TargetOutcome,
+    AmqpConfig, Failure, FailureKind, FanInOutcome, IntoTarget, QueueType, RetryOutcome,
+    RetryPolicy, SplitStarted, Target, TargetOutcome,
 };

@@ -5,7 +5,9 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 use warren_core::topology::{fanout_queue, QueueSpec};
-use warren_core::{Envelope, FanOut, HookTarget, PartDecorator, Target, Via};
+use warren_core::{Envelope, FanOut, HookTarget, IntoTarget, PartDecorator, Target, Via};
+
+use crate::args::Invalid;
 
 use crate::{Client, Error};
 
@@ -41,10 +43,10 @@ pub(crate) struct Origin {
 /// let receipt = client
 ///     .parallel(
 ///         Parallel::new()
-///             .target("geo.lookup", &json!({"ip": "10.0.0.1"}))?
-///             .target("risk.score", &json!({"user": 7}))?
-///             .on_target("audit.step")?
-///             .on_final("orders.decide")?
+///             .target("geo.lookup", &json!({"ip": "10.0.0.1"}))
+///             .target("risk.score", &json!({"user": 7}))
+///             .on_target("audit.step")
+///             .on_final("orders.decide")
 ///             .with_cid("order-42"),
 ///     )
 ///     .await?;
@@ -54,6 +56,7 @@ pub(crate) struct Origin {
 #[derive(Debug, Clone, Default)]
 #[must_use]
 pub struct Parallel {
+    invalid: Invalid,
     targets: Vec<(Target, Value)>,
     on_target: Vec<HookTarget>,
     on_final: Vec<HookTarget>,
@@ -67,25 +70,30 @@ impl Parallel {
         Self::default()
     }
 
-    /// Adds a target (`"svc.method"`) and its payload. The same target may appear twice.
-    pub fn target(mut self, target: &str, payload: &impl Serialize) -> Result<Self, Error> {
-        let payload = serde_json::to_value(payload).map_err(Error::Encode)?;
-        self.targets.push((target.parse()?, payload));
-        Ok(self)
+    /// Adds a target (`"svc.method"` or a [`Target`]) and its payload. The same target may
+    /// appear twice. An invalid name or payload is returned by [`Client::parallel`].
+    pub fn target(mut self, target: impl IntoTarget, payload: &impl Serialize) -> Self {
+        let payload = self.invalid.json(payload);
+        if let Some(t) = self.invalid.target(target) {
+            self.targets.push((t, payload));
+        }
+        self
     }
 
     /// Adds a callback run after **each** target, success or failure.
-    pub fn on_target(mut self, callback: &str) -> Result<Self, Error> {
-        self.on_target
-            .push(HookTarget::from(&callback.parse::<Target>()?));
-        Ok(self)
+    pub fn on_target(mut self, callback: impl IntoTarget) -> Self {
+        if let Some(h) = self.invalid.hook(callback) {
+            self.on_target.push(h);
+        }
+        self
     }
 
     /// Adds a callback run once after **all** targets finished (fan-in).
-    pub fn on_final(mut self, callback: &str) -> Result<Self, Error> {
-        self.on_final
-            .push(HookTarget::from(&callback.parse::<Target>()?));
-        Ok(self)
+    pub fn on_final(mut self, callback: impl IntoTarget) -> Self {
+        if let Some(h) = self.invalid.hook(callback) {
+            self.on_final.push(h);
+        }
+        self
     }
 
     /// Uses the caller's correlation id for the targets and callbacks (the caller then owns
@@ -124,6 +132,7 @@ impl Client {
     /// and the fan-in will not complete (its part queue expires after 24 h): send the
     /// invoke again.
     pub async fn parallel(&self, p: Parallel) -> Result<ParallelReceipt, Error> {
+        p.invalid.check()?;
         if p.targets.is_empty() {
             return Err(Error::NoTargets);
         }

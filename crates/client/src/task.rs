@@ -5,26 +5,35 @@ use std::time::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 use warren_core::topology::{part_queue, validate_part_queue};
-use warren_core::{Envelope, HookTarget, Hooks, PartDecorator, RetryPolicy, Target};
+use warren_core::{Envelope, Hooks, IntoTarget, PartDecorator, RetryPolicy, Target};
 
+use crate::args::Invalid;
 use crate::Error;
 
 /// A task to send: target, payload and options. Build with [`Task::new`] and the `with_*`
-/// methods, then pass to [`crate::Client::send`] or [`crate::Client::invoke_task`].
+/// methods, then pass to [`crate::Client::enqueue`] (fire and forget) or
+/// [`crate::Client::invoke`] (wait for the result).
+///
+/// Building never fails: an invalid target name or a payload that does not serialize is
+/// kept and returned by the call that sends the task, before anything is published.
 ///
 /// ```
 /// use std::time::Duration;
 /// use warren_client::Task;
 /// let task = Task::new("billing.charge", &serde_json::json!({"cents": 1200}))
-///     .unwrap()
 ///     .with_cid("order-42")
-///     .with_timeout(Duration::from_secs(3));
-/// assert_eq!(task.target().to_string(), "billing.charge");
-/// assert!(Task::new("Billing.charge", &()).is_err()); // names are [a-z0-9_.-]
+///     .with_timeout(Duration::from_secs(3))
+///     .on_error("billing.alert");
+/// assert_eq!(task.target().map(|t| t.to_string()).as_deref(), Some("billing.charge"));
+/// assert!(task.check().is_ok());
+/// // Names are [a-z0-9_.-]: refused when sent (or by `check`).
+/// assert!(Task::new("Billing.charge", &()).check().is_err());
 /// ```
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct Task {
-    pub(crate) target: Target,
+    pub(crate) invalid: Invalid,
+    pub(crate) target: Option<Target>,
     pub(crate) payload: serde_json::Value,
     pub(crate) cid: Option<String>,
     pub(crate) hooks: Hooks,
@@ -38,16 +47,16 @@ pub struct Task {
 }
 
 impl Task {
-    /// A task for `target` (`"svc.method"`, split at the last dot) with a JSON payload.
-    pub fn new(target: &str, payload: &impl Serialize) -> Result<Self, Error> {
-        Self::for_target(target.parse()?, payload)
-    }
-
-    /// A task for an already-validated target.
-    pub fn for_target(target: Target, payload: &impl Serialize) -> Result<Self, Error> {
-        Ok(Self {
+    /// A task for `target` (`"svc.method"`, split at the last dot, or a [`Target`]) with a
+    /// JSON payload.
+    pub fn new(target: impl IntoTarget, payload: &impl Serialize) -> Self {
+        let mut invalid = Invalid::default();
+        let target = invalid.target(target);
+        let payload = invalid.json(payload);
+        Self {
+            invalid,
             target,
-            payload: serde_json::to_value(payload).map_err(Error::Encode)?,
+            payload,
             cid: None,
             hooks: Hooks::default(),
             timeout: None,
@@ -57,41 +66,36 @@ impl Task {
             attempt: 1,
             caller_retries: false,
             notify: None,
-        })
+        }
     }
 
     /// Uses the caller's correlation id (the caller then owns its uniqueness); by default
     /// a fresh one is generated.
-    #[must_use]
     pub fn with_cid(mut self, cid: impl Into<String>) -> Self {
         self.cid = Some(cid.into());
         self
     }
 
-    /// How long [`crate::Client::invoke_task`] waits for the reply (default: the client's).
-    #[must_use]
+    /// How long [`crate::Client::invoke`] waits for the reply (default: the client's).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
     /// Invokes `target` with the result when the task succeeds.
-    #[must_use]
-    pub fn on_complete(mut self, target: &Target) -> Self {
-        self.hooks.oncomplete = Some(HookTarget::from(target));
+    pub fn on_complete(mut self, target: impl IntoTarget) -> Self {
+        self.hooks.oncomplete = self.invalid.hook(target);
         self
     }
 
     /// Invokes `target` with the failure when the task fails for good.
-    #[must_use]
-    pub fn on_error(mut self, target: &Target) -> Self {
-        self.hooks.onerror = Some(HookTarget::from(target));
+    pub fn on_error(mut self, target: impl IntoTarget) -> Self {
+        self.hooks.onerror = self.invalid.hook(target);
         self
     }
 
     /// This task's own retry policy: it overrides the method's, the service's and the
     /// worker's (see [`RetryPolicy`] for the precedence). Travels in the envelope.
-    #[must_use]
     pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
         self
@@ -100,14 +104,12 @@ impl Task {
     /// Publishes the task's final status ([`warren_core::status::TaskStatus`], `succeeded`
     /// with the result or `failed` with the error) to `topic` when it ends: a notification
     /// instead of polling [`crate::Client::status`].
-    #[must_use]
     pub fn notify(mut self, topic: impl Into<String>) -> Self {
         self.notify = Some(topic.into());
         self
     }
 
     /// Records the task that caused this one (set by handler contexts).
-    #[must_use]
     pub fn with_parent(mut self, parent: Uuid) -> Self {
         self.parent = Some(parent);
         self
@@ -117,7 +119,6 @@ impl Task {
     /// its result goes to `part_queue`, and the job's `oncomplete` hook (set on every part
     /// with [`Task::on_complete`]) fires once when all parts are in. The queue name is checked
     /// (at most 255 bytes, not `amq.`) when the task is sent.
-    #[must_use]
     pub fn with_part(
         mut self,
         part_id: u32,
@@ -132,13 +133,25 @@ impl Task {
         self
     }
 
-    /// The target.
+    /// The target (`None` when its name was refused; [`Task::check`] says why).
     #[must_use]
-    pub fn target(&self) -> &Target {
-        &self.target
+    pub fn target(&self) -> Option<&Target> {
+        self.target.as_ref()
+    }
+
+    /// The first invalid argument this task was built with (what sending it would return),
+    /// or `Ok`.
+    pub fn check(&self) -> Result<(), Error> {
+        self.invalid.check()
     }
 
     pub(crate) fn into_envelope(self) -> Result<(Envelope, Option<Duration>), Error> {
+        self.invalid.check()?;
+        let Some(target) = &self.target else {
+            return Err(Error::Broker(warren_core::Error::Config(
+                "the task has no target".into(),
+            )));
+        };
         if let Some(cid) = &self.cid {
             check_cid(cid)?;
         }
@@ -151,7 +164,7 @@ impl Task {
                 ))));
             }
         }
-        let mut env = Envelope::new(&self.target, self.payload, self.cid);
+        let mut env = Envelope::new(target, self.payload, self.cid);
         // Any task may be split by its worker: its part queue name must fit.
         part_queue(&env.svc, &env.method, &env.id)?;
         env.hooks = self.hooks;

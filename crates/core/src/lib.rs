@@ -45,6 +45,6 @@ pub use envelope::{
     SplitStarted, Via, ENVELOPE_VERSION,
 };
 pub use error::{Error, Result};
-pub use names::{NameError, Target};
+pub use names::{IntoTarget, NameError, Target};
 pub use patterns::{FanInOutcome, FanOut, RetryCall, RetryOutcome, TargetOutcome};
 pub use retry::RetryPolicy;

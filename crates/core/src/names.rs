@@ -144,6 +144,54 @@ impl Target {
     }
 }
 
+/// Anything that names a target: `"svc.method"` (a `&str` or `String`, split at the last
+/// dot) or a [`Target`] already built. Every warren call that takes a task target, a hook or
+/// a callback takes `impl IntoTarget`, so the argument has one shape everywhere; an invalid
+/// name is reported when the task (or chain, or parallel invoke) is sent, before anything
+/// is published.
+///
+/// ```
+/// use warren_core::{IntoTarget, Target};
+/// let t = Target::new("images", "resize").unwrap();
+/// assert_eq!("images.resize".into_target().unwrap(), t);
+/// assert_eq!((&t).into_target().unwrap(), t);
+/// assert!("images".into_target().is_err()); // no method
+/// ```
+pub trait IntoTarget {
+    /// The validated target, or why the name is refused.
+    fn into_target(self) -> Result<Target, NameError>;
+}
+
+impl IntoTarget for &str {
+    fn into_target(self) -> Result<Target, NameError> {
+        self.parse()
+    }
+}
+
+impl IntoTarget for String {
+    fn into_target(self) -> Result<Target, NameError> {
+        self.parse()
+    }
+}
+
+impl IntoTarget for &String {
+    fn into_target(self) -> Result<Target, NameError> {
+        self.parse()
+    }
+}
+
+impl IntoTarget for Target {
+    fn into_target(self) -> Result<Target, NameError> {
+        Ok(self)
+    }
+}
+
+impl IntoTarget for &Target {
+    fn into_target(self) -> Result<Target, NameError> {
+        Ok(self.clone())
+    }
+}
+
 impl FromStr for Target {
     type Err = NameError;
 

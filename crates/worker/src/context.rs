@@ -4,11 +4,10 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::stream::Stream;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use uuid::Uuid;
 use warren_client::{
-    Chain, ChainHandle, ChainResult, Client, InvokeRetry, Parallel, ParallelReceipt, Receipt,
-    Retried, Task,
+    Chain, ChainHandle, ChainResult, Client, InvokeRetry, Message, Parallel, ParallelReceipt,
+    Receipt, Retried, Task,
 };
 use warren_core::{PartDecorator, Via};
 
@@ -133,14 +132,11 @@ impl Context {
         self.topic.as_deref()
     }
 
-    /// Publishes to `topic` with this task's cid (see [`Client::publish`]).
-    pub async fn publish(
-        &self,
-        topic: &str,
-        payload: &impl Serialize,
-    ) -> Result<Receipt, warren_client::Error> {
+    /// Publishes `msg` to its topic with this task's cid (unless the message sets one) and
+    /// this task as the parent (see [`Client::publish`]).
+    pub async fn publish(&self, msg: Message) -> Result<Receipt, warren_client::Error> {
         self.client
-            .publish_message(topic, payload, Some(self.cid.clone()), Some(self.id))
+            .publish(msg.inherit_cid(&self.cid).with_parent(self.id))
             .await
     }
 
@@ -154,32 +150,16 @@ impl Context {
         task.with_cid(self.cid.clone()).with_parent(self.id)
     }
 
-    /// Enqueues a child task (same cid, this task as parent).
-    pub async fn enqueue(
-        &self,
-        target: &str,
-        payload: &impl Serialize,
-    ) -> Result<Receipt, warren_client::Error> {
-        self.client
-            .send(self.child(Task::new(target, payload)?))
-            .await
+    /// Enqueues a child task: this task's cid and this task as its parent (see
+    /// [`Client::enqueue`]).
+    pub async fn enqueue(&self, task: Task) -> Result<Receipt, warren_client::Error> {
+        self.client.enqueue(self.child(task)).await
     }
 
-    /// Invokes another service and waits for its typed result (same cid, this task as
-    /// parent).
-    pub async fn invoke<R: DeserializeOwned>(
-        &self,
-        target: &str,
-        payload: &impl Serialize,
-    ) -> Result<R, warren_client::Error> {
-        self.client
-            .invoke_task(self.child(Task::new(target, payload)?))
-            .await
-    }
-
-    /// Sends a child task built with options; cid and parent are set from this task.
-    pub async fn send(&self, task: Task) -> Result<Receipt, warren_client::Error> {
-        self.client.send(self.child(task)).await
+    /// Invokes another service and waits for its typed result: this task's cid and this
+    /// task as its parent (see [`Client::invoke`]).
+    pub async fn invoke<R: DeserializeOwned>(&self, task: Task) -> Result<R, warren_client::Error> {
+        self.client.invoke(self.child(task)).await
     }
 
     /// Sends a chain from this handler (this task as its parent, this task's cid unless the

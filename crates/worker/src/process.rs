@@ -467,7 +467,11 @@ async fn finish(
         {
             published = shared
                 .client
-                .publish_message(topic, st, Some(e.cid.clone()), Some(e.id))
+                .publish(
+                    warren_client::Message::new(topic, st)
+                        .with_cid(e.cid.clone())
+                        .with_parent(e.id),
+                )
                 .await
                 .map(|_| ());
         }

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
+use warren::Task;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -239,10 +240,10 @@ pub async fn enqueue_work(
 ) {
     for i in keys {
         client
-            .enqueue(
-                &format!("{svc}.work"),
+            .enqueue(Task::new(
+                format!("{svc}.work"),
                 &serde_json::json!({"key": format!("k{i}"), "ms": ms}),
-            )
+            ))
             .await
             .expect("enqueue succeeds (across reconnects if need be)");
     }
