@@ -13,6 +13,7 @@
 mod common;
 mod support;
 
+mod admin_api;
 mod bad_input;
 mod broker_restart;
 mod chain_faults;
@@ -36,6 +37,7 @@ mod split_jobs;
 mod status;
 mod tls;
 mod volume;
+mod web_admin;
 mod wire_conformance;
 
 /// The package sets `autotests = false`, so a test file dropped into `tests/` would never
