@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use warren::testing::TestWorker;
-use warren::{Context, QueueType, RetryPolicy, Service, TaskError, Worker};
+use warren::{Context, Message, QueueType, RetryPolicy, Service, Task, TaskError, Worker};
 use warren_admin::queues::{warren_queues, QueueKind, Source};
 use warren_admin::{Admin, ManagementClient, MgmtError};
 use warren_core::{Broker, Publisher};
@@ -68,12 +68,15 @@ async fn listings_count_exactly_what_a_workload_left() {
     let client = worker.client().clone();
     for n in 0..6u64 {
         client
-            .enqueue(&format!("{svc}.work"), &n)
+            .enqueue(Task::new(format!("{svc}.work"), &n))
             .await
             .expect("enqueue");
     }
     for i in 0..4u64 {
-        client.publish(&topic, &i).await.expect("publish");
+        client
+            .publish(Message::new(&topic, &i))
+            .await
+            .expect("publish");
     }
     // 0, 2, 4 succeed; 1, 3, 5 are dead letters.
     poll("three tasks handled", DEADLINE, || {

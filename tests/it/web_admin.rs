@@ -24,7 +24,8 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use warren::testing::TestWorker;
 use warren::{
-    Context, QueueType, RedisStore, RetryPolicy, Service, StatusStore, TaskError, Worker,
+    Context, Message, QueueType, RedisStore, RetryPolicy, Service, StatusStore, Task, TaskError,
+    Worker,
 };
 use warren_admin::web::{serve, WebConfig};
 use warren_admin::{Admin, ManagementClient};
@@ -597,14 +598,14 @@ async fn browser_loads_every_page_without_console_errors_and_replays_a_dead_lett
     let (worker, ledger) = start_worker(node, &svc, &topic, fixed.clone(), store.clone()).await;
     let receipt = worker
         .client()
-        .enqueue(&format!("{svc}.work"), &7u64)
+        .enqueue(Task::new(format!("{svc}.work"), &7u64))
         .await
         .expect("enqueue");
     let task_id = receipt.id.to_string();
     for n in 1..=2 {
         worker
             .client()
-            .publish(&topic, &json!({ "n": n }))
+            .publish(Message::new(&topic, &json!({ "n": n })))
             .await
             .expect("publish");
     }
