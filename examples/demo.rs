@@ -496,12 +496,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = client.broker().delete_queue(&q).await;
     }
     for svc in [&greeter, &billing, &audit, &words] {
-        for q in [
-            format!("warren.svc.{svc}"),
-            format!("warren.dead.{svc}"),
-            format!("warren.delay.{svc}.200"),
-            format!("warren.delay.{svc}.1000"),
-        ] {
+        for q in [format!("warren.svc.{svc}"), format!("warren.dead.{svc}")] {
             let _ = client.broker().delete_queue(&q).await;
         }
     }

@@ -89,11 +89,7 @@ async fn main() -> anyhow::Result<()> {
 
     let _ = stop.send(());
     running.await??;
-    for q in [
-        format!("warren.svc.{svc}"),
-        format!("warren.dead.{svc}"),
-        format!("warren.delay.{svc}.1000"),
-    ] {
+    for q in [format!("warren.svc.{svc}"), format!("warren.dead.{svc}")] {
         let _ = client.broker().delete_queue(&q).await;
     }
     client.close().await;

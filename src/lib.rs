@@ -23,6 +23,10 @@ pub mod testing;
 /// subscription queues, ...): what operators and tests look for on the broker.
 pub use warren_core::topology;
 
+/// Delayed delivery (docs/time.md): the longest delay ([`delay::MAX_DELAY`]), the delay
+/// levels' names and headers, and test-only levels ([`delay::DelayLevels::for_test`]).
+pub use warren_core::delay;
+
 /// The wire types: the envelope a task travels in, its hooks and decorators, the reply, and
 /// the chain state (docs/wire-format.md).
 pub mod wire {

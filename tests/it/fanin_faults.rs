@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{config, hook_lines, ledger_path, unique, Cleanup, FixtureWorker};
+use common::{config, hook_lines, ledger_path, unique, Cleanup, FixtureWorker, TestLevels};
 use serde_json::Value;
 use warren::{Client, FanInOutcome, Parallel, QueueType};
 use warren_core::envelope::now_ms;
@@ -23,11 +23,14 @@ async fn fan_in_of_100_targets_survives_a_sigkill() {
     let url = common::url();
     let svc = unique("fanin");
     let _cleanup = Cleanup::new(&[&svc]);
+    // Join re-checks wait in delay levels of this test's own, so it can see them drain.
+    let levels = TestLevels::new(&svc, 1);
     let ledger = ledger_path("fanin");
     let hooks = ledger.with_extension("hooks");
     let env = [
         ("FIXTURE_HOOKS", hooks.display().to_string()),
         ("FIXTURE_COMPLETION_WINDOW_MS", "30000".to_owned()),
+        levels.fixture_env(),
     ];
     let start = || FixtureWorker::start_with(&url, &svc, QueueType::Quorum, &ledger, 2, &env);
     let mut workers = vec![start().await, start().await];
@@ -70,19 +73,14 @@ async fn fan_in_of_100_targets_survives_a_sigkill() {
         async move { (count(&lines, "done") >= 1 && count(&lines, "failed") >= 1).then_some(()) }
     })
     .await;
-    // Let pending work settle (join re-checks wait in the 2 s delay queue), then stop the
+    // Let pending work settle (join re-checks wait 2 s in the delay levels), then stop the
     // workers gracefully: they drain, so anything still due would run before they exit.
     let broker = client.broker().clone();
-    let recheck_queue = format!("warren.delay.{svc}.2000");
     common::poll("an idle service", Duration::from_secs(60), || {
-        let (broker, svc, recheck_queue) = (&broker, &svc, &recheck_queue);
+        let (broker, svc, levels) = (&broker, &svc, &levels);
         async move {
             let ready = common::service_stats(broker, svc).await.ready;
-            let waiting = broker
-                .queue_stats(recheck_queue)
-                .await
-                .unwrap()
-                .map_or(0, |s| s.ready);
+            let waiting = levels.waiting(broker).await;
             (ready == 0 && waiting == 0).then_some(())
         }
     })

@@ -22,6 +22,7 @@ mod cluster;
 mod connection_faults;
 mod core_paths;
 mod dead_letters;
+mod delays;
 mod fanin_faults;
 mod harness_selftest;
 mod invoke_retry;

@@ -1,5 +1,5 @@
-//! Task-level retries across a worker crash: a failed attempt's retry waits in a durable
-//! delay queue on the broker while the worker that scheduled it is SIGKILLed; a new worker
+//! Task-level retries across a worker crash: a failed attempt's retry waits in the durable
+//! delay levels on the broker while the worker that scheduled it is SIGKILLed; a new worker
 //! runs the retry when the delay expires, exactly once per scheduled retry.
 
 use crate::common;
@@ -7,42 +7,9 @@ use crate::common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{config, ledger_path, unique, Cleanup, FixtureWorker};
+use common::{config, ledger_path, unique, Cleanup, FixtureWorker, TestLevels};
 use warren::{Client, QueueType, RetryPolicy, Task};
 use warren_core::Broker;
-
-/// Deletes delay queues the shared `Cleanup` does not know of, even if the test panicked.
-struct DelayQueues {
-    url: String,
-    names: Vec<String>,
-}
-
-impl Drop for DelayQueues {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        let names = std::mem::take(&mut self.names);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let Ok(broker) =
-                    Broker::connect(common::config_for(&url, QueueType::Classic)).await
-                else {
-                    return;
-                };
-                for n in &names {
-                    let _ = broker.delete_queue(n).await;
-                }
-                broker.close().await;
-            });
-        })
-        .join();
-    }
-}
 
 struct Setup {
     url: String,
@@ -50,20 +17,18 @@ struct Setup {
     ledger: PathBuf,
     client: Client,
     broker: Broker,
-    _delay_queues: DelayQueues,
+    levels: TestLevels,
     _cleanup: Cleanup,
 }
 
 impl Setup {
-    /// A unique service whose delay queues for `delays_ms` are deleted at the end.
-    async fn new(what: &str, delays_ms: &[u64]) -> Self {
+    /// A unique service whose retries wait in delay levels of its own (so the test can
+    /// count them), deleted at the end.
+    async fn new(what: &str) -> Self {
         let url = common::url();
         let svc = unique(what);
         let cleanup = Cleanup::new(&[&svc]);
-        let delay_queues = DelayQueues {
-            url: url.clone(),
-            names: delays_ms.iter().map(|ms| delay_queue(&svc, *ms)).collect(),
-        };
+        let levels = TestLevels::new(&svc, 1);
         let client = Client::builder()
             .amqp(config(QueueType::Quorum))
             .connect()
@@ -76,13 +41,21 @@ impl Setup {
             svc,
             client,
             broker,
-            _delay_queues: delay_queues,
+            levels,
             _cleanup: cleanup,
         }
     }
 
     async fn worker(&self) -> FixtureWorker {
-        FixtureWorker::start(&self.url, &self.svc, QueueType::Quorum, &self.ledger, 8).await
+        FixtureWorker::start_with(
+            &self.url,
+            &self.svc,
+            QueueType::Quorum,
+            &self.ledger,
+            8,
+            &[self.levels.fixture_env()],
+        )
+        .await
     }
 
     /// Sends `flaky` for `key`: attempt 1 fails, attempt 2 (after `delay`) succeeds.
@@ -113,23 +86,15 @@ impl Setup {
             .collect()
     }
 
-    /// Waits until nothing is due any more (delay queues, service queue empty), then stops
+    /// Waits until nothing is due any more (delay levels, service queue empty), then stops
     /// the worker gracefully: it drains, so a duplicate still in flight would be recorded.
-    async fn settle(&self, worker: FixtureWorker, delays_ms: &[u64]) {
-        let queues: Vec<String> = delays_ms
-            .iter()
-            .map(|ms| delay_queue(&self.svc, *ms))
-            .chain([format!("warren.svc.{}", self.svc)])
-            .collect();
+    async fn settle(&self, worker: FixtureWorker) {
+        let svc_queue = format!("warren.svc.{}", self.svc);
         common::poll("no retry left waiting", Duration::from_secs(60), || {
-            let queues = &queues;
+            let svc_queue = &svc_queue;
             async move {
-                for q in queues {
-                    if self.ready(q).await > 0 {
-                        return None;
-                    }
-                }
-                Some(())
+                (self.levels.waiting(&self.broker).await == 0 && self.ready(svc_queue).await == 0)
+                    .then_some(())
             }
         })
         .await;
@@ -182,28 +147,20 @@ impl Setup {
     }
 }
 
-fn delay_queue(svc: &str, ms: u64) -> String {
-    format!("warren.delay.{svc}.{ms}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_while_a_retry_waits_in_its_delay_queue() {
-    let s = Setup::new("retryk", &[3000]).await;
+    let s = Setup::new("retryk").await;
     let worker = s.worker().await;
     s.send_flaky("r1", Duration::from_secs(3)).await;
     common::poll("attempt 1", Duration::from_secs(30), || async {
         s.runs("r1").iter().any(|(a, _)| *a == 1).then_some(())
     })
     .await;
-    // The retry is confirmed in the 3 s delay queue: kill the worker that scheduled it.
-    let waiting = delay_queue(&s.svc, 3000);
+    // The retry is confirmed in the delay levels: kill the worker that scheduled it.
     common::poll(
-        "the retry in its delay queue",
+        "the retry in the delay levels",
         Duration::from_secs(30),
-        || {
-            let waiting = &waiting;
-            async { (s.ready(waiting).await == 1).then_some(()) }
-        },
+        || async { (s.levels.waiting(&s.broker).await == 1).then_some(()) },
     )
     .await;
     assert!(
@@ -216,7 +173,7 @@ async fn worker_killed_while_a_retry_waits_in_its_delay_queue() {
         s.runs("r1").iter().any(|(a, _)| *a == 2).then_some(())
     })
     .await;
-    s.settle(worker, &[3000]).await;
+    s.settle(worker).await;
     let first = s.check("r1");
     assert_eq!(
         s.runs("r1").iter().filter(|(a, _)| *a == 2).count(),
@@ -231,24 +188,17 @@ async fn worker_killed_while_a_retry_waits_in_its_delay_queue() {
 async fn five_retries_with_different_delays_across_a_kill() {
     // 3..7 s: long enough that every retry still waits when the worker dies.
     const DELAYS_MS: [u64; 5] = [3000, 4000, 5000, 6000, 7000];
-    let s = Setup::new("retryk5", &DELAYS_MS).await;
+    let s = Setup::new("retryk5").await;
     let worker = s.worker().await;
     for (i, ms) in DELAYS_MS.iter().enumerate() {
         s.send_flaky(&format!("d{i}"), Duration::from_millis(*ms))
             .await;
     }
-    // Every retry is confirmed in its own delay queue: kill the worker.
+    // Every retry is confirmed in the delay levels: kill the worker.
     common::poll(
-        "five retries in their delay queues",
+        "five retries in the delay levels",
         Duration::from_secs(30),
-        || async {
-            for ms in DELAYS_MS {
-                if s.ready(&delay_queue(&s.svc, ms)).await != 1 {
-                    return None;
-                }
-            }
-            Some(())
-        },
+        || async { (s.levels.waiting(&s.broker).await == 5).then_some(()) },
     )
     .await;
     worker.kill9().await;
@@ -259,7 +209,7 @@ async fn five_retries_with_different_delays_across_a_kill() {
             .then_some(())
     })
     .await;
-    s.settle(worker, &DELAYS_MS).await;
+    s.settle(worker).await;
     let mut redelivered = 0;
     for i in 0..DELAYS_MS.len() {
         redelivered += s.check(&format!("d{i}")) - 1;

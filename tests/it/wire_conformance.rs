@@ -76,6 +76,20 @@ async fn publish_with(
     assert_eq!(confirm, lapin::Confirmation::Ack(None), "{body}");
 }
 
+async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind, arguments: FieldTable) {
+    ch.exchange_declare(
+        name.into(),
+        kind,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        arguments,
+    )
+    .await
+    .unwrap();
+}
+
 fn envelope(svc: &str, method: &str, payload: Value) -> Value {
     json!({
         "v": 1,
@@ -139,26 +153,92 @@ async fn a_producer_that_follows_the_doc() {
     )
     .await
     .unwrap();
-    // "Retries": the 1 s delay queue of the service, as documented (quorum).
-    let delay_q = format!("warren.delay.{svc}.1000");
+    // "Delayed tasks": the delivery exchange (and its alternate exchange and queue), the
+    // service queue's binding to it, and the 25 levels, as documented.
+    declare_exchange(
+        &ch,
+        "warren.delay.unrouted",
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await;
+    declare_exchange(
+        &ch,
+        "warren.delay.deliver",
+        ExchangeKind::Headers,
+        args(&[("alternate-exchange", text("warren.delay.unrouted"))]),
+    )
+    .await;
     ch.queue_declare(
-        delay_q.as_str().into(),
+        "warren.delay.unrouted".into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        args(&[
-            ("x-queue-type", text("quorum")),
-            ("x-message-ttl", AMQPValue::LongLongInt(1000)),
-            ("x-dead-letter-exchange", text("warren.tasks")),
-            ("x-dead-letter-routing-key", text(&svc)),
-            ("x-expires", AMQPValue::LongLongInt(2 * 1000 + 60_000)),
-            ("x-dead-letter-strategy", text("at-least-once")),
-            ("x-overflow", text("reject-publish")),
-        ]),
+        args(&[("x-queue-type", text("classic"))]),
     )
     .await
     .unwrap();
+    ch.queue_bind(
+        "warren.delay.unrouted".into(),
+        "warren.delay.unrouted".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        svc_q.as_str().into(),
+        "warren.delay.deliver".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        args(&[("x-match", text("all")), ("x-warren-dest", text(&svc_q))]),
+    )
+    .await
+    .unwrap();
+    for k in 0..25u32 {
+        let level = format!("warren.delay.{k}");
+        let below = if k == 0 {
+            "warren.delay.deliver".to_owned()
+        } else {
+            format!("warren.delay.{}", k - 1)
+        };
+        let pattern = |bit: char| format!("{}{bit}.#", "*.".repeat(24 - k as usize));
+        declare_exchange(&ch, &level, ExchangeKind::Topic, FieldTable::default()).await;
+        ch.exchange_bind(
+            below.as_str().into(),
+            level.as_str().into(),
+            pattern('0').as_str().into(),
+            lapin::options::ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_declare(
+            level.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args(&[
+                ("x-queue-type", text("classic")),
+                ("x-dead-letter-exchange", text(&below)),
+                ("x-message-ttl", AMQPValue::LongLongInt(100 << k)),
+            ]),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            level.as_str().into(),
+            level.as_str().into(),
+            pattern('1').as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
 
     // The worker: `double`, a hook target `record`, `flaky` (fails its first attempt) and
     // `piece` for a job the producer splits itself.
@@ -262,23 +342,32 @@ async fn a_producer_that_follows_the_doc() {
     publish(&ch, "warren.tasks", &svc, &nulls, Some(&reply_q)).await;
     assert_eq!(answer().await["ok"], json!(2));
 
-    // 3. A task published into the documented delay queue reaches the service after it.
+    // 3. A task delayed as documented (1 s = 10 units = 0b1010: routing key of 25 bits and
+    //    `d`, published to the level of its highest 1 bit, with `x-warren-dest`) reaches the
+    //    service after it.
     let later = envelope(&svc, "double", json!(50));
+    let key: String = (0..25u32)
+        .rev()
+        .map(|k| if 10u32 >> k & 1 == 1 { "1." } else { "0." })
+        .chain(["d"])
+        .collect();
+    let mut headers = FieldTable::default();
+    headers.insert("x-warren-dest".into(), text(&svc_q));
     let sent = Instant::now();
-    publish(&ch, "", &delay_q, &later, Some(&reply_q)).await;
+    publish_with(&ch, "warren.delay.3", &key, &later, Some(&reply_q), headers).await;
     let a = answer().await;
     assert_eq!(
         (a["id"].clone(), a["ok"].clone()),
         (later["id"].clone(), json!(100))
     );
     assert!(
-        sent.elapsed() >= Duration::from_millis(900),
+        sent.elapsed() >= Duration::from_millis(950),
         "{:?}",
         sent.elapsed()
     );
 
     // 4. A partial retry object (only `max_attempts` and `base_ms`): retried once through
-    //    the same 1 s delay queue, answered once with the final outcome.
+    //    the delay levels after 1 s, answered once with the final outcome.
     let mut flaky = envelope(&svc, "flaky", json!(40));
     flaky["retry"] = json!({"max_attempts": 2, "base_ms": 1000});
     publish(&ch, "warren.tasks", &svc, &flaky, Some(&reply_q)).await;

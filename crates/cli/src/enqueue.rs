@@ -24,6 +24,18 @@ pub struct EnqueueArgs {
     /// Correlation id to use instead of a generated one (you then own its uniqueness)
     #[arg(long)]
     cid: Option<String>,
+    /// Run the task this long from now (e.g. 90s, 15m, 1h30m, 2days; rounded to 100 ms,
+    /// at most about 38 days); it waits on the broker, not in a worker
+    #[arg(long, value_parser = parse_delay, value_name = "DURATION")]
+    delay: Option<Duration>,
+}
+
+/// A `--delay`: humantime's format (`90s`, `1h 30m`, `2days`), within the longest delay.
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}; try 90s, 15m, 1h30m, 2days)"))?;
+    warren_core::delay::check(d).map_err(|e| e.to_string())?;
+    Ok(d)
 }
 
 /// `warren invoke` options.
@@ -102,13 +114,19 @@ fn hint(e: warren_client::Error, global: &Global) -> anyhow::Error {
 
 /// `warren enqueue`.
 pub async fn run_enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<ExitCode> {
-    let task = prepare(&args.target, &args.payload, args.cid)?;
+    let mut task = prepare(&args.target, &args.payload, args.cid)?;
+    if let Some(d) = args.delay {
+        task = task.delay(d);
+    }
     let client = connect(global, Duration::from_secs(30)).await?;
     let sent = client.enqueue(task).await;
     client.close().await;
     let receipt = sent.map_err(|e| hint(e, global))?;
     println!("id  {}", receipt.id);
     println!("cid {}", receipt.cid);
+    if let Some(d) = args.delay {
+        println!("due in {}", humantime::format_duration(d));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,6 +7,7 @@
 //! and one place where a bad one surfaces.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -22,6 +23,8 @@ pub(crate) struct Invalid(Option<Bad>);
 enum Bad {
     Name(NameError),
     Encode(Arc<serde_json::Error>),
+    Delay(warren_core::delay::DelayTooLong),
+    ZeroTimeLimit,
 }
 
 impl Invalid {
@@ -52,6 +55,27 @@ impl Invalid {
         }
     }
 
+    /// `delay` when it is within the longest supported delay, else `None` (and the error
+    /// kept).
+    pub(crate) fn delay(&mut self, delay: Duration) -> Option<Duration> {
+        match warren_core::delay::check(delay) {
+            Ok(()) => Some(delay),
+            Err(e) => {
+                self.keep(Bad::Delay(e));
+                None
+            }
+        }
+    }
+
+    /// `limit` when it is not zero, else `None` (and the error kept).
+    pub(crate) fn time_limit(&mut self, limit: Duration) -> Option<Duration> {
+        if limit.is_zero() {
+            self.keep(Bad::ZeroTimeLimit);
+            return None;
+        }
+        Some(limit)
+    }
+
     fn keep(&mut self, bad: Bad) {
         self.0.get_or_insert(bad);
     }
@@ -62,6 +86,8 @@ impl Invalid {
             None => Ok(()),
             Some(Bad::Name(e)) => Err(Error::Name(e.clone())),
             Some(Bad::Encode(e)) => Err(Error::Encode(e.clone())),
+            Some(Bad::Delay(e)) => Err(Error::DelayTooLong(*e)),
+            Some(Bad::ZeroTimeLimit) => Err(Error::ZeroTimeLimit),
         }
     }
 }

@@ -45,6 +45,7 @@ pub struct Chain {
     cid: Option<String>,
     timeout: Option<Duration>,
     parent: Option<Uuid>,
+    delay: Option<Duration>,
 }
 
 impl Chain {
@@ -81,6 +82,16 @@ impl Chain {
     /// [`ChainHandle::wait_for`] sets its own bound.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Starts the first step `delay` after the chain is sent (rounded to the nearest
+    /// 100 ms), through the same delay levels as [`crate::Task::delay`]; later steps follow
+    /// as soon as each one ends. A chain timeout counts from the send, so it must cover the
+    /// delay. A delay over [`warren_core::delay::MAX_DELAY`] is returned as
+    /// [`Error::DelayTooLong`] when sent, and nothing is sent.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = self.invalid.delay(delay).or(self.delay);
         self
     }
 
@@ -163,8 +174,16 @@ impl Client {
             Some(t) => (started + t).min(self.publish_deadline()),
             None => self.publish_deadline(),
         };
-        self.send_envelope_by(&env, Some(&replies.queue), publish_by)
-            .await?;
+        match chain.delay {
+            Some(d) => {
+                self.send_later(&env, d, Some(&replies.queue), publish_by)
+                    .await?;
+            }
+            None => {
+                self.send_envelope_by(&env, Some(&replies.queue), publish_by)
+                    .await?;
+            }
+        }
         Ok(handle)
     }
 

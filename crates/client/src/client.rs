@@ -169,6 +169,8 @@ impl Client {
     /// Errors: an invalid name, cid or payload before anything is sent; broker errors
     /// ([`Error::maybe_stored`] says whether the task may run anyway).
     pub async fn enqueue(&self, task: Task) -> Result<Receipt, Error> {
+        task.check()?;
+        let delay = task.send_delay()?;
         let (env, _) = task.into_envelope()?;
         if let Some(p) = &env.part {
             // A part the caller attached by hand: its job's part queue exists from the first
@@ -188,7 +190,13 @@ impl Client {
             }
         }
         self.record_pending(&env).await;
-        self.send_envelope(&env, None).await?;
+        match delay {
+            Some(d) => {
+                self.send_later(&env, d, None, self.publish_deadline())
+                    .await?
+            }
+            None => self.send_envelope(&env, None).await?,
+        }
         Ok(Receipt {
             id: env.id,
             cid: env.cid,
@@ -213,6 +221,8 @@ impl Client {
     /// ```
     pub async fn invoke<R: DeserializeOwned>(&self, task: Task) -> Result<R, Error> {
         let started = Instant::now();
+        task.check()?;
+        let delay = task.send_delay()?;
         let (mut env, timeout) = task.into_envelope()?;
         env.channel = Via::Invoke;
         let timeout = timeout.unwrap_or(self.inner.invoke_timeout);
@@ -235,8 +245,16 @@ impl Client {
             replies,
             id: env.id,
         };
-        self.send_envelope_by(&env, Some(&replies.queue), deadline)
-            .await?;
+        match delay {
+            Some(d) => {
+                self.send_later(&env, d, Some(&replies.queue), deadline)
+                    .await?;
+            }
+            None => {
+                self.send_envelope_by(&env, Some(&replies.queue), deadline)
+                    .await?;
+            }
+        }
         let reply = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => return Err(Error::ReplyListener(replies.stop_reason())),
@@ -321,6 +339,26 @@ impl Client {
         deadline: Instant,
     ) -> Result<(), Error> {
         Ok(self.inner.sender.send(env, reply_to, deadline).await?)
+    }
+
+    /// Sends a prepared envelope through the delay levels (`delay` rounded to 100 ms; at
+    /// once when it rounds to zero). An over-long delay is [`Error::DelayTooLong`].
+    pub(crate) async fn send_later(
+        &self,
+        env: &Envelope,
+        delay: Duration,
+        reply_to: Option<&str>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        match self
+            .inner
+            .sender
+            .send_later(env, delay, reply_to, deadline)
+            .await
+        {
+            Err(warren_core::Error::DelayTooLong(e)) => Err(Error::DelayTooLong(e)),
+            other => Ok(other?),
+        }
     }
 
     /// The task sender this client publishes through ([`TaskSender`]: warren-core's one

@@ -15,6 +15,11 @@ pub enum Error {
     /// The payload could not be serialized to JSON; nothing was sent.
     #[error("payload could not be encoded as JSON")]
     Encode(#[source] std::sync::Arc<serde_json::Error>),
+    /// A delay (`Task::delay`, `Task::at`, `Parallel::delay`, `Chain::delay`) over the
+    /// longest supported ([`warren_core::delay::MAX_DELAY`], about 38.8 days); nothing was
+    /// sent.
+    #[error(transparent)]
+    DelayTooLong(#[from] warren_core::delay::DelayTooLong),
     /// The broker layer failed (unreachable, publish refused, unroutable, ...).
     #[error(transparent)]
     Broker(#[from] warren_core::Error),
@@ -51,6 +56,9 @@ pub enum Error {
     /// A parallel invoke was given no targets; nothing was sent.
     #[error("a parallel invoke needs at least one target")]
     NoTargets,
+    /// A task was given a time limit of zero (`Task::time_limit`); nothing was sent.
+    #[error("a task's time limit must be more than zero")]
+    ZeroTimeLimit,
     /// An invoke/retry was given zero repeats; nothing was sent.
     #[error("invoke/retry needs repeats >= 1 (the number of attempts in all)")]
     ZeroRepeats,

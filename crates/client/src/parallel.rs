@@ -62,6 +62,7 @@ pub struct Parallel {
     on_final: Vec<HookTarget>,
     cid: Option<String>,
     origin: Origin,
+    delay: Option<std::time::Duration>,
 }
 
 impl Parallel {
@@ -100,6 +101,15 @@ impl Parallel {
     /// its uniqueness); by default a fresh one is generated.
     pub fn with_cid(mut self, cid: impl Into<String>) -> Self {
         self.cid = Some(cid.into());
+        self
+    }
+
+    /// Starts every target `delay` after the call (rounded to the nearest 100 ms), through
+    /// the same delay levels as [`crate::Task::delay`]; the callbacks follow as usual. A
+    /// delay over [`warren_core::delay::MAX_DELAY`] is returned as [`Error::DelayTooLong`]
+    /// by [`Client::parallel`], and nothing is sent.
+    pub fn delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = self.invalid.delay(delay).or(self.delay);
         self
     }
 
@@ -181,7 +191,15 @@ impl Client {
             .collect();
         let tasks = envs.iter().map(|e| e.id).collect();
         futures_util::stream::iter(envs)
-            .map(|env| async move { self.send_envelope(&env, None).await })
+            .map(|env| async move {
+                match p.delay {
+                    Some(d) => {
+                        self.send_later(&env, d, None, self.publish_deadline())
+                            .await
+                    }
+                    None => self.send_envelope(&env, None).await,
+                }
+            })
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<()>()
             .await?;

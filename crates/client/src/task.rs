@@ -1,6 +1,6 @@
 //! [`Task`]: one task to enqueue or invoke.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use uuid::Uuid;
@@ -44,6 +44,17 @@ pub struct Task {
     pub(crate) attempt: u32,
     pub(crate) caller_retries: bool,
     pub(crate) notify: Option<String>,
+    pub(crate) when: Option<When>,
+    pub(crate) time_limit: Option<Duration>,
+}
+
+/// When a delayed task is due.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum When {
+    /// This long after it is sent.
+    After(Duration),
+    /// At this wall-clock time.
+    At(SystemTime),
 }
 
 impl Task {
@@ -66,7 +77,56 @@ impl Task {
             attempt: 1,
             caller_retries: false,
             notify: None,
+            when: None,
+            time_limit: None,
         }
+    }
+
+    /// Runs the task `delay` after it is sent (rounded to the nearest 100 ms), not before.
+    /// The task waits on the broker, in a fixed set of delay queues (docs/time.md), not in a
+    /// worker: it survives worker and broker restarts and costs no prefetch. A zero delay
+    /// sends it at once. A delay over [`warren_core::delay::MAX_DELAY`] (about 38.8 days) is
+    /// returned as [`Error::DelayTooLong`] by the call that sends it, and nothing is sent.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_client::Task;
+    /// let t = Task::new("mail.remind", &"ada").delay(Duration::from_secs(90));
+    /// assert!(t.check().is_ok());
+    /// assert!(Task::new("mail.remind", &()).delay(Duration::from_secs(90 * 86_400)).check().is_err());
+    /// ```
+    pub fn delay(mut self, delay: Duration) -> Self {
+        if let Some(d) = self.invalid.delay(delay) {
+            self.when = Some(When::After(d));
+        }
+        self
+    }
+
+    /// Runs the task at `when` (this machine's clock; rounded to the nearest 100 ms), not
+    /// before: [`Task::delay`] with the time left when it is sent. A time in the past sends
+    /// it at once; one further than [`warren_core::delay::MAX_DELAY`] is refused like an
+    /// over-long delay.
+    pub fn at(mut self, when: SystemTime) -> Self {
+        let left = when
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if self.invalid.delay(left).is_some() {
+            self.when = Some(When::At(when));
+        }
+        self
+    }
+
+    /// The delay to send with, computed now (`None`: send at once).
+    pub(crate) fn send_delay(&self) -> Result<Option<Duration>, Error> {
+        let delay = match self.when {
+            None => return Ok(None),
+            Some(When::After(d)) => d,
+            Some(When::At(t)) => t
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        };
+        warren_core::delay::check(delay)?;
+        Ok((!delay.is_zero()).then_some(delay))
     }
 
     /// Uses the caller's correlation id (the caller then owns its uniqueness); by default
@@ -91,6 +151,26 @@ impl Task {
     /// Invokes `target` with the failure when the task fails for good.
     pub fn on_error(mut self, target: impl IntoTarget) -> Self {
         self.hooks.onerror = self.invalid.hook(target);
+        self
+    }
+
+    /// This task's hard time limit per attempt: the worker stops the handler at this
+    /// deadline (its future is dropped) and the attempt fails with kind `timeout`, retried
+    /// per the retry policy. When the method has a limit too
+    /// (`Service::time_limit`), the smaller one applies; the handler sees its deadline as
+    /// `ctx.deadline()`. Travels in the envelope (`time_limit_ms`, whole milliseconds,
+    /// rounded up). Zero is returned as [`Error::ZeroTimeLimit`] by the call that sends the
+    /// task, and nothing is sent.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_client::Task;
+    /// let t = Task::new("video.encode", &"clip.mp4").time_limit(Duration::from_secs(600));
+    /// assert!(t.check().is_ok());
+    /// assert!(Task::new("video.encode", &()).time_limit(Duration::ZERO).check().is_err());
+    /// ```
+    pub fn time_limit(mut self, limit: Duration) -> Self {
+        self.time_limit = self.invalid.time_limit(limit);
         self
     }
 
@@ -177,6 +257,10 @@ impl Task {
             warren_core::names::validate_name("topic", t)?;
         }
         env.notify = self.notify;
+        env.time_limit_ms = self.time_limit.map(|d| {
+            // Whole milliseconds, rounded up: a limit under 1 ms is still a limit.
+            u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        });
         Ok((env, self.timeout))
     }
 }

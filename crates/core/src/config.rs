@@ -196,9 +196,8 @@ pub struct AmqpConfig {
     pub reconnect: ReconnectPolicy,
     /// Queue type for service and dead-letter queues.
     pub queue_type: QueueType,
-    /// Queue type for retry delay queues (`warren.delay.<svc>.<ms>`); `None` = `queue_type`.
-    /// See [`with_delay_queue_type`](Self::with_delay_queue_type).
-    delay_queue_type: Option<QueueType>,
+    /// The delay levels (`crate::delay`): real time unless a test sped them up.
+    delay_levels: crate::delay::DelayLevels,
     /// How long a publish may wait for its confirm (reconnects included) before failing.
     pub publish_timeout: Duration,
     /// Name shown for the connection in RabbitMQ's tools.
@@ -285,7 +284,7 @@ impl AmqpConfig {
             connect_timeout: Duration::from_secs(5),
             reconnect: ReconnectPolicy::default(),
             queue_type: QueueType::default(),
-            delay_queue_type: None,
+            delay_levels: crate::delay::DelayLevels::new(),
             publish_timeout: Duration::from_secs(30),
             connection_name: String::from("warren"),
             tls: TlsSettings::default(),
@@ -414,30 +413,21 @@ impl AmqpConfig {
         self
     }
 
-    /// Sets the queue type of the retry delay queues (`warren.delay.<svc>.<ms>`, see
-    /// [`crate::retry`]) on their own; by default they have the [`queue_type`](Self::queue_type).
-    ///
-    /// Why: on a RabbitMQ cluster (seen on 3.10.8), a quorum delay queue with a message TTL
-    /// and at-least-once dead-lettering sometimes stops releasing its expired messages, so
-    /// retries wait forever (rabbitmq-server#10718); classic ones released every retry in 4 runs.
-    /// The cost of [`QueueType::Classic`]: a classic queue dead-letters at-most-once, so a
-    /// retry can be lost if the broker node crashes at the very moment its delay expires,
-    /// and a classic delay queue lives on one node (while that node is down, retries waiting
-    /// in it wait too, and new ones to that queue cannot be published). Measured on a 3-node
-    /// cluster: after a kill of that node, retries it had already dead-lettered came back and
-    /// ran again at the same attempt without `redelivered` (docs/scaling.md, Known limits).
-    /// An existing delay queue keeps its type: switching needs the old ones deleted or expired.
+    /// **For tests only**: sends delayed tasks and retries through levels of the test's
+    /// own ([`crate::delay::DelayLevels::for_test`]), so it can count what waits in them,
+    /// optionally sped up. Every process sending delayed tasks in such a test must use the
+    /// same levels; workers that only receive them need nothing (delivery goes through the
+    /// shared `warren.delay.deliver` exchange).
     #[must_use]
-    pub fn with_delay_queue_type(mut self, queue_type: QueueType) -> Self {
-        self.delay_queue_type = Some(queue_type);
+    pub fn with_delay_levels(mut self, levels: crate::delay::DelayLevels) -> Self {
+        self.delay_levels = levels;
         self
     }
 
-    /// The queue type of the retry delay queues: the one set with
-    /// [`with_delay_queue_type`](Self::with_delay_queue_type), else [`queue_type`](Self::queue_type).
+    /// The delay levels delayed tasks and retries are sent through.
     #[must_use]
-    pub fn delay_queue_type(&self) -> QueueType {
-        self.delay_queue_type.unwrap_or(self.queue_type)
+    pub fn delay_levels(&self) -> crate::delay::DelayLevels {
+        self.delay_levels.clone()
     }
 
     /// Sets the reconnect policy.

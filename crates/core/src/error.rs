@@ -102,6 +102,10 @@ pub enum Error {
         #[source]
         last: Option<Box<Error>>,
     },
+    /// A delay over the longest the delay levels support ([`crate::delay::MAX_DELAY`]);
+    /// nothing was published.
+    #[error(transparent)]
+    DelayTooLong(#[from] crate::delay::DelayTooLong),
     /// The process is shutting down and the operation was abandoned.
     #[error("shutting down")]
     Shutdown,

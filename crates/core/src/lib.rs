@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`names`]: service, method and AMQP name validation ([`Target`], [`NameError`]).
 //! - [`envelope`]: the versioned JSON task envelope and reply ([`Envelope`], [`Reply`]).
-//! - [`retry`]: [`RetryPolicy`] and the durable per-step delay queues retries wait in.
+//! - [`retry`]: [`RetryPolicy`]: how failing tasks are retried.
+//! - [`delay`]: delayed delivery through a fixed cascade of TTL levels on the broker.
 //! - [`status`]: task statuses and results in a store that outlives processes
 //!   ([`status::StatusStore`], [`status::RedisStore`]).
 //! - [`chain`]: the state a chain carries from step to step (its bog).
@@ -24,6 +25,7 @@
 pub mod amqp;
 pub mod chain;
 pub mod config;
+pub mod delay;
 pub mod envelope;
 pub mod error;
 pub mod metrics;

@@ -1,20 +1,13 @@
-//! Retry policy and the durable delay queues retries wait in.
+//! Retry policy.
 //!
 //! A retry is a new publish of the task (attempt + 1), confirmed before the original is
-//! acked. Delayed retries wait on the broker, never unacked in worker memory: they go to a
-//! wait queue `warren.delay.<svc>.<ms>` whose `x-message-ttl` is the delay and whose
-//! dead-letter exchange sends expired messages back to the service queue. One queue per
-//! delay step avoids head-of-line blocking (per-message TTL only expires at the head of a
-//! queue). Delays are rounded up to steps (100 ms below 1 s, 1 s below 1 min, 10 s above)
-//! so the number of wait queues stays small; unused wait queues delete themselves.
+//! acked. Delayed retries wait on the broker, never unacked in worker memory: they go
+//! through the delay levels every delayed task uses ([`crate::delay`]), from which the
+//! broker delivers them back to the service queue when due.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use crate::names::check_amqp_len;
-use crate::topology::{QueueSpec, PREFIX, TASK_EXCHANGE};
-use crate::{NameError, QueueType};
 
 /// How a failing task is retried: at most `max_attempts` attempts in all, waiting
 /// `base_delay * 2^(attempt-1)` (exponential) or `base_delay` (fixed) between them, capped at
@@ -149,48 +142,9 @@ impl RetryPolicy {
     }
 }
 
-/// Rounds a delay up to its step, in ms.
-#[must_use]
-pub fn delay_step_ms(d: Duration) -> u64 {
-    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let step = if ms <= 1_000 {
-        100
-    } else if ms <= 60_000 {
-        1_000
-    } else {
-        10_000
-    };
-    ms.div_ceil(step).saturating_mul(step)
-}
-
-/// The wait queue for `svc` and a delay step (see the module docs).
-pub fn delay_queue(svc: &str, ms: u64, qt: QueueType) -> Result<QueueSpec, NameError> {
-    let name = format!("{PREFIX}delay.{svc}.{ms}");
-    check_amqp_len("delay queue", &name)?;
-    Ok(QueueSpec {
-        name,
-        durable: true,
-        queue_type: Some(qt),
-        dead_letter_exchange: Some(TASK_EXCHANGE.to_owned()),
-        dead_letter_routing_key: Some(svc.to_owned()),
-        message_ttl_ms: Some(ms),
-        // Redeclared before every publish, so it outlives its last message by far.
-        expires_ms: Some(ms.saturating_mul(2).saturating_add(60_000)),
-        ..QueueSpec::default()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn steps() {
-        assert_eq!(delay_step_ms(Duration::from_millis(1)), 100);
-        assert_eq!(delay_step_ms(Duration::from_millis(950)), 1000);
-        assert_eq!(delay_step_ms(Duration::from_millis(1001)), 2000);
-        assert_eq!(delay_step_ms(Duration::from_secs(61)), 70_000);
-    }
 
     #[test]
     fn exponential_capped() {

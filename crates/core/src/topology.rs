@@ -5,6 +5,8 @@
 //!                                                              │ broker dead-letters
 //! worker dead-letters (with reason headers) ─────────────────► warren.dead.<svc>
 //! invoke replies ──► default exchange ──► warren.reply.<client id> (exclusive, per client)
+//! delayed tasks ──► warren.delay.<k> … warren.delay.0 ──► warren.delay.deliver (headers)
+//!                   ──[x-warren-dest = queue]──► warren.svc.<svc>   (see crate::delay)
 //! ```
 //! Service queues are durable, of the configured [`QueueType`]; on quorum queues
 //! `x-delivery-limit` stops a message that crashes its worker again and again (it is
@@ -99,6 +101,22 @@ pub struct QueueSpec {
     pub bind: Option<(String, String)>,
     /// Header arguments of that binding (for headers exchanges; `x-match=all` is added).
     pub bind_headers: Vec<(String, String)>,
+    /// Also bind the queue to [`crate::delay::DELIVER_EXCHANGE`] with `x-match=all,
+    /// x-warren-dest=<name>`, so delayed messages for it are delivered when due.
+    pub delayed_delivery: bool,
+    /// A topic exchange to declare (with its own binding) before the queue: how the delay
+    /// levels are declared (see [`crate::delay`]).
+    pub exchange: Option<ExchangeSpec>,
+}
+
+/// A durable topic exchange declared before a queue, optionally bound (exchange to
+/// exchange) to another exchange with a routing pattern.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeSpec {
+    /// The exchange name.
+    pub name: String,
+    /// `(destination exchange, pattern)`: messages matching the pattern go on to it.
+    pub bind_to: Option<(String, String)>,
 }
 
 impl QueueSpec {
@@ -111,6 +129,7 @@ impl QueueSpec {
             dead_letter_exchange: Some(DEAD_EXCHANGE.to_owned()),
             delivery_limit: (queue_type == QueueType::Quorum).then_some(DELIVERY_LIMIT),
             bind: Some((TASK_EXCHANGE.to_owned(), svc.to_owned())),
+            delayed_delivery: true,
             ..Self::default()
         })
     }

@@ -63,7 +63,7 @@ where
     }
 }
 
-/// Deletes the queues of `services` (service, dead-letter and delay queues it knows of).
+/// Deletes the queues of `services` (service, dead-letter and done-marker queues).
 pub async fn cleanup(url: &str, services: &[&str]) {
     let Ok(broker) = Broker::connect(config_for(url, QueueType::Classic)).await else {
         return;
@@ -71,11 +71,6 @@ pub async fn cleanup(url: &str, services: &[&str]) {
     for svc in services {
         for q in [format!("warren.svc.{svc}"), format!("warren.dead.{svc}")] {
             let _ = broker.delete_queue(&q).await;
-        }
-        for ms in [100u64, 200, 300, 500, 1000, 2000, 3000, 5000] {
-            let _ = broker
-                .delete_queue(&format!("warren.delay.{svc}.{ms}"))
-                .await;
         }
         // Done-marker queues, named by the workers' completion window (the ones tests use).
         for ms in [3_000u64, 30_000, 300_000] {
@@ -85,6 +80,84 @@ pub async fn cleanup(url: &str, services: &[&str]) {
         }
     }
     broker.close().await;
+}
+
+/// A test's own delay levels (`DelayLevels::for_test(name, speedup)`), so it can count what
+/// waits in them; their queues and exchanges are deleted when dropped. Processes that send
+/// the test's delayed tasks or retries use [`TestLevels::config`] (fixture workers:
+/// [`TestLevels::fixture_env`]).
+pub struct TestLevels {
+    pub levels: warren::delay::DelayLevels,
+    name: String,
+    speedup: u32,
+    url: String,
+}
+
+impl TestLevels {
+    pub fn new(name: &str, speedup: u32) -> Self {
+        Self {
+            levels: warren::delay::DelayLevels::for_test(name, speedup).expect("a valid name"),
+            name: name.to_owned(),
+            speedup,
+            url: url(),
+        }
+    }
+
+    /// `config(qt)` sending delays through these levels.
+    pub fn config(&self, qt: QueueType) -> AmqpConfig {
+        config(qt).with_delay_levels(self.levels.clone())
+    }
+
+    /// The fixture worker's environment for these levels.
+    pub fn fixture_env(&self) -> (&'static str, String) {
+        (
+            "FIXTURE_DELAY_LEVELS",
+            format!("{}:{}", self.name, self.speedup),
+        )
+    }
+
+    /// Messages ready in each level queue, level 0 first (0 for a level not declared yet).
+    /// Read from the top level down: messages only move down, so one in transit is never
+    /// missed (it may be counted twice).
+    pub async fn ready(&self, broker: &Broker) -> Vec<u32> {
+        let mut out = Vec::new();
+        for q in self.levels.names().into_iter().rev() {
+            out.push(broker.queue_stats(&q).await.unwrap().map_or(0, |s| s.ready));
+        }
+        out.reverse();
+        out
+    }
+
+    /// Messages waiting in all levels.
+    pub async fn waiting(&self, broker: &Broker) -> u32 {
+        self.ready(broker).await.iter().sum()
+    }
+}
+
+impl Drop for TestLevels {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let names = self.levels.names();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(broker) = Broker::connect(config_for(&url, QueueType::Classic)).await else {
+                    return;
+                };
+                for n in names.iter().rev() {
+                    let _ = broker.delete_queue(n).await;
+                    let _ = broker.delete_exchange(n).await;
+                }
+                broker.close().await;
+            });
+        })
+        .join();
+    }
 }
 
 /// Deletes a test's queues when dropped, even if the test panicked.

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 
 use super::message::short;
 use crate::config::{AmqpConfig, QueueType};
+use crate::delay::{DELIVER_EXCHANGE, H_DEST, UNROUTED_EXCHANGE, UNROUTED_QUEUE};
 use crate::error::{classify, AmqpError, Error, Result};
 use crate::names::check_amqp_len;
 use crate::topology::{QueueSpec, DEAD_EXCHANGE, TASK_EXCHANGE, TOPIC_EXCHANGE};
@@ -404,6 +405,21 @@ impl Broker {
         res.map_err(|e| classify(format!("deleting queue {queue}"), e))
     }
 
+    /// Deletes an exchange (no error if it does not exist).
+    pub async fn delete_exchange(&self, exchange: &str) -> Result<()> {
+        check_amqp_len("exchange", exchange)?;
+        let ops = self.ops().await?;
+        let res = ops
+            .channel
+            .exchange_delete(
+                short(exchange),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+        self.finish_ops(ops).await;
+        res.map_err(|e| classify(format!("deleting exchange {exchange}"), e))
+    }
+
     /// Removes every ready message from a queue; returns how many.
     pub async fn purge_queue(&self, queue: &str) -> Result<u32> {
         check_amqp_len("queue", queue)?;
@@ -450,11 +466,77 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
         .await
         .map_err(|e| classify(format!("declaring exchange {name}"), e))?;
     }
+    // Delayed delivery (crate::delay): the headers exchange every service queue is bound to,
+    // and its alternate exchange and queue, which keep a delayed message whose destination
+    // queue is gone instead of dropping it.
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        short(UNROUTED_EXCHANGE),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| classify(format!("declaring exchange {UNROUTED_EXCHANGE}"), e))?;
+    let mut args = FieldTable::default();
+    args.insert(
+        short("alternate-exchange"),
+        AMQPValue::LongString(UNROUTED_EXCHANGE.into()),
+    );
+    ch.exchange_declare(
+        short(DELIVER_EXCHANGE),
+        ExchangeKind::Headers,
+        durable,
+        args,
+    )
+    .await
+    .map_err(|e| classify(format!("declaring exchange {DELIVER_EXCHANGE}"), e))?;
+    declare_on(
+        ch,
+        &QueueSpec {
+            name: UNROUTED_QUEUE.to_owned(),
+            durable: true,
+            queue_type: Some(QueueType::Classic),
+            bind: Some((UNROUTED_EXCHANGE.to_owned(), String::new())),
+            ..QueueSpec::default()
+        },
+    )
+    .await?;
     Ok(())
 }
 
 pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<QueueStats> {
     check_amqp_len("queue", &spec.name)?;
+    if let Some(x) = &spec.exchange {
+        check_amqp_len("exchange", &x.name)?;
+        ch.exchange_declare(
+            short(&x.name),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| classify(format!("declaring exchange {}", x.name), e))?;
+        if let Some((dest, pattern)) = &x.bind_to {
+            check_amqp_len("exchange", dest)?;
+            check_amqp_len("routing key", pattern)?;
+            ch.exchange_bind(
+                short(dest),
+                short(&x.name),
+                short(pattern),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| classify(format!("binding exchange {} to {dest}", x.name), e))?;
+        }
+    }
     let mut args = FieldTable::default();
     if let Some(t) = spec.queue_type {
         args.insert(
@@ -550,6 +632,23 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<QueueSt
         )
         .await
         .map_err(|e| classify(format!("binding queue {}", spec.name), e))?;
+    }
+    if spec.delayed_delivery {
+        let mut bind_args = FieldTable::default();
+        bind_args.insert(short("x-match"), AMQPValue::LongString("all".into()));
+        bind_args.insert(
+            short(H_DEST),
+            AMQPValue::LongString(spec.name.as_str().into()),
+        );
+        ch.queue_bind(
+            short(&spec.name),
+            short(DELIVER_EXCHANGE),
+            short(""),
+            QueueBindOptions::default(),
+            bind_args,
+        )
+        .await
+        .map_err(|e| classify(format!("binding queue {} for delays", spec.name), e))?;
     }
     Ok(stats)
 }

@@ -10,13 +10,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::broker::Broker;
-use super::message::Outgoing;
+use super::message::{HeaderValue, Outgoing};
 use super::publisher::Publisher;
 use crate::config::QueueType;
+use crate::delay::{DelayLevels, H_DEST, H_DUE};
 use crate::envelope::Envelope;
-use crate::error::Result;
-use crate::retry::{delay_queue, delay_step_ms};
-use crate::topology::{QueueSpec, TASK_EXCHANGE};
+use crate::error::{Error, Result};
+use crate::topology::{service_queue, QueueSpec, TASK_EXCHANGE};
 
 /// Sends envelopes to their service queues; cheap to clone (clones share the publisher).
 ///
@@ -32,7 +32,7 @@ use crate::topology::{QueueSpec, TASK_EXCHANGE};
 pub struct TaskSender {
     publisher: Publisher,
     queue_type: QueueType,
-    delay_queue_type: QueueType,
+    levels: DelayLevels,
     publish_timeout: Duration,
 }
 
@@ -53,7 +53,7 @@ impl TaskSender {
         Self {
             publisher,
             queue_type: config.queue_type,
-            delay_queue_type: config.delay_queue_type(),
+            levels: config.delay_levels(),
             publish_timeout: config.publish_timeout,
         }
     }
@@ -98,9 +98,14 @@ impl TaskSender {
         Ok(())
     }
 
-    /// Sends `env` to its service queue after `delay`, through the durable wait queue of
-    /// that delay step (`warren.delay.<svc>.<ms>`, see [`crate::retry`]); at once when
-    /// `delay` is zero. The wait survives worker and broker restarts.
+    /// Sends `env` to its service queue after `delay` (rounded to the nearest 100 ms),
+    /// through the delay levels ([`crate::delay`]); at once when it rounds to zero.
+    /// The wait is on the broker and survives worker and broker restarts.
+    ///
+    /// The service queue is declared (and bound to the delivery exchange) first, so the
+    /// task finds it when it is due. Errors: [`Error::DelayTooLong`] over
+    /// [`crate::delay::MAX_DELAY`], before anything is published; else as
+    /// [`TaskSender::send`].
     pub async fn send_later(
         &self,
         env: &Envelope,
@@ -108,26 +113,55 @@ impl TaskSender {
         reply_to: Option<&str>,
         deadline: Instant,
     ) -> Result<()> {
-        if delay.is_zero() {
+        let Some(route) = self.levels.route(delay)? else {
             return self.send(env, reply_to, deadline).await;
+        };
+        let dest = service_queue(&env.svc)?;
+        match tokio::time::timeout_at(deadline, self.ensure_service(&env.svc)).await {
+            Ok(res) => res?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: format!("declaring {dest} before a delayed publish"),
+                    after: self.publish_timeout,
+                })
+            }
         }
-        let spec = delay_queue(&env.svc, delay_step_ms(delay), self.delay_queue_type)?;
-        let mut msg = Outgoing::new("", spec.name.clone(), env.to_bytes()?);
+        let wait_ms: u64 = (0..crate::delay::LEVELS)
+            .filter(|k| route.units >> k & 1 == 1)
+            .map(|k| self.levels.ttl_ms(k))
+            .sum();
+        let due = crate::envelope::now_ms().saturating_add(wait_ms);
+        let mut msg = Outgoing::new(route.exchange, route.routing_key, env.to_bytes()?);
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid.clone());
         msg.reply_to = reply_to.map(str::to_owned);
-        // The wait queue expires when unused: a publish that comes back unroutable declares
-        // it (and the service queue it dead-letters into) again.
-        let (qt, svc) = (self.queue_type, env.svc.as_str());
-        let declare = || {
-            let mut specs = service_specs(svc, qt)?;
-            specs.push(spec.clone());
-            Ok(specs)
-        };
-        self.publisher
-            .publish_routed(&msg, &spec.name, &declare, deadline)
-            .await?;
+        msg.headers
+            .push((H_DEST.to_owned(), HeaderValue::Str(dest)));
+        msg.headers.push((
+            H_DUE.to_owned(),
+            HeaderValue::Int(i64::try_from(due).unwrap_or(i64::MAX)),
+        ));
+        // The levels are declared once per publisher, and again when a publish comes back
+        // unroutable (a level queue deleted since).
+        let levels = &self.levels;
+        let declare = move || Ok(levels.specs());
+        let key = levels.cache_key();
+        match self
+            .publisher
+            .publish_routed(&msg, &key, &declare, deadline)
+            .await
+        {
+            // A level exchange deleted since it was declared: declare the levels again.
+            Err(e) if is_missing_exchange(&e) => {
+                self.publisher.forget_declared(&key);
+                self.publisher
+                    .publish_routed(&msg, &key, &declare, deadline)
+                    .await?;
+            }
+            other => other?,
+        }
         crate::metrics::task_sent(env);
+        tracing::debug!(id = %env.id, svc = %env.svc, method = %env.method, units = route.units, "delayed task sent");
         Ok(())
     }
 
@@ -140,5 +174,19 @@ impl TaskSender {
         self.publisher
             .declare_cached(svc, &service_specs(svc, self.queue_type)?)
             .await
+    }
+}
+
+/// `true` for a publish refused because its exchange does not exist (`NOT_FOUND`).
+fn is_missing_exchange(e: &Error) -> bool {
+    let refused = |e: &Error| {
+        matches!(e, Error::Refused { source, .. } if source.reply_code() == Some(404))
+            && !e.is_node_down()
+    };
+    match e {
+        Error::Unconfirmed {
+            last: Some(last), ..
+        } => refused(last),
+        other => refused(other),
     }
 }
