@@ -36,6 +36,9 @@
 //! - `drain`: `noop_drain_throughput` (20,000 no-op tasks queued before the worker starts,
 //!   tasks/s from the first completion to the last; raw: a consumer with the same prefetch
 //!   draining as many pre-published persistent messages).
+//! - `time`: `eta_lateness_p99` (1,000 tasks due at instants spread over 30 s, sent up
+//!   front with `Task::at`: p99 of handler start − due, ms), `eta_throughput` (delayed
+//!   enqueues/s through the delay levels; its ratio is to plain enqueue in the same run).
 //! - `raw`: the raw-lapin building blocks the groups share (connections, declares, confirmed
 //!   publishes, acking consumers).
 //! - `stats`: percentiles, medians, rates.
@@ -55,6 +58,7 @@ mod raw;
 mod retry;
 mod split;
 mod stats;
+mod time;
 mod worker_proc;
 
 use std::future::Future;
@@ -179,6 +183,7 @@ pub const GROUPS: &[Group] = &[
     pubsub::GROUP,
     chain::GROUP,
     jobs::GROUP,
+    time::GROUP,
 ];
 
 fn group_parser() -> PossibleValuesParser {
