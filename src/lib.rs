@@ -62,6 +62,9 @@ pub use warren_core::{
 pub use warren_worker::{
     Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError, DUPLICATE_STEPS,
 };
+/// Schedules (docs/time.md#schedules): `WorkerBuilder::schedule(name, Schedule, target,
+/// payload)`; [`Missed`] is the missed-tick policy.
+pub use warren_worker::{Missed, Schedule, ScheduleError};
 
 /// The README's and `docs/patterns.md`'s code blocks, compiled by `cargo test` so the
 /// documentation cannot drift from the API.

@@ -34,6 +34,7 @@ mod pubsub;
 mod pubsub_faults;
 mod retry_faults;
 mod retry_policy;
+mod schedules;
 mod split_faults;
 mod split_jobs;
 mod status;

@@ -20,6 +20,7 @@ mod dead;
 mod enqueue;
 mod opts;
 mod queues;
+mod schedules;
 mod topics;
 mod web;
 
@@ -71,6 +72,8 @@ enum Command {
     Invoke(enqueue::InvokeArgs),
     /// List warren's queues with their ready, unacked and consumer counts.
     Queues(queues::QueuesArgs),
+    /// Schedules: spec, target, last tick and next fire times.
+    Schedules(schedules::SchedulesArgs),
     /// Topics and their subscriptions: published, pending, unacked and dead counts.
     Topics(topics::TopicsArgs),
     /// Show the last messages published to a topic (without consuming them).
@@ -142,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Enqueue(args) => enqueue::run_enqueue(&global, args).await,
         Command::Invoke(args) => enqueue::run_invoke(&global, args).await,
         Command::Queues(args) => queues::run(&global, &args).await,
+        Command::Schedules(args) => schedules::run(&global, &args).await,
         Command::Dead(args) => dead::run(&global, args).await,
         Command::Topics(args) => topics::run_topics(&global, &args).await,
         Command::Peek(args) => topics::run_peek(&global, &args).await,

@@ -12,6 +12,8 @@
 //!   ([`status::StatusStore`], [`status::RedisStore`]).
 //! - [`chain`]: the state a chain carries from step to step (its bog).
 //! - [`patterns`]: the wire types of parallel execution, fan-in and invoke/retry callbacks.
+//! - [`schedule`]: schedule specs (cron with seconds and time zones, intervals), their
+//!   ticks, and the queues that hold a schedule's lease and last tick.
 //! - [`topology`]: the exchanges and queues warren declares, and their names.
 //! - [`config`]: broker URLs, heartbeats, reconnect and queue-type settings ([`AmqpConfig`]).
 //! - [`amqp`]: the connection layer over lapin: reconnecting connections, confirmed
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod names;
 pub mod patterns;
 pub mod retry;
+pub mod schedule;
 pub mod status;
 pub mod topology;
 pub mod trace;

@@ -23,9 +23,13 @@ pub enum WorkerError {
     /// reported by `build` before it connects.
     #[error("invalid registrations: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Registration(Vec<WorkerError>),
-    /// The worker has no services.
-    #[error("a worker needs at least one service")]
+    /// The worker has no services (and no schedules).
+    #[error("a worker needs at least one service or schedule")]
     NoServices,
+    /// A schedule is invalid: its cron expression, time zone, interval, name or payload
+    /// (`WorkerBuilder::schedule`), or its name is registered twice.
+    #[error(transparent)]
+    Schedule(#[from] warren_core::schedule::ScheduleError),
     /// The broker failed in a way retrying does not fix (e.g. a service queue exists with
     /// another queue type).
     #[error(transparent)]

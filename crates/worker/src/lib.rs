@@ -38,6 +38,7 @@
 //! - `outcome`: [`TaskError`], the explicit "fail / retry after / reject" a handler returns.
 //! - `fanout`: the callbacks of parallel targets (each target's on-target callbacks).
 //! - `split`, `join`: split jobs and the exactly-once join that fan-ins share.
+//! - `schedule`: schedules ([`Schedule`]): the lease, the ticker, one task per tick.
 //! - `metrics`: per-method metric handles and [`Prometheus`], the optional `/metrics`
 //!   endpoint (names in `warren_core::metrics`).
 //!
@@ -54,6 +55,7 @@ mod outcome;
 mod process;
 mod publish;
 mod runtime;
+mod schedule;
 mod service;
 mod settle;
 mod split;
@@ -69,6 +71,7 @@ pub use service::Service;
 pub use warren_client::{
     Chain, ChainHandle, ChainResult, InvokeRetry, Parallel, ParallelReceipt, Retried,
 };
+pub use warren_core::schedule::{Missed, Schedule, ScheduleError};
 pub use warren_core::{
     AmqpConfig, FanInOutcome, PartDecorator, QueueType, RetryOutcome, RetryPolicy, Target,
     TargetOutcome, Via,

@@ -39,6 +39,7 @@ pub struct WorkerBuilder {
     store: Option<Arc<dyn StatusStore>>,
     state: StateBuilder,
     metrics_listen: Option<std::net::SocketAddr>,
+    schedules: Vec<Result<crate::schedule::Registered, WorkerError>>,
 }
 
 /// Default of [`WorkerBuilder::completion_window`].
@@ -60,6 +61,7 @@ impl Default for WorkerBuilder {
             store: None,
             state: StateBuilder::default(),
             metrics_listen: None,
+            schedules: Vec::new(),
         }
     }
 }
@@ -174,12 +176,45 @@ impl WorkerBuilder {
         self
     }
 
-    /// Connects (one connection to consume, one to publish), declares every service's
+    /// Carries the schedule `name`: each tick of `schedule` becomes one task for `target`
+    /// (`"svc.method"`) with `payload`, however many workers carry the same schedule and
+    /// whichever of them die (one of them holds the schedule's lease and fires the ticks;
+    /// docs/time.md). An invalid name, cron expression, time zone, interval, target or
+    /// payload fails `build()` with [`WorkerError::Schedule`] (or [`WorkerError::Name`] for
+    /// the target), before anything is published.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use warren_worker::{Missed, Schedule, Service, Worker};
+    /// # async fn demo(svc: Service) -> Result<(), warren_worker::WorkerError> {
+    /// let worker = Worker::builder()
+    ///     .service(svc)
+    ///     .schedule("nightly-report", Schedule::cron("0 30 2 * * *").tz("Europe/Paris"),
+    ///               "reports.build", &"daily")
+    ///     .schedule("heartbeat", Schedule::every(Duration::from_secs(10)).missed(Missed::RunOnce),
+    ///               "ops.ping", &())
+    ///     .build()
+    ///     .await?;
+    /// # let _ = worker; Ok(()) }
+    /// ```
+    pub fn schedule(
+        mut self,
+        name: &str,
+        schedule: crate::Schedule,
+        target: impl warren_core::IntoTarget,
+        payload: &impl serde::Serialize,
+    ) -> Self {
+        self.schedules
+            .push(crate::schedule::register(name, &schedule, target, payload));
+        self
+    }
+
+    /// Connects (one connection to consume, one to publish, one for schedules if any), declares every service's
     /// queues and subscribes. Fails fast when the broker refuses a declaration (a service
     /// queue that exists with another queue type, say).
     pub async fn build(mut self) -> Result<Worker, WorkerError> {
         // Everything that can be wrong with the registrations is reported before connecting.
-        if self.services.is_empty() {
+        if self.services.is_empty() && self.schedules.is_empty() {
             return Err(WorkerError::NoServices);
         }
         let mut names = std::collections::HashSet::new();
@@ -201,6 +236,16 @@ impl WorkerBuilder {
                 if !s.methods.contains_key(m) {
                     errors.push(WorkerError::UnknownRetryMethod(format!("{}.{m}", s.name)));
                 }
+            }
+        }
+        let mut schedules: Vec<crate::schedule::Registered> = Vec::new();
+        for s in std::mem::take(&mut self.schedules) {
+            match s {
+                Ok(s) if schedules.iter().any(|o| o.name == s.name) => {
+                    errors.push(warren_core::schedule::ScheduleError::Duplicate(s.name).into());
+                }
+                Ok(s) => schedules.push(s),
+                Err(e) => errors.push(e),
             }
         }
         let state = match std::mem::take(&mut self.state).build() {
@@ -235,6 +280,19 @@ impl WorkerBuilder {
             Broker::connect(amqp.clone().with_connection_name("warren worker (consume)")).await?;
         let publish =
             Broker::connect(amqp.clone().with_connection_name("warren worker (publish)")).await?;
+        // Schedule leases live on their own connection: it is what the broker watches.
+        let schedule_broker = if schedules.is_empty() {
+            None
+        } else {
+            Some(
+                Broker::connect(
+                    amqp.clone()
+                        .with_connection_name("warren worker (schedules)"),
+                )
+                .await?,
+            )
+        };
+        let tickers = crate::schedule::Tickers::new(schedules, schedule_broker);
         let mut client = ClientBuilder::default();
         if let Some(store) = &self.store {
             client = client.status_store(store.clone());
@@ -307,6 +365,7 @@ impl WorkerBuilder {
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
             metrics_server,
+            tickers,
         })
     }
 }
@@ -319,6 +378,7 @@ pub struct Worker {
     concurrency: usize,
     drain_timeout: Duration,
     metrics_server: Option<crate::MetricsServer>,
+    tickers: crate::schedule::Tickers,
 }
 
 impl std::fmt::Debug for Worker {
@@ -353,9 +413,20 @@ impl Worker {
             names.extend(warren_core::topology::dead_queue(svc).ok());
             names.extend(QueueSpec::done_markers(svc, window).ok().map(|q| q.name));
         }
+        names.extend(self.tickers.queue_names());
         names.sort();
         names.dedup();
         names
+    }
+
+    /// The schedules whose lease this worker holds (it fires their ticks), updated as
+    /// leases are taken and given up while the worker runs. Take it before
+    /// [`Worker::run_until`].
+    #[must_use]
+    pub fn schedule_leases(
+        &self,
+    ) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<String>> {
+        self.tickers.leases()
     }
 
     /// The address `/metrics` is served on, with [`WorkerBuilder::metrics_listen`].
@@ -386,6 +457,7 @@ impl Worker {
             concurrency,
             drain_timeout,
             metrics_server,
+            tickers,
         } = self;
         let permits = Arc::new(Semaphore::new(concurrency));
         let tracker = TaskTracker::new();
@@ -401,6 +473,7 @@ impl Worker {
                 stop.clone(),
             ));
         }
+        let mut ticking = tickers.start(&stop);
         tracing::info!(concurrency, "worker running");
         tokio::pin!(shutdown);
         let mut result = Ok(());
@@ -418,6 +491,9 @@ impl Worker {
             }
         }
         stop.cancel();
+        // Tickers give their leases up at once, so another worker takes over.
+        while ticking.join_next().await.is_some() {}
+        tickers.close().await;
         while let Some(done) = pumps.join_next().await {
             if let Ok((sub, _)) = done {
                 stopped.push(sub);
