@@ -7,8 +7,8 @@
 //! an oncomplete hook, a split job counting words over chunks of a text on two worker
 //! processes (the demo starts itself twice as `demo worker ...`), a parallel invoke with
 //! on-target and fan-in callbacks, an invoke/retry that goes on in background, and a
-//! publish to a topic with two subscribers, a two-step chain over a shared bog, and a
-//! graceful shutdown.
+//! publish to a topic with two subscribers, a two-step chain over a shared bog, a schedule
+//! ticking every second, and a graceful shutdown.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -20,8 +20,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use warren::{
-    Chain, Client, Context, FanInOutcome, InvokeRetry, Parallel, Retried, RetryOutcome, Service,
-    Target, TargetOutcome, Task, TaskError, Worker,
+    Chain, Client, Context, FanInOutcome, InvokeRetry, Parallel, Retried, RetryOutcome, Schedule,
+    Service, Target, TargetOutcome, Task, TaskError, Worker,
 };
 
 const TEXT: &str = "the quick brown fox jumps over the lazy dog and the dog sleeps while \
@@ -161,12 +161,15 @@ async fn main() -> anyhow::Result<()> {
         format!("demo-words-{run}"),
     );
     let (events, mut seen) = mpsc::unbounded_channel::<String>();
+    let (tick_tx, mut ticks) = mpsc::unbounded_channel::<String>();
+    let schedule = format!("demo-tick-{run}");
     let topic = format!("demo-shipped-{run}");
 
     println!("== warren demo ==");
     let flaky_calls = Arc::new(AtomicU32::new(0));
     let worker = {
         let ev1 = events.clone();
+        let tick_tx = tick_tx.clone();
         let ev2 = events.clone();
         let flaky = flaky_calls.clone();
         Worker::builder()
@@ -174,6 +177,13 @@ async fn main() -> anyhow::Result<()> {
                 Service::new(&greeter)
                     .method("hello", |ctx: Context, g: Greeting| async move {
                         Ok::<_, TaskError>(format!("hello, {}! (task {}, attempt {})", g.name, ctx.task_id(), ctx.attempt()))
+                    })
+                    .method("tick", move |ctx: Context, _: ()| {
+                        let tick_tx = tick_tx.clone();
+                        async move {
+                            let _ = tick_tx.send(format!("[worker] scheduled tick: task {} (cid {})", ctx.task_id(), ctx.cid()));
+                            Ok::<_, TaskError>(())
+                        }
                     })
                     .method("flaky", move |ctx: Context, _: ()| {
                         let flaky = flaky.clone();
@@ -281,6 +291,8 @@ async fn main() -> anyhow::Result<()> {
                     Ok::<_, TaskError>(())
                 }
             }))
+            // One task per second, whatever number of workers carry the schedule.
+            .schedule(&schedule, Schedule::every(Duration::from_secs(1)), format!("{greeter}.tick"), &())
             .concurrency(8)
             .part_queue_expiry(Duration::from_secs(60))
             .build()
@@ -484,14 +496,23 @@ async fn main() -> anyhow::Result<()> {
         result.values(&["total"])[0]
     );
 
-    // 11. Graceful shutdown, then remove the demo's queues.
+    // 11. The schedule has been ticking every second since the worker started.
+    for i in 0..2 {
+        match tokio::time::timeout(Duration::from_secs(10), ticks.recv()).await {
+            Ok(Some(line)) => println!("11. schedule {schedule} tick {}: {line}", i + 1),
+            _ => println!("11. schedule {schedule}: no tick within 10 s"),
+        }
+    }
+
+    // 12. Graceful shutdown, then remove the demo's queues.
     let _ = stop_tx.send(());
     running.await??;
-    println!("11. workers drained and stopped");
+    println!("12. workers drained and stopped");
     for q in [
         warren::topology::subscription_queue(&topic, &billing, "on_shipped"),
         warren::topology::subscription_queue(&topic, &audit, "on_shipped"),
         warren::topology::recent_queue(&topic),
+        format!("warren.sched.{schedule}.last"),
     ] {
         let _ = client.broker().delete_queue(&q).await;
     }
