@@ -38,6 +38,7 @@ mod schedules;
 mod split_faults;
 mod split_jobs;
 mod status;
+mod time_limits;
 mod tls;
 mod tracing;
 mod volume;

@@ -163,6 +163,11 @@ pub struct Envelope {
     /// `ctx.redelivered()`, so a re-run part is always marked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resent: bool,
+    /// The task's own hard time limit per attempt, in ms (at least 1): the handler is
+    /// stopped at this deadline and the attempt fails with kind `timeout`. When its method
+    /// has a limit too, the smaller one applies (docs/time.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit_ms: Option<u64>,
 }
 
 fn first_attempt() -> u32 {
@@ -211,6 +216,7 @@ impl Envelope {
             topic: None,
             notify: None,
             resent: false,
+            time_limit_ms: None,
         }
     }
 
@@ -296,6 +302,8 @@ pub enum FailureKind {
     UnknownTarget,
     /// One or more parts of a split job failed for good.
     PartsFailed,
+    /// The handler ran past its hard time limit and was stopped (after its retries).
+    Timeout,
     /// The task ran, but what its outcome implies (a hook, a part result, a chain's next
     /// step, a reply) could not be published, and retrying cannot help.
     Undeliverable,
@@ -316,6 +324,7 @@ impl FailureKind {
             Self::BadPayload => "bad_payload",
             Self::UnknownTarget => "unknown_target",
             Self::PartsFailed => "parts_failed",
+            Self::Timeout => "timeout",
             Self::Undeliverable => "undeliverable",
             Self::Other => "other",
         }

@@ -69,6 +69,9 @@ impl Envelope {
         if self.attempt == 0 {
             return Err("attempt must be at least 1".to_owned());
         }
+        if self.time_limit_ms == Some(0) {
+            return Err("time_limit_ms must be at least 1".to_owned());
+        }
         if let Some(t) = &self.hooks.oncomplete {
             target("hooks.oncomplete", t)?;
         }
@@ -182,6 +185,8 @@ mod tests {
         ] {
             assert!(with(ok).is_ok(), "{ok}: {:?}", with(ok).err());
         }
+        let env = with(r#","time_limit_ms":1500"#).unwrap();
+        assert_eq!(env.time_limit_ms, Some(1500));
         let env = with(r#","retry":{"max_attempts":2}"#).unwrap();
         let r = env.retry.unwrap();
         assert_eq!(r.max_attempts, 2);
@@ -192,6 +197,7 @@ mod tests {
     fn refuses_each_bad_field_with_its_name() {
         for (bad, says) in [
             (r#","attempt":0"#, "attempt"),
+            (r#","time_limit_ms":0"#, "time_limit_ms"),
             (
                 &format!(
                     r#","hooks":{{"oncomplete":{{"svc":"{}","method":"b"}}}}"#,

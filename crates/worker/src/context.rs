@@ -33,6 +33,8 @@ pub struct Context {
     pub(crate) state: crate::state::State,
     /// Chains this handler enqueued, in order (for `wait_children` and result merging).
     pub(crate) children: Children,
+    /// When this attempt's hard time limit stops the handler, if it has one.
+    pub(crate) deadline: Option<std::time::Instant>,
 }
 
 /// The handles of the chains a handler enqueued; shared by the context's clones.
@@ -112,6 +114,42 @@ impl Context {
     #[must_use]
     pub fn redelivered(&self) -> bool {
         self.redelivered
+    }
+
+    /// When this attempt's hard time limit stops the handler (its future is dropped and the
+    /// attempt fails with kind `timeout`), or `None` when it has no limit. The limit is the
+    /// task's own (`Task::time_limit`) or its method's (`Service::time_limit`), the smaller
+    /// of the two when both are set, counted from the moment the handler was called. A
+    /// handler that can stop cleanly (save progress, return a partial result, or
+    /// `TaskError::retry_after`) watches it, e.g. with
+    /// `tokio::time::sleep_until(deadline.into())` or [`Context::time_left`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_worker::{Context, TaskError};
+    /// async fn crunch(ctx: Context, items: Vec<u64>) -> Result<u64, TaskError> {
+    ///     let mut sum = 0;
+    ///     for i in items {
+    ///         // Stop cleanly a second before the hard limit, and continue in a retry.
+    ///         if ctx.time_left().is_some_and(|left| left < Duration::from_secs(1)) {
+    ///             return Err(TaskError::retry_after(Duration::ZERO, "out of time"));
+    ///         }
+    ///         sum += i;
+    ///     }
+    ///     Ok(sum)
+    /// }
+    /// ```
+    #[must_use]
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.deadline
+    }
+
+    /// The time left before [`Context::deadline`] (zero once it has passed), or `None` when
+    /// the attempt has no time limit.
+    #[must_use]
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
     }
 
     /// How the task was sent (enqueue, invoke, hook, retry, ...).

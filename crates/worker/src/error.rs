@@ -16,6 +16,12 @@ pub enum WorkerError {
     /// A retry policy was set for a method the service does not register.
     #[error("{0} has a retry policy (Service::retry_method) but no such method")]
     UnknownRetryMethod(String),
+    /// A time limit was set for a method the service does not register.
+    #[error("{0} has a time limit (Service::time_limit) but no such method")]
+    UnknownTimeLimitMethod(String),
+    /// A time limit of zero was given to `Service::time_limit`.
+    #[error("{0} has a time limit of zero (Service::time_limit needs more than zero)")]
+    ZeroTimeLimit(String),
     /// Two values of the same type were given to `WorkerBuilder::state`.
     #[error("shared state of type {0} is registered twice")]
     DuplicateState(&'static str),

@@ -46,6 +46,7 @@
 
 mod chain;
 mod context;
+mod early;
 mod error;
 mod fanout;
 mod handler;
@@ -66,7 +67,7 @@ pub use error::WorkerError;
 pub use metrics::{MetricsError, MetricsServer, Prometheus};
 pub use outcome::TaskError;
 pub use process::DUPLICATE_STEPS;
-pub use runtime::{Worker, WorkerBuilder, DEFAULT_COMPLETION_WINDOW};
+pub use runtime::{Worker, WorkerBuilder, DEFAULT_COMPLETION_WINDOW, DEFAULT_CONSUMER_TIMEOUT};
 pub use service::Service;
 pub use warren_client::{
     Chain, ChainHandle, ChainResult, InvokeRetry, Parallel, ParallelReceipt, Retried,

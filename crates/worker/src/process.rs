@@ -26,9 +26,8 @@ use crate::fanout::on_target;
 use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
 use crate::metrics::{MethodMetrics, Outcome, Settled};
-use crate::outcome::Action;
 use crate::publish::{dead_letter, hook, reply, retry};
-use crate::settle::{settle, Settle};
+use crate::settle::{after_failure, settle, Failed, Next, Settle};
 use crate::split::{self, splitter_name};
 use crate::Context;
 use warren_core::status::{TaskState, TaskStatus};
@@ -39,9 +38,21 @@ pub(crate) struct HostedService {
     pub(crate) methods: HashMap<String, Arc<dyn ErasedHandler>>,
     pub(crate) retry: RetryPolicy,
     pub(crate) method_retry: HashMap<String, RetryPolicy>,
+    /// Hard time limits per method.
+    pub(crate) time_limits: HashMap<String, Duration>,
 }
 
 impl HostedService {
+    /// The hard time limit of a task's attempt: the smaller of its own and its method's, or
+    /// whichever is set (a caller can tighten a method's limit, never loosen it).
+    fn time_limit(&self, env: &Envelope) -> Option<Duration> {
+        let own = env.time_limit_ms.map(Duration::from_millis);
+        match (own, self.time_limits.get(&env.method).copied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The policy for a task: its own, else its method's, else the service's (which is the
     /// worker's default when the service set none).
     fn policy<'a>(&'a self, env: &'a Envelope) -> &'a RetryPolicy {
@@ -83,6 +94,12 @@ pub(crate) struct Shared {
     pub(crate) state: crate::state::State,
     /// Metric handles per hosted method.
     pub(crate) metrics: crate::metrics::Registry,
+    /// How long after it arrived a delivery is acked early if its handler still runs (or
+    /// requeued if it never started), so the broker's `consumer_timeout` never closes the
+    /// channel; `None` when the timeout is off (see `WorkerBuilder::consumer_timeout`).
+    pub(crate) ack_early_after: Option<Duration>,
+    /// The deliveries acked early whose handlers still run.
+    pub(crate) early: crate::early::EarlyAcks,
 }
 
 /// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.
@@ -156,7 +173,12 @@ fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
 /// Handles one delivery from the queue of service `svc`, to the ack, in the trace of
 /// whatever sent it: everything it publishes continues that trace (a new one when the
 /// message carries none; see `warren_core::trace`).
-pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    d: Incoming,
+    arrived: tokio::time::Instant,
+) {
     let received = TraceContext::from_headers(
         d.header(H_TRACEPARENT).as_ref(),
         d.header(H_TRACESTATE).as_ref(),
@@ -164,7 +186,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, route: Arc<Route>, d: Incoming) 
     let task = received
         .as_ref()
         .map_or_else(TraceContext::new_root, TraceContext::child);
-    task.scope(handle_delivery(shared, route, d, received))
+    task.scope(handle_delivery(shared, route, d, received, arrived))
         .await;
 }
 
@@ -173,6 +195,7 @@ async fn handle_delivery(
     route: Arc<Route>,
     d: Incoming,
     received: Option<TraceContext>,
+    arrived: tokio::time::Instant,
 ) {
     let svc = &route.svc;
     if !d.is_live() {
@@ -209,7 +232,7 @@ async fn handle_delivery(
         let m = shared.metrics.of(svc, Some(&env.method));
         if let Kind::JoinCheck(job) = &kind {
             let checked = join::try_join(&shared, job).await.map_err(Into::into);
-            settle_delivery(&shared, &route, &d, Some(&env), m, checked).await;
+            settle_delivery(&shared, &route, &d, Some(&env), m, checked, None).await;
             return;
         }
         let _in_flight = m.received(Some(&env), matches!(kind, Kind::Part(_)));
@@ -223,15 +246,34 @@ async fn handle_delivery(
             d.header(warren_core::topology::H_RESENT),
             Some(warren_core::HeaderValue::Bool(true))
         );
-        let started = std::time::Instant::now();
-        let resolution = run(&shared, svc, &env, d.redelivered || resent).await;
-        m.ran(started.elapsed());
-        let outcome = match &resolution {
-            Resolution::Done(_) | Resolution::Step(..) | Resolution::Split(_) => Outcome::Succeeded,
-            Resolution::Retry(_) => Outcome::Retried,
-            Resolution::Dead(f) => Outcome::Failed(f.kind),
+        let work = async {
+            let started = std::time::Instant::now();
+            let resolution = run(&shared, svc, &env, d.redelivered || resent).await;
+            m.ran(started.elapsed());
+            let outcome = match &resolution {
+                Resolution::Done(_) | Resolution::Step(..) | Resolution::Split(_) => {
+                    Outcome::Succeeded
+                }
+                Resolution::Retry(_) => Outcome::Retried,
+                Resolution::Dead(f) => Outcome::Failed(f.kind),
+            };
+            let published = finish(&shared, &route, &d, &env, &kind, m, resolution).await;
+            (outcome, published)
         };
-        let settled = finish(&shared, &route, &d, &env, &kind, m, resolution).await;
+        // Still running near the broker's consumer timeout: acked early (docs/time.md).
+        let ack_by = shared.ack_early_after.and_then(|a| arrived.checked_add(a));
+        let ((outcome, published), early) =
+            crate::early::guard(&shared, &route, &d, ack_by, work).await;
+        let settled = settle_delivery(
+            &shared,
+            &route,
+            &d,
+            Some(&env),
+            m,
+            published,
+            early.as_ref(),
+        )
+        .await;
         m.settled(outcome, settled);
     }
     .instrument(span)
@@ -266,6 +308,9 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
     } else {
         None
     };
+    // The hard limit counts from here, and the handler sees it as its deadline.
+    let limit = service.time_limit(env);
+    let deadline = limit.and_then(|l| std::time::Instant::now().checked_add(l));
     let ctx = Context {
         id: env.id,
         cid: env.cid.clone(),
@@ -280,6 +325,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         parent: env.parent,
         state: shared.state.clone(),
         children: Children::default(),
+        deadline,
     };
     let children = ctx.children.clone();
     // A chain step reads its input from the bog.
@@ -287,7 +333,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         Some(c) => Value::Object(c.bog.clone()),
         None => env.payload.clone(),
     };
-    let outcome = call(splitter.unwrap_or(handler).as_ref(), ctx, input).await;
+    let outcome = call(splitter.unwrap_or(handler).as_ref(), ctx, input, limit).await;
     match outcome {
         Ok(v) if env.chain.is_some() && !(v.is_object() || v.is_null()) => {
             Resolution::Dead(failure(
@@ -309,27 +355,26 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
             Resolution::Done(v)
         }
         Err(Stop::Dead(f)) => Resolution::Dead(f),
-        Err(Stop::Failed(action, message)) => {
+        Err(Stop::Failed(failed, message)) => {
             let policy = service.policy(env);
-            let delay = match action {
-                Action::Reject => {
+            match after_failure(failed, env.attempt, policy) {
+                Next::Dead(FailureKind::Rejected) => {
                     tracing::warn!(error = %message, "rejected");
-                    return Resolution::Dead(failure(FailureKind::Rejected, message));
+                    Resolution::Dead(failure(FailureKind::Rejected, message))
                 }
-                Action::Fail => policy.delay_after(env.attempt),
-                Action::RetryAfter(d) => d,
-            };
-            if env.attempt < policy.max_attempts {
-                tracing::info!(error = %message, retry_in = ?delay, "failed; will retry");
-                Resolution::Retry(delay)
-            } else {
-                tracing::warn!(error = %message, "failed for good");
-                let message = if policy.max_attempts > 1 {
-                    format!("{message} (after {} attempts)", env.attempt)
-                } else {
-                    message
-                };
-                Resolution::Dead(failure(FailureKind::Handler, message))
+                Next::Retry(delay) => {
+                    tracing::info!(error = %message, retry_in = ?delay, "failed; will retry");
+                    Resolution::Retry(delay)
+                }
+                Next::Dead(kind) => {
+                    tracing::warn!(error = %message, "failed for good");
+                    let message = if policy.max_attempts > 1 {
+                        format!("{message} (after {} attempts)", env.attempt)
+                    } else {
+                        message
+                    };
+                    Resolution::Dead(failure(kind, message))
+                }
             }
         }
     }
@@ -398,12 +443,18 @@ fn status_of(
 enum Stop {
     /// Bad payload or panic: never retried.
     Dead(Failure),
-    /// The handler's own error, with what it asked for.
-    Failed(Action, String),
+    /// The handler's own error (with what it asked for) or its time limit, and the message.
+    Failed(Failed, String),
 }
 
-/// Decodes the payload, runs the handler, catches panics.
-async fn call(handler: &dyn ErasedHandler, ctx: Context, payload: Value) -> Result<Value, Stop> {
+/// Decodes the payload, runs the handler (stopped at its time limit: its future is dropped),
+/// catches panics.
+async fn call(
+    handler: &dyn ErasedHandler,
+    ctx: Context,
+    payload: Value,
+    limit: Option<Duration>,
+) -> Result<Value, Stop> {
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(ctx, payload)));
     let fut = match started {
         Ok(Ok(fut)) => fut,
@@ -414,9 +465,23 @@ async fn call(handler: &dyn ErasedHandler, ctx: Context, payload: Value) -> Resu
         Err(panic) => return Err(Stop::Dead(panicked(&*panic))),
     };
     tracing::debug!("started");
-    match AssertUnwindSafe(fut).catch_unwind().await {
+    let running = AssertUnwindSafe(fut).catch_unwind();
+    let ran = match limit {
+        None => running.await,
+        Some(limit) => match tokio::time::timeout(limit, running).await {
+            Ok(ran) => ran,
+            Err(_) => {
+                tracing::warn!(?limit, "handler stopped at its time limit");
+                return Err(Stop::Failed(
+                    Failed::TimedOut,
+                    format!("the handler ran past its time limit of {limit:?} and was stopped"),
+                ));
+            }
+        },
+    };
+    match ran {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Stop::Failed(e.action, e.message)),
+        Ok(Err(e)) => Err(Stop::Failed(Failed::Handler(e.action), e.message)),
         Err(panic) => Err(Stop::Dead(panicked(&*panic))),
     }
 }
@@ -431,7 +496,8 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> Failure {
     failure(FailureKind::Panic, format!("handler panicked: {text}"))
 }
 
-/// Publishes everything the resolution implies, then acks (or requeues on failure).
+/// Publishes everything the resolution implies (and records its status); the caller
+/// settles the delivery from the result.
 async fn finish(
     shared: &Shared,
     route: &Route,
@@ -440,7 +506,7 @@ async fn finish(
     kind: &Kind,
     m: &MethodMetrics,
     resolution: Resolution,
-) -> Settled {
+) -> Result<(), warren_client::Error> {
     // The status the outcome leaves, computed only when someone reads it.
     let wanted = shared.recorder.is_some() || env.notify.is_some();
     let status = match &resolution {
@@ -476,7 +542,7 @@ async fn finish(
                 .map(|_| ());
         }
     }
-    settle_delivery(shared, route, d, Some(env), m, published).await
+    published
 }
 
 /// A delivery that is not a task warren can run: dead-lettered with its reason and answered
@@ -494,11 +560,12 @@ async fn refuse(
     }
     .await
     .map_err(Into::into);
-    settle_delivery(shared, route, d, None, m, published).await
+    settle_delivery(shared, route, d, None, m, published, None).await
 }
 
 /// Acks, requeues (after a pause) or dead-letters the delivery, as [`settle`] decides from
-/// the result of publishing its outcome.
+/// the result of publishing its outcome. A delivery acked early (`early`) is never acked
+/// or requeued again: what would be a requeue republishes its message instead.
 async fn settle_delivery(
     shared: &Shared,
     route: &Route,
@@ -506,14 +573,32 @@ async fn settle_delivery(
     env: Option<&Envelope>,
     m: &MethodMetrics,
     published: Result<(), warren_client::Error>,
+    early: Option<&crate::early::EarlyAcked<'_>>,
 ) -> Settled {
     let key = env.map(|e| e.id);
     let failed_before = key.map_or(0, |k| shared.requeues.failures(k));
-    match (settle(&published, failed_before), published) {
+    match (
+        settle(&published, failed_before, early.is_some()),
+        published,
+    ) {
         (Settle::Ack, _) => {
             shared.requeues.forget(key);
             ack(d).await;
             Settled::Acked
+        }
+        (Settle::AlreadyAcked, _) => {
+            shared.requeues.forget(key);
+            Settled::Acked
+        }
+        (Settle::Republish { after }, result) => {
+            let error = result.err().map(|e| e.to_string());
+            tracing::error!(error = ?error, republish_in = ?after, "could not publish the outcome of a task acked early; publishing the task again");
+            shared.requeues.failed(key);
+            tokio::time::sleep(after).await;
+            if let Some(early) = early {
+                early.republish(shared).await;
+            }
+            Settled::Requeued
         }
         (Settle::Requeue { after }, Err(e)) => {
             tracing::error!(error = %e, requeue_in = ?after, "could not publish the task's outcome; requeueing it");
@@ -534,15 +619,22 @@ async fn settle_delivery(
             if let Err(e) = reply(shared, d, env, ReplyOutcome::Error(f)).await {
                 tracing::warn!(error = %e, "could not answer the caller");
             }
-            match dead {
-                Ok(()) => {
+            match (dead, early) {
+                (Ok(()), None) => {
                     ack(d).await;
                     Settled::DeadLettered(kind)
                 }
-                Err(e) => {
+                (Ok(()), Some(_)) => Settled::DeadLettered(kind),
+                (Err(e), None) => {
                     tracing::error!(error = %e, "could not dead-letter; requeueing");
                     tokio::time::sleep(crate::settle::MAX_PAUSE).await;
                     requeue(d).await;
+                    Settled::Requeued
+                }
+                (Err(e), Some(early)) => {
+                    tracing::error!(error = %e, "could not dead-letter a task acked early; publishing it again");
+                    tokio::time::sleep(crate::settle::MAX_PAUSE).await;
+                    early.republish(shared).await;
                     Settled::Requeued
                 }
             }

@@ -39,7 +39,21 @@ pub struct WorkerBuilder {
     store: Option<Arc<dyn StatusStore>>,
     state: StateBuilder,
     metrics_listen: Option<std::net::SocketAddr>,
+    consumer_timeout: Duration,
     schedules: Vec<Result<crate::schedule::Registered, WorkerError>>,
+}
+
+/// Default of [`WorkerBuilder::consumer_timeout`]: RabbitMQ's default `consumer_timeout`.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How long before the broker's consumer timeout a delivery is acked early (or requeued
+/// if it never started): a minute, or a third of the timeout when that is shorter.
+fn ack_early_after(consumer_timeout: Duration) -> Option<Duration> {
+    if consumer_timeout == Duration::MAX {
+        return None;
+    }
+    let margin = Duration::from_secs(60).min(consumer_timeout / 3);
+    Some(consumer_timeout.saturating_sub(margin))
 }
 
 /// Default of [`WorkerBuilder::completion_window`].
@@ -61,6 +75,7 @@ impl Default for WorkerBuilder {
             store: None,
             state: StateBuilder::default(),
             metrics_listen: None,
+            consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
             schedules: Vec::new(),
         }
     }
@@ -176,6 +191,20 @@ impl WorkerBuilder {
         self
     }
 
+    /// The broker's `consumer_timeout` (default 30 min, RabbitMQ's default; **set it to the
+    /// broker's value** when the node's `rabbitmq.conf` changes it; `Duration::MAX` when the
+    /// broker's timeout is off). RabbitMQ closes a channel whose delivery stays unacked
+    /// longer than this and requeues all its deliveries, so a worker acks a delivery whose
+    /// handler still runs this long minus a margin (a minute, or a third of the timeout if
+    /// less) after it arrived, and tracks the task itself from then on: it completes once,
+    /// and its outcome is published as usual, but a crash of this worker after that early
+    /// ack loses the run (see docs/time.md). A delivery that waited that long for a
+    /// concurrency slot without starting is requeued instead.
+    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = timeout;
+        self
+    }
+
     /// Carries the schedule `name`: each tick of `schedule` becomes one task for `target`
     /// (`"svc.method"`) with `payload`, however many workers carry the same schedule and
     /// whichever of them die (one of them holds the schedule's lease and fires the ticks;
@@ -235,6 +264,14 @@ impl WorkerBuilder {
             for m in s.method_retry.keys() {
                 if !s.methods.contains_key(m) {
                     errors.push(WorkerError::UnknownRetryMethod(format!("{}.{m}", s.name)));
+                }
+            }
+            for m in s.time_limits.keys() {
+                if !s.methods.contains_key(m) {
+                    errors.push(WorkerError::UnknownTimeLimitMethod(format!(
+                        "{}.{m}",
+                        s.name
+                    )));
                 }
             }
         }
@@ -344,6 +381,7 @@ impl WorkerBuilder {
                     methods: s.methods.into_iter().collect(),
                     retry: s.retry.unwrap_or_else(|| self.retry.clone()),
                     method_retry: s.method_retry,
+                    time_limits: s.time_limits,
                 },
             );
         }
@@ -359,6 +397,8 @@ impl WorkerBuilder {
                 requeues: crate::process::Requeues::default(),
                 state,
                 metrics,
+                ack_early_after: ack_early_after(self.consumer_timeout),
+                early: crate::early::EarlyAcks::default(),
             }),
             consume,
             subs,
@@ -511,6 +551,14 @@ impl Worker {
                 in_flight = tracker.len(),
                 "drain timeout: abandoning running tasks (they will be redelivered)"
             );
+            // Tasks acked early are no longer the broker's: publish them again.
+            if shared.early.len() > 0 {
+                let n = shared.early.republish_all(shared.sender.publisher()).await;
+                tracing::warn!(
+                    republished = n,
+                    "abandoned tasks acked early were published again"
+                );
+            }
         }
         for sub in stopped {
             sub.close().await;
@@ -526,10 +574,70 @@ impl Worker {
 
 async fn pump(
     svc: Arc<Route>,
-    mut sub: Subscription,
+    sub: Subscription,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
     shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> (Subscription, Result<(), warren_core::Error>) {
+    // Deliveries are taken from the consumer as they arrive, stamped with their arrival
+    // (when the broker's consumer timeout starts counting), and wait here for a permit.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let forwarding = stop.child_token();
+    let forwarder = tokio::spawn(forward(sub, tx, forwarding.clone()));
+    while let Some((event, arrived)) = rx.recv().await {
+        match event {
+            ConsumerEvent::Delivery(d) => {
+                // The permit is taken once a delivery is here, not before waiting for one:
+                // an idle queue must not hold a permit the worker's other queues need. The
+                // deliveries waiting for a permit are at most the prefetch.
+                // On shutdown a waiting delivery is dropped unacked: the broker redelivers it.
+                // One that waits until the broker's consumer timeout nears is requeued (it
+                // never started), so the timeout never closes the channel.
+                let too_late = shared.ack_early_after.and_then(|a| arrived.checked_add(a));
+                let permit = tokio::select! {
+                    () = stop.cancelled() => break,
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    () = sleep_until(too_late) => {
+                        tracing::info!(queue = %svc.queue, "a delivery waited for a free slot until the consumer timeout neared; requeued");
+                        if !matches!(d.reject(true).await, Ok(true)) {
+                            tracing::warn!("requeue not delivered; the broker will redeliver when the channel closes");
+                        }
+                        continue;
+                    }
+                };
+                let (shared, svc) = (shared.clone(), svc.clone());
+                tracker.spawn(async move {
+                    handle(shared, svc, d, arrived).await;
+                    drop(permit);
+                });
+            }
+            ConsumerEvent::Resubscribed => {
+                tracing::info!(queue = %svc.queue, "consuming again after a reconnect");
+            }
+        }
+    }
+    drop(rx);
+    forwarding.cancel();
+    match forwarder.await {
+        Ok(done) => done,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes every event from `sub` as it comes, with the instant it came, until `stop` (or
+/// the pump is gone, or consuming fails for good); hands the subscription back.
+async fn forward(
+    mut sub: Subscription,
+    tx: tokio::sync::mpsc::UnboundedSender<(ConsumerEvent, tokio::time::Instant)>,
     stop: CancellationToken,
 ) -> (Subscription, Result<(), warren_core::Error>) {
     loop {
@@ -538,23 +646,10 @@ async fn pump(
             ev = sub.next() => ev,
         };
         match event {
-            Ok(Some(ConsumerEvent::Delivery(d))) => {
-                // The permit is taken once a delivery is here, not before waiting for one:
-                // an idle queue must not hold a permit the worker's other queues need. Each
-                // queue keeps at most one delivery waiting for a permit (plus its prefetch).
-                // On shutdown a waiting delivery is dropped unacked: the broker redelivers it.
-                let permit = tokio::select! {
-                    () = stop.cancelled() => break,
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                };
-                let (shared, svc) = (shared.clone(), svc.clone());
-                tracker.spawn(async move {
-                    handle(shared, svc, d).await;
-                    drop(permit);
-                });
-            }
-            Ok(Some(ConsumerEvent::Resubscribed)) => {
-                tracing::info!(queue = %svc.queue, "consuming again after a reconnect");
+            Ok(Some(ev)) => {
+                if tx.send((ev, tokio::time::Instant::now())).is_err() {
+                    break;
+                }
             }
             Ok(None) => break,
             Err(e) => return (sub, Err(e)),

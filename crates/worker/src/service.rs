@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -35,6 +36,8 @@ pub struct Service {
     pub(crate) methods: BTreeMap<String, Arc<dyn ErasedHandler>>,
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) method_retry: HashMap<String, RetryPolicy>,
+    /// Hard time limits per method (`time_limit`).
+    pub(crate) time_limits: HashMap<String, Duration>,
     pub(crate) subscriptions: Vec<(String, String)>,
     /// What was wrong with the registrations, reported by `WorkerBuilder::build`.
     pub(crate) errors: Vec<WorkerError>,
@@ -65,6 +68,7 @@ impl Service {
             methods: BTreeMap::new(),
             retry: None,
             method_retry: HashMap::new(),
+            time_limits: HashMap::new(),
             subscriptions: Vec::new(),
             errors,
         }
@@ -120,6 +124,37 @@ impl Service {
     #[must_use]
     pub fn retry_method(mut self, method: &str, policy: RetryPolicy) -> Self {
         self.method_retry.insert(method.to_owned(), policy);
+        self
+    }
+
+    /// The hard time limit of one method, per attempt: at the deadline the handler's future
+    /// is dropped (whatever it was awaiting is cancelled, its concurrency slot freed) and the
+    /// attempt fails with kind `timeout`, which is retried per the method's retry policy
+    /// like any failure. A task may carry its own limit (`Task::time_limit`); when both are
+    /// set the smaller one applies. Handlers see the deadline as [`Context::deadline`] and can
+    /// stop cleanly before it. A zero limit, or one for a method the service does not
+    /// register, is reported by `build`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_worker::{Context, Service, TaskError};
+    /// async fn encode(_: Context, clip: String) -> Result<String, TaskError> { Ok(clip) }
+    /// let svc = Service::new("video")
+    ///     .method("encode", encode)
+    ///     .time_limit("encode", Duration::from_secs(600));
+    /// assert!(svc.errors().is_empty());
+    /// assert_eq!(svc.time_limit("encode", Duration::ZERO).errors().len(), 1);
+    /// ```
+    #[must_use]
+    pub fn time_limit(mut self, method: &str, limit: Duration) -> Self {
+        if limit.is_zero() {
+            self.errors.push(WorkerError::ZeroTimeLimit(format!(
+                "{}.{method}",
+                self.name
+            )));
+        } else {
+            self.time_limits.insert(method.to_owned(), limit);
+        }
         self
     }
 

@@ -12,10 +12,20 @@
 //! - **permanent** (an invalid name, a refusal, a payload that does not encode): the
 //!   delivery is dead-lettered once with kind `undeliverable` and the error as its reason,
 //!   and a waiting caller is answered. It is never requeued.
+//!
+//! A delivery **acked early** (its handler ran close to the broker's `consumer_timeout`, see
+//! docs/time.md) can no longer be requeued: a transient failure republishes the original
+//! message to its queue instead ([`Settle::Republish`]), and a success needs no ack.
+//!
+//! [`after_failure`] decides, just as purely, what an attempt that did not succeed leads
+//! to: another attempt (a handler error or a time limit, while attempts are left) or a
+//! final failure of its kind.
 
 use std::time::Duration;
 
-use warren_core::{Failure, FailureKind};
+use warren_core::{Failure, FailureKind, RetryPolicy};
+
+use crate::outcome::Action;
 
 /// The shortest pause before a requeue.
 pub(crate) const FIRST_PAUSE: Duration = Duration::from_millis(100);
@@ -34,13 +44,30 @@ pub(crate) enum Settle {
     },
     /// Retrying cannot help: dead-letter with this failure (and answer a waiting caller).
     DeadLetter(Failure),
+    /// Everything was published and the delivery was already acked early: nothing to do.
+    AlreadyAcked,
+    /// A transient failure of a delivery acked early: publish the original message to its
+    /// queue again after this pause (it cannot be requeued any more).
+    Republish {
+        /// How long to wait before republishing.
+        after: Duration,
+    },
 }
 
-/// Decides how to settle a delivery from the result of publishing its outcome, and how many
-/// times in a row (before this one) publishing this task's outcome failed transiently here.
-pub(crate) fn settle(published: &Result<(), warren_client::Error>, failed_before: u32) -> Settle {
+/// Decides how to settle a delivery from the result of publishing its outcome, how many
+/// times in a row (before this one) publishing this task's outcome failed transiently here,
+/// and whether the delivery was acked early.
+pub(crate) fn settle(
+    published: &Result<(), warren_client::Error>,
+    failed_before: u32,
+    acked_early: bool,
+) -> Settle {
     match published {
+        Ok(()) if acked_early => Settle::AlreadyAcked,
         Ok(()) => Settle::Ack,
+        Err(e) if e.is_transient() && acked_early => Settle::Republish {
+            after: pause(failed_before),
+        },
         Err(e) if e.is_transient() => Settle::Requeue {
             after: pause(failed_before),
         },
@@ -48,6 +75,43 @@ pub(crate) fn settle(published: &Result<(), warren_client::Error>, failed_before
             kind: FailureKind::Undeliverable,
             message: format!("the task's outcome cannot be published: {e}"),
         }),
+    }
+}
+
+/// How an attempt did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failed {
+    /// The handler returned an error asking for this.
+    Handler(Action),
+    /// The handler ran past its hard time limit and was stopped.
+    TimedOut,
+}
+
+/// What follows an attempt that did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Another attempt, after this delay.
+    Retry(Duration),
+    /// No attempt left (or a rejection): the task fails for good with this kind.
+    Dead(FailureKind),
+}
+
+/// Decides what follows a failed attempt `attempt` under `policy`: a handler error or a
+/// time limit is retried while attempts are left (a time limit waits like a handler
+/// error, [`RetryPolicy::delay_after`]), a rejection never is. The final failure is of kind
+/// `handler`, `timeout` or `rejected`.
+pub(crate) fn after_failure(failed: Failed, attempt: u32, policy: &RetryPolicy) -> Next {
+    let delay = match failed {
+        Failed::Handler(Action::Reject) => return Next::Dead(FailureKind::Rejected),
+        Failed::Handler(Action::Fail) | Failed::TimedOut => policy.delay_after(attempt),
+        Failed::Handler(Action::RetryAfter(d)) => d,
+    };
+    if attempt < policy.max_attempts {
+        Next::Retry(delay)
+    } else if failed == Failed::TimedOut {
+        Next::Dead(FailureKind::Timeout)
+    } else {
+        Next::Dead(FailureKind::Handler)
     }
 }
 
@@ -81,14 +145,14 @@ mod tests {
 
     #[test]
     fn published_is_acked() {
-        assert_eq!(settle(&Ok(()), 0), Settle::Ack);
-        assert_eq!(settle(&Ok(()), 7), Settle::Ack);
+        assert_eq!(settle(&Ok(()), 0, false), Settle::Ack);
+        assert_eq!(settle(&Ok(()), 7, false), Settle::Ack);
     }
 
     #[test]
     fn transient_failures_requeue_with_growing_pauses() {
         let pauses: Vec<Duration> = (0..10)
-            .map(|n| match settle(&Err(transient()), n) {
+            .map(|n| match settle(&Err(transient()), n, false) {
                 Settle::Requeue { after } => after,
                 other => panic!("expected a requeue, got {other:?}"),
             })
@@ -98,7 +162,7 @@ mod tests {
         assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
         assert_eq!(pauses[9], MAX_PAUSE);
         assert_eq!(
-            settle(&Err(transient()), u32::MAX),
+            settle(&Err(transient()), u32::MAX, false),
             Settle::Requeue { after: MAX_PAUSE }
         );
     }
@@ -112,7 +176,7 @@ mod tests {
         ];
         for e in permanent {
             let text = e.to_string();
-            match settle(&Err(e), 0) {
+            match settle(&Err(e), 0, false) {
                 Settle::DeadLetter(f) => {
                     assert_eq!(f.kind, FailureKind::Undeliverable);
                     assert!(f.message.contains(&text), "{} / {text}", f.message);
@@ -132,7 +196,59 @@ mod tests {
             }),
             warren_client::Error::ReplyListener("gone".into()),
         ] {
-            assert!(matches!(settle(&Err(e), 0), Settle::Requeue { .. }));
+            assert!(matches!(settle(&Err(e), 0, false), Settle::Requeue { .. }));
         }
+    }
+
+    #[test]
+    fn acked_early_is_never_requeued_or_acked_again() {
+        assert_eq!(settle(&Ok(()), 0, true), Settle::AlreadyAcked);
+        assert_eq!(
+            settle(&Err(transient()), 0, true),
+            Settle::Republish { after: FIRST_PAUSE }
+        );
+        assert_eq!(
+            settle(&Err(transient()), 20, true),
+            Settle::Republish { after: MAX_PAUSE }
+        );
+        // A permanent failure is dead-lettered (a publish) whether or not it was acked.
+        let permanent = warren_client::Error::NoTargets;
+        assert!(matches!(
+            settle(&Err(permanent), 0, true),
+            Settle::DeadLetter(Failure {
+                kind: FailureKind::Undeliverable,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_timeout_is_retried_like_a_handler_error_then_fails_as_timeout() {
+        let policy = RetryPolicy::fixed(3, Duration::from_millis(200));
+        let retry = Next::Retry(Duration::from_millis(200));
+        assert_eq!(after_failure(Failed::TimedOut, 1, &policy), retry);
+        assert_eq!(after_failure(Failed::TimedOut, 2, &policy), retry);
+        assert_eq!(
+            after_failure(Failed::TimedOut, 3, &policy),
+            Next::Dead(FailureKind::Timeout)
+        );
+        assert_eq!(
+            after_failure(Failed::Handler(Action::Fail), 3, &policy),
+            Next::Dead(FailureKind::Handler)
+        );
+        assert_eq!(
+            after_failure(Failed::Handler(Action::Reject), 1, &policy),
+            Next::Dead(FailureKind::Rejected)
+        );
+        let after = Duration::from_secs(7);
+        assert_eq!(
+            after_failure(Failed::Handler(Action::RetryAfter(after)), 1, &policy),
+            Next::Retry(after)
+        );
+        // One attempt only: the first timeout is final.
+        assert_eq!(
+            after_failure(Failed::TimedOut, 1, &RetryPolicy::none()),
+            Next::Dead(FailureKind::Timeout)
+        );
     }
 }
