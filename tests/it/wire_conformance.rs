@@ -267,6 +267,10 @@ async fn a_producer_that_follows_the_doc() {
         })
         .method("piece", |_: Context, n: i64| async move {
             Ok::<_, TaskError>(n * 10)
+        })
+        .method("sleepy", |_: Context, ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, TaskError>(ms)
         });
     let worker = Worker::builder()
         .amqp(config(QueueType::Quorum))
@@ -377,6 +381,22 @@ async fn a_producer_that_follows_the_doc() {
         (flaky["id"].clone(), json!(42))
     );
     assert_eq!(flaky_runs.load(Ordering::SeqCst), 2);
+
+    // 4b. `time_limit_ms`: a handler past the task's own limit is stopped and, with no
+    //     attempt left, answered as `timeout`.
+    let mut limited = envelope(&svc, "sleepy", json!(10_000));
+    limited["time_limit_ms"] = json!(200);
+    limited["retry"] = json!({"max_attempts": 1});
+    let sent = Instant::now();
+    publish(&ch, "warren.tasks", &svc, &limited, Some(&reply_q)).await;
+    let a = answer().await;
+    assert_eq!(a["id"], limited["id"]);
+    assert_eq!(a["error"]["kind"], json!("timeout"), "{a}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
 
     // 5. A job the producer splits itself: it declares the part queue (durable classic,
     //    `x-expires`), sends every part with the same hooks, and the hook gets the results
