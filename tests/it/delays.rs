@@ -263,9 +263,11 @@ async fn a_delay_over_the_maximum_is_refused_and_nothing_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_task_for_a_service_without_workers_waits_in_its_queue() {
-    let svc = unique("delaywait");
-    let _cleanup = Cleanup::new(&[&svc]);
+    let (svc, other) = (unique("delaywait"), unique("delayother"));
+    let _cleanup = Cleanup::new(&[&svc, &other]);
     let client = client_with(config(QueueType::Quorum)).await;
+    // Another service queue bound for delayed delivery: it must not get a copy.
+    client.sender().ensure_service(&other).await.unwrap();
     client
         .enqueue(Task::new(format!("{svc}.at"), &"w").delay(Duration::from_millis(500)))
         .await
@@ -281,6 +283,11 @@ async fn a_delayed_task_for_a_service_without_workers_waits_in_its_queue() {
         },
     )
     .await;
+    assert_eq!(
+        common::service_stats(&broker, &other).await.ready,
+        0,
+        "delivered to its own queue only"
+    );
     let starts: Starts = Arc::default();
     let running = worker_for(recorder(&svc, &starts), QueueType::Quorum).await;
     poll("the waiting task ran", Duration::from_secs(30), || {

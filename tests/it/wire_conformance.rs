@@ -193,7 +193,7 @@ async fn a_producer_that_follows_the_doc() {
         "warren.delay.deliver".into(),
         "".into(),
         QueueBindOptions::default(),
-        args(&[("x-match", text("all")), ("x-warren-dest", text(&svc_q))]),
+        args(&[("x-match", text("all")), ("warren-dest", text(&svc_q))]),
     )
     .await
     .unwrap();
@@ -347,7 +347,7 @@ async fn a_producer_that_follows_the_doc() {
     assert_eq!(answer().await["ok"], json!(2));
 
     // 3. A task delayed as documented (1 s = 10 units = 0b1010: routing key of 25 bits and
-    //    `d`, published to the level of its highest 1 bit, with `x-warren-dest`) reaches the
+    //    `d`, published to the level of its highest 1 bit, with `warren-dest`) reaches the
     //    service after it.
     let later = envelope(&svc, "double", json!(50));
     let key: String = (0..25u32)
@@ -356,7 +356,7 @@ async fn a_producer_that_follows_the_doc() {
         .chain(["d"])
         .collect();
     let mut headers = FieldTable::default();
-    headers.insert("x-warren-dest".into(), text(&svc_q));
+    headers.insert("warren-dest".into(), text(&svc_q));
     let sent = Instant::now();
     publish_with(&ch, "warren.delay.3", &key, &later, Some(&reply_q), headers).await;
     let a = answer().await;

@@ -31,7 +31,7 @@ use crate::{Client, Error, Task};
 ///
 /// `repeats` is the number of attempts in all (at least 1); the interval between attempts is
 /// required (`.seconds`, `.minutes`, which add up, or `.interval`). Background attempts wait
-/// in durable delay queues on the broker and survive worker and broker restarts; the
+/// on the broker in the delay levels (docs/time.md) and survive worker and broker restarts; the
 /// optional callback then runs exactly once with a [`warren_core::RetryOutcome`] (`ok`,
 /// `source`, `target`, `retry_repeats`, `retry_seconds`, `call_cid`, `orig_cid`,
 /// `req_ts_utc`, `context`, `attempts`, and `response` or `error`).

@@ -9,8 +9,7 @@
 //! the bit decides whether it waits in that level's queue (bit 1) or goes straight on to
 //! the next level down (bit 0, an exchange-to-exchange binding). After level 0 it reaches
 //! the headers exchange [`DELIVER_EXCHANGE`], which routes it by its [`H_DEST`] header to
-//! the queue of that name (every service queue is bound there with `x-match=all,
-//! x-warren-dest=<queue>`).
+//! the queue of that name (every service queue is bound there on `warren-dest=<queue>`).
 //!
 //! Every message in one level queue has the same TTL, so the head of the queue always
 //! expires first: no head-of-line blocking. The footprint is fixed: [`LEVELS`] queues and
@@ -48,10 +47,12 @@ pub const DELIVER_EXCHANGE: &str = "warren.delay.deliver";
 pub const UNROUTED_EXCHANGE: &str = "warren.delay.unrouted";
 /// The queue holding delayed messages whose destination queue was gone when they were due.
 pub const UNROUTED_QUEUE: &str = "warren.delay.unrouted";
-/// Header: the queue a delayed message is delivered to when it is due.
-pub const H_DEST: &str = "x-warren-dest";
+/// Header: the queue a delayed message is delivered to when it is due. Not `x-`-prefixed on
+/// purpose: a headers exchange ignores `x-` headers when it matches with `x-match=all`, so a
+/// binding on an `x-` header alone would match every message.
+pub const H_DEST: &str = "warren-dest";
 /// Header: when a delayed message is due, ms since the Unix epoch (informational).
-pub const H_DUE: &str = "x-warren-due-ms";
+pub const H_DUE: &str = "warren-due-ms";
 /// The last word of every delay routing key.
 const KEY_END: &str = "d";
 

@@ -6,7 +6,7 @@
 //! worker dead-letters (with reason headers) ─────────────────► warren.dead.<svc>
 //! invoke replies ──► default exchange ──► warren.reply.<client id> (exclusive, per client)
 //! delayed tasks ──► warren.delay.<k> … warren.delay.0 ──► warren.delay.deliver (headers)
-//!                   ──[x-warren-dest = queue]──► warren.svc.<svc>   (see crate::delay)
+//!                   ──[warren-dest = queue]──► warren.svc.<svc>   (see crate::delay)
 //! ```
 //! Service queues are durable, of the configured [`QueueType`]; on quorum queues
 //! `x-delivery-limit` stops a message that crashes its worker again and again (it is
@@ -102,7 +102,7 @@ pub struct QueueSpec {
     /// Header arguments of that binding (for headers exchanges; `x-match=all` is added).
     pub bind_headers: Vec<(String, String)>,
     /// Also bind the queue to [`crate::delay::DELIVER_EXCHANGE`] with `x-match=all,
-    /// x-warren-dest=<name>`, so delayed messages for it are delivered when due.
+    /// warren-dest=<name>`, so delayed messages for it are delivered when due.
     pub delayed_delivery: bool,
     /// A topic exchange to declare (with its own binding) before the queue: how the delay
     /// levels are declared (see [`crate::delay`]).
