@@ -16,7 +16,7 @@ use common::{
 };
 use futures_util::StreamExt;
 use support::broker_node::BrokerNode;
-use warren::delay::{MAX_DELAY, UNIT};
+use warren::delay::MAX_DELAY;
 use warren::{Chain, Client, ClientError, Context, Parallel, QueueType, Service, Task, Worker};
 use warren_core::envelope::now_ms;
 
@@ -92,15 +92,15 @@ async fn a_thousand_random_delays_run_once_and_never_early() {
         async move { (n == N).then_some(()) }
     })
     .await;
-    // Every task ran exactly once, never before it was due (less half a unit of rounding).
+    // Every task ran exactly once, never before it was due (delays are rounded up; 5 ms
+    // for reading the clock in two places).
     let starts = starts.lock().unwrap().clone();
     let due = due.lock().unwrap().clone();
-    let half_unit = i64::try_from(UNIT.as_millis() / 2).unwrap();
     let mut lateness = Vec::with_capacity(N);
     for (key, runs) in &starts {
         assert_eq!(runs.len(), 1, "{key} ran once: {runs:?}");
         let late = i64::try_from(runs[0]).unwrap() - i64::try_from(due[key]).unwrap();
-        assert!(late >= -half_unit, "{key} ran {}ms early", -late);
+        assert!(late >= -5, "{key} ran {}ms early", -late);
         lateness.push(late);
     }
     lateness.sort_unstable();

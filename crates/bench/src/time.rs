@@ -33,7 +33,7 @@ const ETA_TASKS: usize = 1_000;
 /// Over how long their due times are spread.
 const SPREAD: Duration = Duration::from_secs(30);
 /// When the first is due, after the sends start.
-const LEAD: Duration = Duration::from_secs(3);
+const LEAD: Duration = Duration::from_secs(10);
 /// Tasks of each throughput run.
 const THROUGHPUT_TASKS: usize = 5_000;
 /// Sends in flight in the runs.

@@ -24,7 +24,7 @@ pub struct EnqueueArgs {
     /// Correlation id to use instead of a generated one (you then own its uniqueness)
     #[arg(long)]
     cid: Option<String>,
-    /// Run the task this long from now (e.g. 90s, 15m, 1h30m, 2days; rounded to 100 ms,
+    /// Run the task this long from now (e.g. 90s, 15m, 1h30m, 2days; rounded up to 100 ms,
     /// at most about 38 days); it waits on the broker, not in a worker
     #[arg(long, value_parser = parse_delay, value_name = "DURATION")]
     delay: Option<Duration>,

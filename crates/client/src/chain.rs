@@ -85,7 +85,7 @@ impl Chain {
         self
     }
 
-    /// Starts the first step `delay` after the chain is sent (rounded to the nearest
+    /// Starts the first step `delay` after the chain is sent (rounded up to
     /// 100 ms), through the same delay levels as [`crate::Task::delay`]; later steps follow
     /// as soon as each one ends. A chain timeout counts from the send, so it must cover the
     /// delay. A delay over [`warren_core::delay::MAX_DELAY`] is returned as

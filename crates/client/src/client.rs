@@ -341,8 +341,8 @@ impl Client {
         Ok(self.inner.sender.send(env, reply_to, deadline).await?)
     }
 
-    /// Sends a prepared envelope through the delay levels (`delay` rounded to 100 ms; at
-    /// once when it rounds to zero). An over-long delay is [`Error::DelayTooLong`].
+    /// Sends a prepared envelope through the delay levels (`delay` rounded up to 100 ms; at
+    /// once when it is zero). An over-long delay is [`Error::DelayTooLong`].
     pub(crate) async fn send_later(
         &self,
         env: &Envelope,

@@ -104,7 +104,7 @@ impl Parallel {
         self
     }
 
-    /// Starts every target `delay` after the call (rounded to the nearest 100 ms), through
+    /// Starts every target `delay` after the call (rounded up to 100 ms), through
     /// the same delay levels as [`crate::Task::delay`]; the callbacks follow as usual. A
     /// delay over [`warren_core::delay::MAX_DELAY`] is returned as [`Error::DelayTooLong`]
     /// by [`Client::parallel`], and nothing is sent.

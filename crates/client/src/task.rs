@@ -82,7 +82,7 @@ impl Task {
         }
     }
 
-    /// Runs the task `delay` after it is sent (rounded to the nearest 100 ms), not before.
+    /// Runs the task `delay` after it is sent (rounded up to 100 ms), not before.
     /// The task waits on the broker, in a fixed set of delay queues (docs/time.md), not in a
     /// worker: it survives worker and broker restarts and costs no prefetch. A zero delay
     /// sends it at once. A delay over [`warren_core::delay::MAX_DELAY`] (about 38.8 days) is
@@ -102,7 +102,7 @@ impl Task {
         self
     }
 
-    /// Runs the task at `when` (this machine's clock; rounded to the nearest 100 ms), not
+    /// Runs the task at `when` (this machine's clock; rounded up to 100 ms), not
     /// before: [`Task::delay`] with the time left when it is sent. A time in the past sends
     /// it at once; one further than [`warren_core::delay::MAX_DELAY`] is refused like an
     /// over-long delay.

@@ -1,6 +1,6 @@
 //! Delayed delivery: a binary cascade of TTL levels, entirely on the broker.
 //!
-//! A delay is counted in units of [`UNIT`] (100 ms), rounded to the nearest unit, and
+//! A delay is counted in units of [`UNIT`] (100 ms), rounded up to a whole unit, and
 //! written as [`LEVELS`] bits. Level `k` (0 ≤ k < [`LEVELS`]) is a topic exchange
 //! `warren.delay.<k>` and a durable classic queue of the same name whose `x-message-ttl` is
 //! `2^k` units and whose dead-letter exchange is level `k-1` (level 0's is the delivery
@@ -23,7 +23,8 @@
 //! assert_eq!(route.units, 13); // 0b1101
 //! assert_eq!(route.exchange, "warren.delay.3");
 //! assert!(route.routing_key.ends_with(".1.1.0.1.d"));
-//! assert!(levels.route(Duration::from_millis(40)).unwrap().is_none()); // rounds to 0: now
+//! assert!(levels.route(Duration::ZERO).unwrap().is_none()); // zero: send now
+//! assert_eq!(levels.route(Duration::from_millis(1)).unwrap().unwrap().units, 1); // rounded up
 //! assert!(levels.route(MAX_DELAY + Duration::from_secs(1)).is_err());
 //! ```
 
@@ -32,7 +33,7 @@ use std::time::Duration;
 use crate::config::QueueType;
 use crate::topology::{QueueSpec, PREFIX};
 
-/// The time unit of the cascade: delays are rounded to the nearest 100 ms.
+/// The time unit of the cascade: delays are rounded up to a multiple of 100 ms (never early).
 pub const UNIT: Duration = Duration::from_millis(100);
 /// [`UNIT`] in ms.
 pub const UNIT_MS: u64 = 100;
@@ -88,11 +89,11 @@ pub struct DelayRoute {
     pub routing_key: String,
 }
 
-/// The delay in whole units, rounded to the nearest (half a unit rounds up).
+/// The delay in whole units, rounded up (a task never runs before its delay).
 #[must_use]
 pub fn units(delay: Duration) -> u64 {
-    let ms = delay.as_millis();
-    u64::try_from((ms + u128::from(UNIT_MS / 2)) / u128::from(UNIT_MS)).unwrap_or(u64::MAX)
+    let unit = UNIT.as_nanos();
+    u64::try_from(delay.as_nanos().div_ceil(unit)).unwrap_or(u64::MAX)
 }
 
 /// The routing key of a delay of `units` units (which must fit in [`LEVELS`] bits).
@@ -168,13 +169,23 @@ impl DelayLevels {
         format!("{}:levels", self.level(0))
     }
 
-    /// Every level queue, level 0 first, each with its exchange (and that exchange's
-    /// binding for the 0 bit to the level below) declared before it: declaring them in
-    /// order builds the whole cascade. Idempotent.
+    /// [`UNROUTED_QUEUE`], then every level queue, level 0 first, each with its exchange
+    /// (and that exchange's binding for the 0 bit to the level below) declared before it:
+    /// declaring them in order builds the whole cascade. Idempotent.
+    ///
+    /// Only delayed publishes declare these; a consumer does not, so a service's workers
+    /// keep consuming while the cluster node holding these classic queues is down.
     #[must_use]
     pub fn specs(&self) -> Vec<QueueSpec> {
-        (0..LEVELS)
-            .map(|k| {
+        let unrouted = QueueSpec {
+            name: UNROUTED_QUEUE.to_owned(),
+            durable: true,
+            queue_type: Some(QueueType::Classic),
+            bind: Some((UNROUTED_EXCHANGE.to_owned(), String::new())),
+            ..QueueSpec::default()
+        };
+        std::iter::once(unrouted)
+            .chain((0..LEVELS).map(|k| {
                 let below = if k == 0 {
                     DELIVER_EXCHANGE.to_owned()
                 } else {
@@ -194,11 +205,11 @@ impl DelayLevels {
                     }),
                     ..QueueSpec::default()
                 }
-            })
+            }))
             .collect()
     }
 
-    /// Where to publish a message delayed by `delay`: `Ok(None)` when it rounds to zero
+    /// Where to publish a message delayed by `delay`: `Ok(None)` when it is zero
     /// units (send it now), [`DelayTooLong`] over [`MAX_DELAY`].
     pub fn route(&self, delay: Duration) -> Result<Option<DelayRoute>, DelayTooLong> {
         let units = units(delay);
@@ -231,9 +242,10 @@ mod tests {
 
     #[test]
     fn rounding_and_keys() {
-        assert_eq!(units(Duration::from_millis(49)), 0);
-        assert_eq!(units(Duration::from_millis(50)), 1);
-        assert_eq!(units(Duration::from_millis(149)), 1);
+        assert_eq!(units(Duration::ZERO), 0);
+        assert_eq!(units(Duration::from_nanos(1)), 1);
+        assert_eq!(units(Duration::from_millis(100)), 1);
+        assert_eq!(units(Duration::from_millis(101)), 2);
         assert_eq!(units(Duration::from_secs(2 * 3600)), 72_000);
         let key = routing_key(5);
         assert_eq!(key.split('.').count(), LEVELS as usize + 1);
@@ -269,7 +281,7 @@ mod tests {
         assert_eq!(fast.ttl_ms(16), 6_553);
         let r = l.route(Duration::from_secs(7200)).unwrap().unwrap();
         assert_eq!(r.exchange, "warren.delay.16");
-        assert_eq!(l.specs().len(), LEVELS as usize);
+        assert_eq!(l.specs().len(), LEVELS as usize + 1);
         assert!(MAX_DELAY > Duration::from_secs(30 * 86_400));
     }
 }

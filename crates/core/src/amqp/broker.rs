@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 
 use super::message::short;
 use crate::config::{AmqpConfig, QueueType};
-use crate::delay::{DELIVER_EXCHANGE, H_DEST, UNROUTED_EXCHANGE, UNROUTED_QUEUE};
+use crate::delay::{DELIVER_EXCHANGE, H_DEST, UNROUTED_EXCHANGE};
 use crate::error::{classify, AmqpError, Error, Result};
 use crate::names::check_amqp_len;
 use crate::topology::{QueueSpec, DEAD_EXCHANGE, TASK_EXCHANGE, TOPIC_EXCHANGE};
@@ -467,8 +467,9 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
         .map_err(|e| classify(format!("declaring exchange {name}"), e))?;
     }
     // Delayed delivery (crate::delay): the headers exchange every service queue is bound to,
-    // and its alternate exchange and queue, which keep a delayed message whose destination
-    // queue is gone instead of dropping it.
+    // and its alternate exchange. The alternate's queue (which keeps a delayed message whose
+    // destination queue is gone) is declared with the delay levels, by delayed publishes
+    // only: it is a classic queue, and a consumer must not depend on its node being up.
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -494,17 +495,6 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
     )
     .await
     .map_err(|e| classify(format!("declaring exchange {DELIVER_EXCHANGE}"), e))?;
-    declare_on(
-        ch,
-        &QueueSpec {
-            name: UNROUTED_QUEUE.to_owned(),
-            durable: true,
-            queue_type: Some(QueueType::Classic),
-            bind: Some((UNROUTED_EXCHANGE.to_owned(), String::new())),
-            ..QueueSpec::default()
-        },
-    )
-    .await?;
     Ok(())
 }
 

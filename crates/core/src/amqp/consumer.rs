@@ -161,7 +161,11 @@ impl Subscription {
                         tracing::info!(queue = %self.spec.queue.name, "consumer resubscribed");
                         return Ok(Some(ConsumerEvent::Resubscribed));
                     }
-                    Err(e @ (Error::Refused { .. } | Error::Name(_))) => return Err(e),
+                    // A refusal repeats, except a queue whose cluster node is down: that
+                    // one answers again once the node is back.
+                    Err(e @ (Error::Refused { .. } | Error::Name(_))) if !e.is_node_down() => {
+                        return Err(e)
+                    }
                     Err(e) => {
                         tracing::warn!(queue = %self.spec.queue.name, error = %e, "resubscribe failed; will retry");
                         tokio::select! {

@@ -33,6 +33,7 @@ pub struct TaskSender {
     publisher: Publisher,
     queue_type: QueueType,
     levels: DelayLevels,
+    levels_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     publish_timeout: Duration,
 }
 
@@ -54,6 +55,7 @@ impl TaskSender {
             publisher,
             queue_type: config.queue_type,
             levels: config.delay_levels(),
+            levels_lock: std::sync::Arc::default(),
             publish_timeout: config.publish_timeout,
         }
     }
@@ -98,8 +100,8 @@ impl TaskSender {
         Ok(())
     }
 
-    /// Sends `env` to its service queue after `delay` (rounded to the nearest 100 ms),
-    /// through the delay levels ([`crate::delay`]); at once when it rounds to zero.
+    /// Sends `env` to its service queue after `delay` (rounded up to 100 ms),
+    /// through the delay levels ([`crate::delay`]); at once when it is zero.
     /// The wait is on the broker and survives worker and broker restarts.
     ///
     /// The service queue is declared (and bound to the delivery exchange) first, so the
@@ -113,19 +115,39 @@ impl TaskSender {
         reply_to: Option<&str>,
         deadline: Instant,
     ) -> Result<()> {
-        let Some(route) = self.levels.route(delay)? else {
+        // The delay counts from this call: the time the declarations below take is taken
+        // off it, so a task is not late by a first send's declarations.
+        let due_at = Instant::now() + delay;
+        if self.levels.route(delay)?.is_none() {
+            return self.send(env, reply_to, deadline).await;
+        }
+        let dest = service_queue(&env.svc)?;
+        let timed_out = |what: String| Error::Timeout {
+            what,
+            after: self.publish_timeout,
+        };
+        tokio::time::timeout_at(deadline, self.ensure_service(&env.svc))
+            .await
+            .map_err(|_| timed_out(format!("declaring {dest} before a delayed publish")))??;
+        let key = self.levels.cache_key();
+        if !self.publisher.is_declared(&key) {
+            // One declaration of the 25 levels at a time (the others then find them cached).
+            let declaring = async {
+                let _one = self.levels_lock.lock().await;
+                self.publisher
+                    .declare_cached(&key, &self.levels.specs())
+                    .await
+            };
+            tokio::time::timeout_at(deadline, declaring)
+                .await
+                .map_err(|_| timed_out(String::from("declaring the delay levels")))??;
+        }
+        let Some(route) = self
+            .levels
+            .route(due_at.saturating_duration_since(Instant::now()))?
+        else {
             return self.send(env, reply_to, deadline).await;
         };
-        let dest = service_queue(&env.svc)?;
-        match tokio::time::timeout_at(deadline, self.ensure_service(&env.svc)).await {
-            Ok(res) => res?,
-            Err(_) => {
-                return Err(Error::Timeout {
-                    what: format!("declaring {dest} before a delayed publish"),
-                    after: self.publish_timeout,
-                })
-            }
-        }
         let wait_ms: u64 = (0..crate::delay::LEVELS)
             .filter(|k| route.units >> k & 1 == 1)
             .map(|k| self.levels.ttl_ms(k))
@@ -145,7 +167,6 @@ impl TaskSender {
         // unroutable (a level queue deleted since).
         let levels = &self.levels;
         let declare = move || Ok(levels.specs());
-        let key = levels.cache_key();
         match self
             .publisher
             .publish_routed(&msg, &key, &declare, deadline)
