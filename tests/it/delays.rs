@@ -266,8 +266,10 @@ async fn a_delayed_task_for_a_service_without_workers_waits_in_its_queue() {
     let (svc, other) = (unique("delaywait"), unique("delayother"));
     let _cleanup = Cleanup::new(&[&svc, &other]);
     let client = client_with(config(QueueType::Quorum)).await;
-    // Another service queue bound for delayed delivery: it must not get a copy.
-    client.sender().ensure_service(&other).await.unwrap();
+    // A worker of another service only: its mover moves the due task into the (consumer-
+    // less) queue of its own service, and the other service gets no copy.
+    let other_starts: Starts = Arc::default();
+    let other_worker = worker_for(recorder(&other, &other_starts), QueueType::Quorum).await;
     client
         .enqueue(Task::new(format!("{svc}.at"), &"w").delay(Duration::from_millis(500)))
         .await
@@ -297,7 +299,13 @@ async fn a_delayed_task_for_a_service_without_workers_waits_in_its_queue() {
     .await;
     running.stop.cancel();
     running.handle.await.unwrap().unwrap();
+    other_worker.stop.cancel();
+    other_worker.handle.await.unwrap().unwrap();
     assert_eq!(starts.lock().unwrap()["w"].len(), 1);
+    assert!(
+        other_starts.lock().unwrap().is_empty(),
+        "the other service ran nothing"
+    );
     client.close().await;
 }
 

@@ -154,7 +154,7 @@ async fn a_producer_that_follows_the_doc() {
     .await
     .unwrap();
     // "Delayed tasks": the delivery exchange (and its alternate exchange and queue), the
-    // service queue's binding to it, and the 25 levels, as documented.
+    // due queue bound to it, and the 25 levels, as documented.
     declare_exchange(
         &ch,
         "warren.delay.unrouted",
@@ -188,12 +188,25 @@ async fn a_producer_that_follows_the_doc() {
     )
     .await
     .unwrap();
+    // The due queue every due message lands in, bound to the delivery exchange without
+    // header arguments (it matches everything); a worker moves each message on from there
+    // to its `warren-dest` queue. The service queue is not bound to the delivery exchange.
+    ch.queue_declare(
+        "warren.delay.due".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args(&[("x-queue-type", text("classic"))]),
+    )
+    .await
+    .unwrap();
     ch.queue_bind(
-        svc_q.as_str().into(),
+        "warren.delay.due".into(),
         "warren.delay.deliver".into(),
         "".into(),
         QueueBindOptions::default(),
-        args(&[("x-match", text("all")), ("warren-dest", text(&svc_q))]),
+        FieldTable::default(),
     )
     .await
     .unwrap();

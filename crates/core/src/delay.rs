@@ -8,12 +8,14 @@
 //! routing key (most significant first, `.`-separated, then the word `d`): at each level
 //! the bit decides whether it waits in that level's queue (bit 1) or goes straight on to
 //! the next level down (bit 0, an exchange-to-exchange binding). After level 0 it reaches
-//! the headers exchange [`DELIVER_EXCHANGE`], which routes it by its [`H_DEST`] header to
-//! the queue of that name (every service queue is bound there on `warren-dest=<queue>`).
+//! the headers exchange [`DELIVER_EXCHANGE`] and the classic [`DUE_QUEUE`] bound to it;
+//! a mover in every worker ([`crate::amqp::DelayMover`]) publishes each due message, with
+//! a confirm, to the queue its [`H_DEST`] header names, then acks it.
 //!
 //! Every message in one level queue has the same TTL, so the head of the queue always
 //! expires first: no head-of-line blocking. The footprint is fixed: [`LEVELS`] queues and
-//! [`LEVELS`] + 1 exchanges per vhost (plus [`UNROUTED_QUEUE`]), whatever the delays.
+//! [`LEVELS`] + 2 exchanges per vhost (plus [`UNROUTED_QUEUE`] and [`DUE_QUEUE`]), whatever
+//! the delays.
 //!
 //! ```
 //! use std::time::Duration;
@@ -48,6 +50,13 @@ pub const DELIVER_EXCHANGE: &str = "warren.delay.deliver";
 pub const UNROUTED_EXCHANGE: &str = "warren.delay.unrouted";
 /// The queue holding delayed messages whose destination queue was gone when they were due.
 pub const UNROUTED_QUEUE: &str = "warren.delay.unrouted";
+/// The classic queue every due message lands in (bound to [`DELIVER_EXCHANGE`], matching
+/// all), from which any worker's mover ([`crate::amqp::DelayMover`]) publishes it, with a
+/// confirm, to the queue its [`H_DEST`] header names. Dead-lettering from a classic level
+/// straight into a quorum service queue is at most once, and loses messages that expire
+/// while the quorum queue has no leader (seen: tasks due in the second after a node
+/// restart); classic to classic on one node, then a confirmed publish, does not.
+pub const DUE_QUEUE: &str = "warren.delay.due";
 /// Header: the queue a delayed message is delivered to when it is due. Not `x-`-prefixed on
 /// purpose: a headers exchange ignores `x-` headers when it matches with `x-match=all`, so a
 /// binding on an `x-` header alone would match every message.
@@ -87,6 +96,19 @@ pub struct DelayRoute {
     pub exchange: String,
     /// The bits of `units`, most significant first, `.`-separated, then `d`.
     pub routing_key: String,
+}
+
+/// [`DUE_QUEUE`]: durable, classic, bound to [`DELIVER_EXCHANGE`] with no header
+/// arguments (a headers binding without arguments matches every message).
+#[must_use]
+pub fn due_spec() -> QueueSpec {
+    QueueSpec {
+        name: DUE_QUEUE.to_owned(),
+        durable: true,
+        queue_type: Some(QueueType::Classic),
+        bind: Some((DELIVER_EXCHANGE.to_owned(), String::new())),
+        ..QueueSpec::default()
+    }
 }
 
 /// The delay in whole units, rounded up (a task never runs before its delay).
@@ -173,8 +195,9 @@ impl DelayLevels {
     /// (and that exchange's binding for the 0 bit to the level below) declared before it:
     /// declaring them in order builds the whole cascade. Idempotent.
     ///
-    /// Only delayed publishes declare these; a consumer does not, so a service's workers
-    /// keep consuming while the cluster node holding these classic queues is down.
+    /// Only delayed publishes (and a worker's mover, for [`DUE_QUEUE`]) declare these; a
+    /// service's consumer does not, so it keeps consuming while the cluster node holding
+    /// these classic queues is down.
     #[must_use]
     pub fn specs(&self) -> Vec<QueueSpec> {
         let unrouted = QueueSpec {
@@ -185,6 +208,7 @@ impl DelayLevels {
             ..QueueSpec::default()
         };
         std::iter::once(unrouted)
+            .chain(std::iter::once(due_spec()))
             .chain((0..LEVELS).map(|k| {
                 let below = if k == 0 {
                     DELIVER_EXCHANGE.to_owned()
@@ -281,7 +305,7 @@ mod tests {
         assert_eq!(fast.ttl_ms(16), 6_553);
         let r = l.route(Duration::from_secs(7200)).unwrap().unwrap();
         assert_eq!(r.exchange, "warren.delay.16");
-        assert_eq!(l.specs().len(), LEVELS as usize + 1);
+        assert_eq!(l.specs().len(), LEVELS as usize + 2);
         assert!(MAX_DELAY > Duration::from_secs(30 * 86_400));
     }
 }

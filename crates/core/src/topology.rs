@@ -6,7 +6,8 @@
 //! worker dead-letters (with reason headers) ─────────────────► warren.dead.<svc>
 //! invoke replies ──► default exchange ──► warren.reply.<client id> (exclusive, per client)
 //! delayed tasks ──► warren.delay.<k> … warren.delay.0 ──► warren.delay.deliver (headers)
-//!                   ──[warren-dest = queue]──► warren.svc.<svc>   (see crate::delay)
+//!                   ──► warren.delay.due ──[a worker's mover, by warren-dest]──► warren.svc.<svc>
+//!                   (see crate::delay)
 //! ```
 //! Service queues are durable, of the configured [`QueueType`]; on quorum queues
 //! `x-delivery-limit` stops a message that crashes its worker again and again (it is
@@ -47,6 +48,9 @@ pub const H_REPLAYED: &str = "x-warren-replayed";
 pub(crate) fn service_queue_unchecked(svc: &str) -> String {
     format!("{PREFIX}svc.{svc}")
 }
+
+/// What every service queue's name starts with (then the service name).
+pub const SERVICE_QUEUE_PREFIX: &str = "warren.svc.";
 
 /// The durable queue of a service: `warren.svc.<svc>`.
 pub fn service_queue(svc: &str) -> Result<String, NameError> {
@@ -101,9 +105,6 @@ pub struct QueueSpec {
     pub bind: Option<(String, String)>,
     /// Header arguments of that binding (for headers exchanges; `x-match=all` is added).
     pub bind_headers: Vec<(String, String)>,
-    /// Also bind the queue to [`crate::delay::DELIVER_EXCHANGE`] with `x-match=all,
-    /// warren-dest=<name>`, so delayed messages for it are delivered when due.
-    pub delayed_delivery: bool,
     /// A topic exchange to declare (with its own binding) before the queue: how the delay
     /// levels are declared (see [`crate::delay`]).
     pub exchange: Option<ExchangeSpec>,
@@ -129,7 +130,6 @@ impl QueueSpec {
             dead_letter_exchange: Some(DEAD_EXCHANGE.to_owned()),
             delivery_limit: (queue_type == QueueType::Quorum).then_some(DELIVERY_LIMIT),
             bind: Some((TASK_EXCHANGE.to_owned(), svc.to_owned())),
-            delayed_delivery: true,
             ..Self::default()
         })
     }

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_client::{Client, ClientBuilder};
+use warren_core::amqp::DelayMover;
 use warren_core::topology::QueueSpec;
 use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
 
@@ -385,6 +386,7 @@ impl WorkerBuilder {
                 },
             );
         }
+        let mover = DelayMover::new(consume.clone(), client.sender().clone());
         Ok(Worker {
             shared: Arc::new(Shared {
                 services,
@@ -406,6 +408,7 @@ impl WorkerBuilder {
             drain_timeout: self.drain_timeout,
             metrics_server,
             tickers,
+            mover,
         })
     }
 }
@@ -419,6 +422,8 @@ pub struct Worker {
     drain_timeout: Duration,
     metrics_server: Option<crate::MetricsServer>,
     tickers: crate::schedule::Tickers,
+    /// Moves due delayed messages into their service queues (warren_core::delay).
+    mover: DelayMover,
 }
 
 impl std::fmt::Debug for Worker {
@@ -498,6 +503,7 @@ impl Worker {
             drain_timeout,
             metrics_server,
             tickers,
+            mover,
         } = self;
         let permits = Arc::new(Semaphore::new(concurrency));
         let tracker = TaskTracker::new();
@@ -514,6 +520,7 @@ impl Worker {
             ));
         }
         let mut ticking = tickers.start(&stop);
+        let moving = tokio::spawn(mover.run(stop.clone()));
         tracing::info!(concurrency, "worker running");
         tokio::pin!(shutdown);
         let mut result = Ok(());
@@ -534,6 +541,9 @@ impl Worker {
         // Tickers give their leases up at once, so another worker takes over.
         while ticking.join_next().await.is_some() {}
         tickers.close().await;
+        if let Err(e) = moving.await {
+            tracing::warn!(error = %e, "the delay mover ended abnormally");
+        }
         while let Some(done) = pumps.join_next().await {
             if let Ok((sub, _)) = done {
                 stopped.push(sub);

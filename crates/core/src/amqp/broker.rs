@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 
 use super::message::short;
 use crate::config::{AmqpConfig, QueueType};
-use crate::delay::{DELIVER_EXCHANGE, H_DEST, UNROUTED_EXCHANGE};
+use crate::delay::{DELIVER_EXCHANGE, UNROUTED_EXCHANGE};
 use crate::error::{classify, AmqpError, Error, Result};
 use crate::names::check_amqp_len;
 use crate::topology::{QueueSpec, DEAD_EXCHANGE, TASK_EXCHANGE, TOPIC_EXCHANGE};
@@ -622,23 +622,6 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<QueueSt
         )
         .await
         .map_err(|e| classify(format!("binding queue {}", spec.name), e))?;
-    }
-    if spec.delayed_delivery {
-        let mut bind_args = FieldTable::default();
-        bind_args.insert(short("x-match"), AMQPValue::LongString("all".into()));
-        bind_args.insert(
-            short(H_DEST),
-            AMQPValue::LongString(spec.name.as_str().into()),
-        );
-        ch.queue_bind(
-            short(&spec.name),
-            short(DELIVER_EXCHANGE),
-            short(""),
-            QueueBindOptions::default(),
-            bind_args,
-        )
-        .await
-        .map_err(|e| classify(format!("binding queue {} for delays", spec.name), e))?;
     }
     Ok(stats)
 }

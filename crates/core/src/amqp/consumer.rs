@@ -89,6 +89,20 @@ impl Subscription {
         Ok(sub)
     }
 
+    /// A subscription that declares and subscribes on its first [`Subscription::next`]
+    /// (retrying with backoff while the connection or the queue's node is down), for a
+    /// consumer that must not fail the process that starts it.
+    #[must_use]
+    pub fn lazy(broker: Broker, spec: SubscriptionSpec) -> Self {
+        Self {
+            broker,
+            spec,
+            active: None,
+            subscribed_once: false,
+            cancel: CancellationToken::new(),
+        }
+    }
+
     /// Cancelling this token makes [`Subscription::next`] return `Ok(None)`.
     #[must_use]
     pub fn cancel_token(&self) -> CancellationToken {

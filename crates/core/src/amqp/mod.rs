@@ -16,6 +16,7 @@ mod consumer;
 mod hold;
 mod lease;
 mod message;
+mod mover;
 mod publisher;
 mod sender;
 
@@ -25,5 +26,6 @@ pub use consumer::{ConsumerEvent, Incoming, Subscription, SubscriptionSpec};
 pub use hold::{BrokerDeath, Held, HeldMessage};
 pub use lease::Lease;
 pub use message::{HeaderValue, Outgoing};
+pub use mover::{DelayMover, MOVER_PREFETCH};
 pub use publisher::{backoff, Publisher};
 pub use sender::{service_specs, TaskSender};

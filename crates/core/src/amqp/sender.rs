@@ -186,6 +186,60 @@ impl TaskSender {
         Ok(())
     }
 
+    /// Publishes a due message from [`crate::delay::DUE_QUEUE`] to the service queue its
+    /// `warren-dest` header names (declaring it when it is missing), with its body,
+    /// properties and headers (the broker's `x-death` records left out), confirmed by `deadline`.
+    /// A message without a valid `warren-dest`, or whose queue the broker refuses, goes to
+    /// [`crate::delay::UNROUTED_QUEUE`] instead. The caller acks the delivery only on `Ok`.
+    pub async fn deliver_due(&self, due: &super::Incoming, deadline: Instant) -> Result<()> {
+        let dest = due
+            .header(H_DEST)
+            .and_then(|v| v.as_str().map(str::to_owned));
+        let svc = dest
+            .as_deref()
+            .and_then(|q| q.strip_prefix(crate::topology::SERVICE_QUEUE_PREFIX))
+            .filter(|svc| crate::names::validate_name("service", svc).is_ok())
+            .map(str::to_owned);
+        let mut msg = Outgoing::new("", dest.clone().unwrap_or_default(), due.body.clone());
+        msg.message_id = due.message_id().map(str::to_owned);
+        msg.correlation_id = due.correlation_id().map(str::to_owned);
+        msg.reply_to = due.reply_to().map(str::to_owned);
+        msg.headers = due
+            .headers()
+            .into_iter()
+            .filter(|(k, _)| {
+                k != "x-death"
+                    && !k.starts_with("x-first-death-")
+                    && !k.starts_with("x-last-death-")
+            })
+            .collect();
+        if let Some(svc) = svc {
+            let qt = self.queue_type;
+            let key = svc.clone();
+            let declare = move || service_specs(&svc, qt);
+            match self
+                .publisher
+                .publish_routed(&msg, &key, &declare, deadline)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e @ (Error::Refused { .. } | Error::Name(_))) if !e.is_node_down() => {
+                    tracing::warn!(dest = ?dest, error = %e, "a due message's queue was refused; keeping it in the unrouted queue");
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            tracing::warn!(dest = ?dest, id = ?due.message_id(), "a due message without a valid warren-dest; keeping it in the unrouted queue");
+        }
+        msg.exchange = crate::delay::UNROUTED_EXCHANGE.to_owned();
+        msg.routing_key = String::new();
+        let levels = &self.levels;
+        let declare = move || Ok(levels.specs());
+        self.publisher
+            .publish_routed(&msg, &self.levels.cache_key(), &declare, deadline)
+            .await
+    }
+
     /// Declares a service's queue and dead-letter queue (once per sender), so tasks can wait
     /// before any worker exists.
     pub async fn ensure_service(&self, svc: &str) -> Result<()> {
