@@ -265,9 +265,11 @@ async fn a_delay_over_the_maximum_is_refused_and_nothing_is_sent() {
 async fn a_delayed_task_for_a_service_without_workers_waits_in_its_queue() {
     let (svc, other) = (unique("delaywait"), unique("delayother"));
     let _cleanup = Cleanup::new(&[&svc, &other]);
-    let client = client_with(config(QueueType::Quorum)).await;
-    // A worker of another service only: its mover moves the due task into the (consumer-
-    // less) queue of its own service, and the other service gets no copy.
+    // The service's queue is classic (declared by the sender); the only worker runs another
+    // service on quorum queues. Its mover moves the due task into the consumer-less classic
+    // queue (without redeclaring it as its own queue type), and the other service gets no
+    // copy.
+    let client = client_with(config(QueueType::Classic)).await;
     let other_starts: Starts = Arc::default();
     let other_worker = worker_for(recorder(&other, &other_starts), QueueType::Quorum).await;
     client
@@ -291,7 +293,7 @@ async fn a_delayed_task_for_a_service_without_workers_waits_in_its_queue() {
         "delivered to its own queue only"
     );
     let starts: Starts = Arc::default();
-    let running = worker_for(recorder(&svc, &starts), QueueType::Quorum).await;
+    let running = worker_for(recorder(&svc, &starts), QueueType::Classic).await;
     poll("the waiting task ran", Duration::from_secs(30), || {
         let ran = starts.lock().unwrap().contains_key("w");
         async move { ran.then_some(()) }

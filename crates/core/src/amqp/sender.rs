@@ -214,14 +214,21 @@ impl TaskSender {
             })
             .collect();
         if let Some(svc) = svc {
-            let qt = self.queue_type;
-            let key = svc.clone();
-            let declare = move || service_specs(&svc, qt);
-            match self
-                .publisher
-                .publish_routed(&msg, &key, &declare, deadline)
-                .await
-            {
+            // The queue usually exists, declared by its own workers or senders, perhaps as
+            // another queue type than this worker's: publish without declaring, and declare
+            // it (as this worker's type) only when it is missing.
+            let sent = match self.publisher.publish_by(&msg, deadline).await {
+                Err(Error::Unroutable { .. }) => {
+                    let qt = self.queue_type;
+                    let key = svc.clone();
+                    let declare = move || service_specs(&svc, qt);
+                    self.publisher
+                        .publish_routed(&msg, &key, &declare, deadline)
+                        .await
+                }
+                other => other,
+            };
+            match sent {
                 Ok(()) => return Ok(()),
                 Err(e @ (Error::Refused { .. } | Error::Name(_))) if !e.is_node_down() => {
                     tracing::warn!(dest = ?dest, error = %e, "a due message's queue was refused; keeping it in the unrouted queue");
