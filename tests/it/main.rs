@@ -24,6 +24,7 @@ mod core_paths;
 mod dead_letters;
 mod delays;
 mod fanin_faults;
+mod flow_limits;
 mod harness_selftest;
 mod invoke_retry;
 mod metrics;

@@ -25,6 +25,7 @@ enum Bad {
     Encode(Arc<serde_json::Error>),
     Delay(warren_core::delay::DelayTooLong),
     ZeroTimeLimit,
+    Key(warren_core::flow::KeyError),
 }
 
 impl Invalid {
@@ -76,6 +77,17 @@ impl Invalid {
         Some(limit)
     }
 
+    /// `key` when it is a valid concurrency key, else `None` (and the error kept).
+    pub(crate) fn key(&mut self, key: String) -> Option<String> {
+        match warren_core::flow::validate_key(&key) {
+            Ok(()) => Some(key),
+            Err(e) => {
+                self.keep(Bad::Key(e));
+                None
+            }
+        }
+    }
+
     fn keep(&mut self, bad: Bad) {
         self.0.get_or_insert(bad);
     }
@@ -88,6 +100,7 @@ impl Invalid {
             Some(Bad::Encode(e)) => Err(Error::Encode(e.clone())),
             Some(Bad::Delay(e)) => Err(Error::DelayTooLong(*e)),
             Some(Bad::ZeroTimeLimit) => Err(Error::ZeroTimeLimit),
+            Some(Bad::Key(e)) => Err(Error::Key(e.clone())),
         }
     }
 }

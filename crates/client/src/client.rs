@@ -172,6 +172,7 @@ impl Client {
         task.check()?;
         let delay = task.send_delay()?;
         let (env, _) = task.into_envelope()?;
+        self.inner.sender.check_priority(&env)?;
         if let Some(p) = &env.part {
             // A part the caller attached by hand: its job's part queue exists from the first
             // part's send (results never create it: a result whose part queue is gone
@@ -224,6 +225,7 @@ impl Client {
         task.check()?;
         let delay = task.send_delay()?;
         let (mut env, timeout) = task.into_envelope()?;
+        self.inner.sender.check_priority(&env)?;
         env.channel = Via::Invoke;
         let timeout = timeout.unwrap_or(self.inner.invoke_timeout);
         let deadline = started + timeout;

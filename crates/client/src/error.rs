@@ -59,6 +59,13 @@ pub enum Error {
     /// A task was given a time limit of zero (`Task::time_limit`); nothing was sent.
     #[error("a task's time limit must be more than zero")]
     ZeroTimeLimit,
+    /// A concurrency key (`Task::key`) is empty or over 255 bytes; nothing was sent.
+    #[error(transparent)]
+    Key(#[from] warren_core::flow::KeyError),
+    /// A task's priority (`Task::priority`) is above its service's range (or the service
+    /// has none in this client's `AmqpConfig::with_priorities`); nothing was sent.
+    #[error(transparent)]
+    PriorityOutOfRange(#[from] warren_core::PriorityOutOfRange),
     /// An invoke/retry was given zero repeats; nothing was sent.
     #[error("invoke/retry needs repeats >= 1 (the number of attempts in all)")]
     ZeroRepeats,
@@ -113,7 +120,9 @@ impl Error {
     pub fn maybe_stored(&self) -> Option<bool> {
         match self {
             Error::Broker(e) => e.maybe_stored(),
-            Error::Name(_) | Error::Encode(_) => Some(false),
+            Error::Name(_) | Error::Encode(_) | Error::Key(_) | Error::PriorityOutOfRange(_) => {
+                Some(false)
+            }
             _ => None,
         }
     }

@@ -46,6 +46,8 @@ pub struct Task {
     pub(crate) notify: Option<String>,
     pub(crate) when: Option<When>,
     pub(crate) time_limit: Option<Duration>,
+    pub(crate) key: Option<String>,
+    pub(crate) priority: Option<u8>,
 }
 
 /// When a delayed task is due.
@@ -79,6 +81,8 @@ impl Task {
             notify: None,
             when: None,
             time_limit: None,
+            key: None,
+            priority: None,
         }
     }
 
@@ -174,6 +178,35 @@ impl Task {
         self
     }
 
+    /// The task's concurrency key: a method with a per-key limit (`Service::key_concurrency`)
+    /// runs at most that many tasks with the same key at a time, across workers when they
+    /// share a flow store (docs/flow.md#per-key-concurrency). Travels in the envelope
+    /// (`key`). An empty key or one over 255 bytes is returned as [`Error::Key`] by the call
+    /// that sends the task, and nothing is sent.
+    ///
+    /// ```
+    /// use warren_client::Task;
+    /// assert!(Task::new("crm.sync", &()).key("customer-42").check().is_ok());
+    /// assert!(Task::new("crm.sync", &()).key("").check().is_err());
+    /// assert!(Task::new("crm.sync", &()).key("k".repeat(256)).check().is_err());
+    /// ```
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = self.invalid.key(key.into());
+        self
+    }
+
+    /// The task's priority: on a service whose queue has a priority range
+    /// (`Service::priorities` and this client's `AmqpConfig::with_priorities`), higher
+    /// priorities are delivered first (docs/flow.md#priorities). Sent as the AMQP
+    /// `priority` property and in the envelope (`priority`), so retries and deferrals keep
+    /// it. A priority above the service's range (any above 0 when this client's config
+    /// gives the service none) is returned as [`Error::PriorityOutOfRange`] by the call
+    /// that sends the task, and nothing is sent.
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
     /// This task's own retry policy: it overrides the method's, the service's and the
     /// worker's (see [`RetryPolicy`] for the precedence). Travels in the envelope.
     pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
@@ -257,6 +290,8 @@ impl Task {
             warren_core::names::validate_name("topic", t)?;
         }
         env.notify = self.notify;
+        env.key = self.key;
+        env.priority = self.priority.filter(|p| *p > 0);
         env.time_limit_ms = self.time_limit.map(|d| {
             // Whole milliseconds, rounded up: a limit under 1 ms is still a limit.
             u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)

@@ -204,6 +204,8 @@ pub struct AmqpConfig {
     pub connection_name: String,
     /// Extra TLS trust and client identity for `amqps://` URLs.
     tls: TlsSettings,
+    /// Services whose queue has a priority range (`x-max-priority`), by service name.
+    priorities: std::collections::BTreeMap<String, u8>,
 }
 
 /// TLS settings for `amqps://` URLs: extra trusted CAs and a client identity. Its `Debug`
@@ -288,6 +290,7 @@ impl AmqpConfig {
             publish_timeout: Duration::from_secs(30),
             connection_name: String::from("warren"),
             tls: TlsSettings::default(),
+            priorities: std::collections::BTreeMap::new(),
         })
     }
 
@@ -411,6 +414,50 @@ impl AmqpConfig {
     pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
         self.queue_type = queue_type;
         self
+    }
+
+    /// Gives service `svc`'s queue the priority range `0..=max` (`x-max-priority`): its
+    /// tasks are delivered highest `Task::priority` first. Every process that declares the
+    /// queue (the worker hosting `svc`, which also learns it from `Service::priorities`, and
+    /// every client that sends to it) must carry the same setting, because RabbitMQ
+    /// refuses to declare a queue again with other arguments. Classic queues only: a
+    /// quorum queue with priorities is [`Error::PrioritiesNeedClassic`] when it is declared.
+    /// Keep `max` small (at most 10): each level costs the broker memory and CPU. See
+    /// docs/flow.md#priorities.
+    ///
+    /// Errors: [`Error::Config`] for `max` 0; [`Error::Name`] for an invalid service name.
+    ///
+    /// ```
+    /// use warren_core::{AmqpConfig, QueueType};
+    /// let cfg = AmqpConfig::new("amqp://127.0.0.1").unwrap()
+    ///     .with_queue_type(QueueType::Classic)
+    ///     .with_priorities("reports", 5).unwrap();
+    /// assert_eq!(cfg.max_priority("reports"), Some(5));
+    /// assert_eq!(cfg.max_priority("other"), None);
+    /// assert!(cfg.with_priorities("reports", 0).is_err());
+    /// ```
+    pub fn with_priorities(mut self, svc: &str, max: u8) -> Result<Self> {
+        crate::names::validate_name("service", svc)?;
+        if max == 0 {
+            return Err(Error::Config(format!(
+                "the priority range of service {svc:?} must be 1 to 255 (10 or less recommended), not 0"
+            )));
+        }
+        self.priorities.insert(svc.to_owned(), max);
+        Ok(self)
+    }
+
+    /// The highest priority of service `svc`'s queue, when it has a range
+    /// ([`AmqpConfig::with_priorities`]).
+    #[must_use]
+    pub fn max_priority(&self, svc: &str) -> Option<u8> {
+        self.priorities.get(svc).copied()
+    }
+
+    /// Every service with a priority range, and its highest priority.
+    #[must_use]
+    pub fn priorities(&self) -> &std::collections::BTreeMap<String, u8> {
+        &self.priorities
     }
 
     /// **For tests only**: sends delayed tasks and retries through levels of the test's

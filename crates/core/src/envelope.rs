@@ -168,6 +168,15 @@ pub struct Envelope {
     /// has a limit too, the smaller one applies (docs/time.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_limit_ms: Option<u64>,
+    /// The task's concurrency key (`Task::key`, 1 to 255 bytes): a method with a per-key
+    /// limit (`Service::key_concurrency`) runs at most that many tasks of one key at a time
+    /// (docs/flow.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The task's priority (`Task::priority`), also sent as the AMQP `priority` property; only
+    /// a service queue with a priority range orders by it (docs/flow.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
 }
 
 fn first_attempt() -> u32 {
@@ -217,6 +226,8 @@ impl Envelope {
             notify: None,
             resent: false,
             time_limit_ms: None,
+            key: None,
+            priority: None,
         }
     }
 

@@ -106,6 +106,15 @@ pub enum Error {
     /// nothing was published.
     #[error(transparent)]
     DelayTooLong(#[from] crate::delay::DelayTooLong),
+    /// A service was given a priority range (`AmqpConfig::with_priorities`,
+    /// `Service::priorities`) while its queues are quorum queues, which RabbitMQ 3.10 cannot
+    /// give priorities (`x-max-priority` is refused); nothing was declared or published.
+    /// Priorities need `QueueType::Classic` (docs/flow.md#priorities).
+    #[error("service {svc:?} has a priority range, but its queues are quorum queues, which cannot have priorities on RabbitMQ 3.10: use QueueType::Classic for it (docs/flow.md)")]
+    PrioritiesNeedClassic {
+        /// The service.
+        svc: String,
+    },
     /// The process is shutting down and the operation was abandoned.
     #[error("shutting down")]
     Shutdown,

@@ -30,6 +30,7 @@ pub mod config;
 pub mod delay;
 pub mod envelope;
 pub mod error;
+pub mod flow;
 pub mod metrics;
 pub mod names;
 pub mod patterns;
@@ -40,6 +41,7 @@ pub mod topology;
 pub mod trace;
 pub mod validate;
 
+pub use amqp::PriorityOutOfRange;
 pub use amqp::{
     Broker, ConsumerEvent, HeaderValue, Incoming, Outgoing, Publisher, QueueStats, Subscription,
     SubscriptionSpec, Take, TaskSender,

@@ -58,6 +58,11 @@ pub const RECONNECTS: &str = "warren_reconnects_total";
 /// Counter `{service, method, via}`: tasks sent and confirmed, by any process (a client's
 /// enqueues and invokes, a worker's hooks, parts, retries, callbacks and chain steps).
 pub const TASKS_SENT: &str = "warren_tasks_sent_total";
+/// Counter `{service, method, reason}`: tasks flow control sent back to wait on the broker
+/// before their handler ran (docs/flow.md): `reason` is `rate` (over the method's rate
+/// limit), `key` (the task's key had no free slot) or `store` (the flow store did not
+/// answer). Counted once the deferred copy was confirmed and the delivery acked.
+pub const TASKS_DEFERRED: &str = "warren_tasks_deferred_total";
 /// Histogram `{service, method, outcome}`, seconds: `Client::invoke` from the call to its
 /// answer; `outcome` is `ok` or `error` (a failure answered by the worker). Calls that
 /// time out are not in it.
@@ -120,6 +125,10 @@ pub fn describe() {
         "Connections to RabbitMQ replaced after they died"
     );
     describe_counter!(TASKS_SENT, "Tasks sent and confirmed, by channel");
+    describe_counter!(
+        TASKS_DEFERRED,
+        "Tasks deferred by flow control (rate limit, busy key, store down)"
+    );
     describe_histogram!(
         INVOKE_DURATION,
         Unit::Seconds,

@@ -101,6 +101,9 @@ pub struct QueueSpec {
     pub max_length_reject: Option<u64>,
     /// `x-max-length` with the default overflow: the oldest messages are dropped.
     pub max_length: Option<i64>,
+    /// `x-max-priority` (classic queues only; RabbitMQ 3.10 refuses it on quorum queues):
+    /// messages are delivered highest `priority` property first, 0 to this value.
+    pub max_priority: Option<u8>,
     /// Binding to an exchange with a routing key, declared with the queue.
     pub bind: Option<(String, String)>,
     /// Header arguments of that binding (for headers exchanges; `x-match=all` is added).
@@ -132,6 +135,24 @@ impl QueueSpec {
             bind: Some((TASK_EXCHANGE.to_owned(), svc.to_owned())),
             ..Self::default()
         })
+    }
+
+    /// [`QueueSpec::service`] with a priority range (`x-max-priority`, see docs/flow.md):
+    /// [`crate::Error::PrioritiesNeedClassic`] on a quorum queue, which RabbitMQ 3.10
+    /// refuses to give priorities.
+    pub fn service_with_priorities(
+        svc: &str,
+        queue_type: QueueType,
+        max_priority: Option<u8>,
+    ) -> crate::Result<Self> {
+        let mut spec = Self::service(svc, queue_type)?;
+        if max_priority.is_some() && queue_type == QueueType::Quorum {
+            return Err(crate::Error::PrioritiesNeedClassic {
+                svc: svc.to_owned(),
+            });
+        }
+        spec.max_priority = max_priority;
+        Ok(spec)
     }
 
     /// The dead-letter queue of a service, bound to [`DEAD_EXCHANGE`] by service name.

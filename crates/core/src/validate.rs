@@ -72,6 +72,9 @@ impl Envelope {
         if self.time_limit_ms == Some(0) {
             return Err("time_limit_ms must be at least 1".to_owned());
         }
+        if let Some(key) = &self.key {
+            crate::flow::validate_key(key).map_err(|e| format!("key: {e}"))?;
+        }
         if let Some(t) = &self.hooks.oncomplete {
             target("hooks.oncomplete", t)?;
         }

@@ -22,6 +22,35 @@ pub enum WorkerError {
     /// A time limit of zero was given to `Service::time_limit`.
     #[error("{0} has a time limit of zero (Service::time_limit needs more than zero)")]
     ZeroTimeLimit(String),
+    /// A rate limit (`Service::rate_limit`) that cannot be kept: zero tasks, a zero period,
+    /// or more than a million starts a second.
+    #[error("{method} has an invalid rate limit (Service::rate_limit): {reason}")]
+    InvalidRate {
+        /// `svc.method`.
+        method: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A per-key limit of zero was given to `Service::key_concurrency`.
+    #[error("{0} has a per-key concurrency of zero (Service::key_concurrency needs at least 1)")]
+    ZeroKeyConcurrency(String),
+    /// A rate limit or per-key limit was set for a method the service does not register.
+    #[error("{0} has a flow limit (Service::rate_limit or key_concurrency) but no such method")]
+    UnknownFlowMethod(String),
+    /// A priority range of zero was given to `Service::priorities`.
+    #[error("service {0} has a priority range of zero (Service::priorities needs 1 to 255)")]
+    ZeroPriorities(String),
+    /// `Service::priorities` and the worker's `AmqpConfig::with_priorities` disagree about
+    /// a service's range (both declare its queue, so they must be equal).
+    #[error("service {svc} has priorities 0..={service} (Service::priorities) but 0..={config} in its AmqpConfig (with_priorities)")]
+    PriorityMismatch {
+        /// The service.
+        svc: String,
+        /// The range `Service::priorities` gave.
+        service: u8,
+        /// The range the `AmqpConfig` gave.
+        config: u8,
+    },
     /// Two values of the same type were given to `WorkerBuilder::state`.
     #[error("shared state of type {0} is registered twice")]
     DuplicateState(&'static str),

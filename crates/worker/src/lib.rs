@@ -49,6 +49,7 @@ mod context;
 mod early;
 mod error;
 mod fanout;
+mod flow;
 mod handler;
 mod join;
 mod metrics;

@@ -97,6 +97,22 @@ impl MethodMetrics {
         .increment(1);
     }
 
+    /// Flow control deferred a task (docs/flow.md) and its delivery was settled so.
+    pub(crate) fn deferred(&self, reason: crate::flow::Reason, settled: Settled) {
+        match settled {
+            Settled::Acked => {}
+            Settled::Requeued => return self.requeued.increment(1),
+            Settled::DeadLettered(kind) => return self.failed(kind),
+        }
+        metrics::counter!(
+            names::TASKS_DEFERRED,
+            names::L_SERVICE => self.svc.clone(),
+            names::L_METHOD => self.method.clone(),
+            names::L_REASON => reason.as_str(),
+        )
+        .increment(1);
+    }
+
     /// A dead letter was published.
     pub(crate) fn dead_lettered(&self, kind: FailureKind) {
         metrics::counter!(

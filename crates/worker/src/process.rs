@@ -23,6 +23,7 @@ use warren_core::{Broker, Envelope, Failure, FailureKind, Incoming, TaskSender, 
 use crate::chain;
 use crate::context::Children;
 use crate::fanout::on_target;
+use crate::flow::Admission;
 use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
 use crate::metrics::{MethodMetrics, Outcome, Settled};
@@ -40,6 +41,8 @@ pub(crate) struct HostedService {
     pub(crate) method_retry: HashMap<String, RetryPolicy>,
     /// Hard time limits per method.
     pub(crate) time_limits: HashMap<String, Duration>,
+    /// Rate limits and per-key limits per method (docs/flow.md).
+    pub(crate) limits: crate::flow::Limits,
 }
 
 impl HostedService {
@@ -100,6 +103,8 @@ pub(crate) struct Shared {
     pub(crate) ack_early_after: Option<Duration>,
     /// The deliveries acked early whose handlers still run.
     pub(crate) early: crate::early::EarlyAcks,
+    /// Where rate limits and key slots are kept (docs/flow.md).
+    pub(crate) flow: crate::flow::Flow,
 }
 
 /// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.
@@ -235,6 +240,24 @@ async fn handle_delivery(
             settle_delivery(&shared, &route, &d, Some(&env), m, checked, None).await;
             return;
         }
+        // Flow control (docs/flow.md): a task over its method's rate limit, or whose key is
+        // busy, waits on the broker instead of running now.
+        let limits = shared
+            .services
+            .get(&env.svc)
+            .filter(|_| env.svc == *svc)
+            .map(|s| &s.limits);
+        let slot = match limits {
+            None => None,
+            Some(limits) => match crate::flow::admit(&shared.flow, limits, &env, &d).await {
+                Admission::Run(slot) => slot,
+                Admission::Wait(wait) => {
+                    let settled = Box::pin(defer(&shared, &route, &d, &env, m, &wait)).await;
+                    m.deferred(wait.reason, settled);
+                    return;
+                }
+            },
+        };
         let _in_flight = m.received(Some(&env), matches!(kind, Kind::Part(_)));
         if let Some(r) = shared.recorder.as_ref() {
             r.record(&status_of(&env, TaskState::Running, None, None))
@@ -259,6 +282,15 @@ async fn handle_delivery(
             };
             let published = finish(&shared, &route, &d, &env, &kind, m, resolution).await;
             (outcome, published)
+        };
+        // A key slot is held (and its lease renewed) until the outcome is published.
+        let work = match slot {
+            None => futures_util::future::Either::Left(work),
+            Some(slot) => futures_util::future::Either::Right(Box::pin(crate::flow::holding(
+                &shared.flow,
+                slot,
+                work,
+            ))),
         };
         // Still running near the broker's consumer timeout: acked early (docs/time.md).
         let ack_by = shared.ack_early_after.and_then(|a| arrived.checked_add(a));
@@ -607,7 +639,9 @@ async fn settle_delivery(
             requeue(d).await;
             Settled::Requeued
         }
-        (Settle::Requeue { .. }, Ok(())) => {
+        // `settle` never answers Defer (flow control settles through `defer`, which
+        // publishes first); requeueing is the safe reading.
+        (Settle::Requeue { .. } | Settle::Defer { .. }, _) => {
             requeue(d).await;
             Settled::Requeued
         }
@@ -640,6 +674,41 @@ async fn settle_delivery(
             }
         }
     }
+}
+
+/// Defers a task flow control held back ([`Settle::Defer`]): publishes the same envelope
+/// (attempt unchanged, the caller's reply queue kept) through the delay queues, then
+/// settles the delivery from that publish: acked once the copy is confirmed, requeued if
+/// it could not be published.
+async fn defer(
+    shared: &Shared,
+    route: &Route,
+    d: &Incoming,
+    env: &Envelope,
+    m: &MethodMetrics,
+    wait: &crate::flow::Wait,
+) -> Settled {
+    let published = match crate::settle::before_run(Some(wait.delay)) {
+        Some(Settle::Defer { delay }) => {
+            tracing::debug!(
+                reason = wait.reason.as_str(),
+                ?delay,
+                "deferred by flow control"
+            );
+            crate::publish::defer(shared, d, env, delay, wait.slot_ms).await
+        }
+        _ => Ok(()),
+    };
+    settle_delivery(
+        shared,
+        route,
+        d,
+        Some(env),
+        m,
+        published.map_err(Into::into),
+        None,
+    )
+    .await
 }
 
 async fn requeue(d: &Incoming) {

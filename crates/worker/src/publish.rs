@@ -115,6 +115,33 @@ pub(crate) async fn retry(
     send_later(shared, &next, delay, reply_to).await
 }
 
+/// Publishes a task flow control deferred (docs/flow.md): the same envelope, attempt
+/// unchanged, through the delay queues, with the caller's reply queue, its deferral count
+/// ([`warren_core::flow::H_DEFERRALS`]) and the start reserved for it, if any
+/// ([`warren_core::flow::H_FLOW_SLOT`]).
+pub(crate) async fn defer(
+    shared: &Shared,
+    d: &Incoming,
+    env: &Envelope,
+    delay: Duration,
+    slot_ms: Option<u64>,
+) -> warren_core::Result<()> {
+    use warren_core::flow::{H_DEFERRALS, H_FLOW_SLOT};
+    let reply_to = d.reply_to().filter(|r| is_reply_queue(r));
+    let count = crate::flow::deferrals(d).saturating_add(1);
+    let mut headers = vec![(H_DEFERRALS.to_owned(), HeaderValue::Int(i64::from(count)))];
+    if let Some(ms) = slot_ms {
+        headers.push((
+            H_FLOW_SLOT.to_owned(),
+            HeaderValue::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
+        ));
+    }
+    shared
+        .sender
+        .send_later_with(env, delay, reply_to, &headers, shared.sender.deadline())
+        .await
+}
+
 /// Sends `env` to its service queue now (`delay` zero) or after `delay`, through the
 /// durable wait queue of that delay step.
 pub(crate) async fn send_later(

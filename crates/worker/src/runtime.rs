@@ -42,6 +42,8 @@ pub struct WorkerBuilder {
     metrics_listen: Option<std::net::SocketAddr>,
     consumer_timeout: Duration,
     schedules: Vec<Result<crate::schedule::Registered, WorkerError>>,
+    flow_store: Option<Arc<dyn warren_core::flow::FlowStore>>,
+    key_lease: Duration,
 }
 
 /// Default of [`WorkerBuilder::consumer_timeout`]: RabbitMQ's default `consumer_timeout`.
@@ -78,11 +80,45 @@ impl Default for WorkerBuilder {
             metrics_listen: None,
             consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
             schedules: Vec::new(),
+            flow_store: None,
+            key_lease: warren_core::flow::DEFAULT_KEY_LEASE,
         }
     }
 }
 
 impl WorkerBuilder {
+    /// Where rate limits (`Service::rate_limit`) and per-key slots
+    /// (`Service::key_concurrency`) are kept. A Redis store (`warren_core::status::RedisStore`,
+    /// which is also a status store) makes them hold across every worker using the same
+    /// Redis and key prefix; without one they hold per worker, in memory. Only methods with
+    /// a limit ever ask it. See docs/flow.md.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::{sync::Arc, time::Duration};
+    /// use warren_core::status::RedisStore;
+    /// use warren_worker::{Context, Service, TaskError, Worker};
+    /// async fn sync(_: Context, account: String) -> Result<(), TaskError> { Ok(()) }
+    /// let worker = Worker::builder()
+    ///     .flow_store(Arc::new(RedisStore::from_env()?))
+    ///     .service(Service::new("crm").method("sync", sync).rate_limit("sync", 50, Duration::from_secs(1)))
+    ///     .build()
+    ///     .await?;
+    /// # let _ = worker; Ok(()) }
+    /// ```
+    pub fn flow_store(mut self, store: Arc<dyn warren_core::flow::FlowStore>) -> Self {
+        self.flow_store = Some(store);
+        self
+    }
+
+    /// The lease of a per-key slot (default [`warren_core::flow::DEFAULT_KEY_LEASE`], 30 s):
+    /// a running handler renews it every third of it; a worker that dies holding a slot
+    /// frees it this long after its last renewal at the latest. Zero is taken as 1 s.
+    pub fn key_lease(mut self, lease: Duration) -> Self {
+        self.key_lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
     /// Broker settings (default: [`AmqpConfig::from_env`]).
     pub fn amqp(mut self, config: AmqpConfig) -> Self {
         self.amqp = Some(config);
@@ -267,6 +303,11 @@ impl WorkerBuilder {
                     errors.push(WorkerError::UnknownRetryMethod(format!("{}.{m}", s.name)));
                 }
             }
+            for m in s.limits.rates.keys().chain(s.limits.keyed.keys()) {
+                if !s.methods.contains_key(m) {
+                    errors.push(WorkerError::UnknownFlowMethod(format!("{}.{m}", s.name)));
+                }
+            }
             for m in s.time_limits.keys() {
                 if !s.methods.contains_key(m) {
                     errors.push(WorkerError::UnknownTimeLimitMethod(format!(
@@ -310,10 +351,30 @@ impl WorkerBuilder {
                 s.methods.keys().map(String::as_str).collect::<Vec<_>>(),
             )
         }));
-        let amqp = match self.amqp {
+        let mut amqp = match self.amqp.take() {
             Some(c) => c,
             None => AmqpConfig::from_env()?,
         };
+        // A service's priority range: the worker's own sender declares its queue too.
+        for s in &self.services {
+            let Some(max) = s.max_priority else { continue };
+            if amqp.queue_type == warren_core::QueueType::Quorum {
+                return Err(warren_core::Error::PrioritiesNeedClassic {
+                    svc: s.name.clone(),
+                }
+                .into());
+            }
+            match amqp.max_priority(&s.name) {
+                Some(config) if config != max => {
+                    return Err(WorkerError::PriorityMismatch {
+                        svc: s.name.clone(),
+                        service: max,
+                        config,
+                    })
+                }
+                _ => amqp = amqp.with_priorities(&s.name, max)?,
+            }
+        }
         let consume =
             Broker::connect(amqp.clone().with_connection_name("warren worker (consume)")).await?;
         let publish =
@@ -344,7 +405,11 @@ impl WorkerBuilder {
         let mut subs = Vec::new();
         for s in self.services {
             let spec = SubscriptionSpec {
-                queue: QueueSpec::service(&s.name, amqp.queue_type)?,
+                queue: QueueSpec::service_with_priorities(
+                    &s.name,
+                    amqp.queue_type,
+                    amqp.max_priority(&s.name),
+                )?,
                 also_declare: vec![QueueSpec::dead(&s.name, amqp.queue_type)?],
                 prefetch,
                 no_ack: false,
@@ -383,10 +448,19 @@ impl WorkerBuilder {
                     retry: s.retry.unwrap_or_else(|| self.retry.clone()),
                     method_retry: s.method_retry,
                     time_limits: s.time_limits,
+                    limits: s.limits,
                 },
             );
         }
         let mover = DelayMover::new(consume.clone(), client.sender().clone());
+        // Flow control defers through the delay levels: declared now, not at the first
+        // deferral.
+        if services
+            .values()
+            .any(|s| !s.limits.rates.is_empty() || !s.limits.keyed.is_empty())
+        {
+            client.sender().ensure_delay_levels().await?;
+        }
         Ok(Worker {
             shared: Arc::new(Shared {
                 services,
@@ -401,6 +475,12 @@ impl WorkerBuilder {
                 metrics,
                 ack_early_after: ack_early_after(self.consumer_timeout),
                 early: crate::early::EarlyAcks::default(),
+                flow: crate::flow::Flow {
+                    store: self
+                        .flow_store
+                        .unwrap_or_else(|| Arc::new(warren_core::flow::LocalFlow::new())),
+                    lease: self.key_lease,
+                },
             }),
             consume,
             subs,

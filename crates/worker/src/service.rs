@@ -39,6 +39,10 @@ pub struct Service {
     /// Hard time limits per method (`time_limit`).
     pub(crate) time_limits: HashMap<String, Duration>,
     pub(crate) subscriptions: Vec<(String, String)>,
+    /// Rate limits and per-key limits per method (`rate_limit`, `key_concurrency`).
+    pub(crate) limits: crate::flow::Limits,
+    /// The priority range of the service's queue (`priorities`).
+    pub(crate) max_priority: Option<u8>,
     /// What was wrong with the registrations, reported by `WorkerBuilder::build`.
     pub(crate) errors: Vec<WorkerError>,
 }
@@ -70,6 +74,8 @@ impl Service {
             method_retry: HashMap::new(),
             time_limits: HashMap::new(),
             subscriptions: Vec::new(),
+            limits: crate::flow::Limits::default(),
+            max_priority: None,
             errors,
         }
     }
@@ -154,6 +160,101 @@ impl Service {
             )));
         } else {
             self.time_limits.insert(method.to_owned(), limit);
+        }
+        self
+    }
+
+    /// Limits how often `method` starts: at most `n` starts per `per`, spaced evenly (one
+    /// every `per / n`, no burst). With a flow store (`WorkerBuilder::flow_store`, Redis)
+    /// the limit holds across every worker sharing it; without one, per worker. A task over
+    /// the limit waits on the broker (through the delay queues) for the start reserved for
+    /// it, then runs: it is not a failure and its attempt does not change. Zero `n` or `per`,
+    /// more than a million starts a second, or a method the service does not register is
+    /// reported by `build`. See docs/flow.md#rate-limits.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_worker::{Context, Service, TaskError};
+    /// async fn sync(_: Context, account: String) -> Result<(), TaskError> { Ok(()) }
+    /// let svc = Service::new("crm")
+    ///     .method("sync", sync)
+    ///     .rate_limit("sync", 50, Duration::from_secs(1));
+    /// assert!(svc.errors().is_empty());
+    /// assert_eq!(svc.rate_limit("sync", 0, Duration::from_secs(1)).errors().len(), 1);
+    /// ```
+    #[must_use]
+    pub fn rate_limit(mut self, method: &str, n: u32, per: Duration) -> Self {
+        let name = format!("{}.{method}", self.name);
+        let interval = if n == 0 { Duration::ZERO } else { per / n };
+        let reason = if n == 0 {
+            Some("zero tasks per period")
+        } else if per.is_zero() {
+            Some("a zero period")
+        } else if interval < Duration::from_micros(1) {
+            Some("more than 1,000,000 starts a second")
+        } else {
+            None
+        };
+        match reason {
+            Some(r) => self.errors.push(WorkerError::InvalidRate {
+                method: name,
+                reason: r.to_owned(),
+            }),
+            None => {
+                self.limits.rates.insert(method.to_owned(), interval);
+            }
+        }
+        self
+    }
+
+    /// Runs at most `n` tasks of `method` with the same key (`Task::key`) at a time. With a
+    /// flow store (`WorkerBuilder::flow_store`, Redis) the limit holds across every worker
+    /// sharing it, and a worker that dies holding a key frees it when its lease runs out
+    /// (`WorkerBuilder::key_lease`, 30 s by default); without one, per worker. A task whose
+    /// key is busy waits on the broker and comes back (so tasks of other keys are not held
+    /// up behind it); tasks without a key are not limited. Zero `n`, or a method the service
+    /// does not register, is reported by `build`. See docs/flow.md#per-key-concurrency.
+    ///
+    /// ```
+    /// use warren_worker::{Context, Service, TaskError};
+    /// async fn sync(_: Context, account: String) -> Result<(), TaskError> { Ok(()) }
+    /// let svc = Service::new("crm").method("sync", sync).key_concurrency("sync", 1);
+    /// assert!(svc.errors().is_empty());
+    /// assert_eq!(svc.key_concurrency("sync", 0).errors().len(), 1);
+    /// ```
+    #[must_use]
+    pub fn key_concurrency(mut self, method: &str, n: u32) -> Self {
+        if n == 0 {
+            self.errors.push(WorkerError::ZeroKeyConcurrency(format!(
+                "{}.{method}",
+                self.name
+            )));
+        } else {
+            self.limits.keyed.insert(method.to_owned(), n);
+        }
+        self
+    }
+
+    /// Gives the service's queue the priority range `0..=max` (`x-max-priority`): tasks are
+    /// delivered highest `Task::priority` first. Classic queues only (RabbitMQ 3.10 refuses
+    /// priorities on quorum queues: `build` fails with
+    /// `warren_core::Error::PrioritiesNeedClassic`). Clients sending to the service declare
+    /// its queue too, so they need the same range in their `AmqpConfig::with_priorities`.
+    /// Zero is reported by `build`; keep `max` at 10 or less. See docs/flow.md#priorities.
+    ///
+    /// ```
+    /// use warren_worker::{Context, Service, TaskError};
+    /// async fn render(_: Context, id: u64) -> Result<u64, TaskError> { Ok(id) }
+    /// let svc = Service::new("reports").method("render", render).priorities(5);
+    /// assert!(svc.errors().is_empty());
+    /// ```
+    #[must_use]
+    pub fn priorities(mut self, max: u8) -> Self {
+        if max == 0 {
+            self.errors
+                .push(WorkerError::ZeroPriorities(self.name.clone()));
+        } else {
+            self.max_priority = Some(max);
         }
         self
     }

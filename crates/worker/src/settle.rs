@@ -17,6 +17,13 @@
 //! docs/time.md) can no longer be requeued: a transient failure republishes the original
 //! message to its queue instead ([`Settle::Republish`]), and a success needs no ack.
 //!
+//! A task that flow control holds back before its handler runs (a rate limit, a busy key:
+//! docs/flow.md) is settled as [`Settle::Defer`] ([`before_run`]): the same envelope is
+//! published again through the delay queues, and the delivery is acked only once that copy
+//! is confirmed, by [`settle`] of that publish like any outcome (a transient failure
+//! requeues the delivery, so nothing is lost; a crash between the two leaves a duplicate
+//! whose original copy is marked redelivered).
+//!
 //! [`after_failure`] decides, just as purely, what an attempt that did not succeed leads
 //! to: another attempt (a handler error or a time limit, while attempts are left) or a
 //! final failure of its kind.
@@ -52,6 +59,19 @@ pub(crate) enum Settle {
         /// How long to wait before republishing.
         after: Duration,
     },
+    /// Flow control holds the task back: publish it again through the delay queues to
+    /// come back after `delay` (attempt unchanged), then settle that publish with
+    /// [`settle`].
+    Defer {
+        /// How long it waits on the broker.
+        delay: Duration,
+    },
+}
+
+/// Where a delivery goes before its handler runs: `None` runs it; a flow-control wait
+/// defers it ([`Settle::Defer`]).
+pub(crate) fn before_run(wait: Option<Duration>) -> Option<Settle> {
+    wait.map(|delay| Settle::Defer { delay })
 }
 
 /// Decides how to settle a delivery from the result of publishing its outcome, how many
@@ -141,6 +161,13 @@ mod tests {
             what: "publishing".into(),
             after: Duration::from_secs(30),
         })
+    }
+
+    #[test]
+    fn a_flow_wait_defers() {
+        assert_eq!(before_run(None), None);
+        let delay = Duration::from_millis(300);
+        assert_eq!(before_run(Some(delay)), Some(Settle::Defer { delay }));
     }
 
     #[test]

@@ -570,6 +570,12 @@ pub(crate) async fn declare_on(ch: &Channel, spec: &QueueSpec) -> Result<QueueSt
     if let Some(max) = spec.max_length {
         args.insert(short("x-max-length"), AMQPValue::LongLongInt(max));
     }
+    if let Some(max) = spec.max_priority {
+        args.insert(
+            short("x-max-priority"),
+            AMQPValue::LongLongInt(i64::from(max)),
+        );
+    }
     if let Some(max) = spec.max_length_reject {
         args.insert(
             short("x-max-length"),

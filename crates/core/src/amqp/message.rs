@@ -102,6 +102,9 @@ pub struct Outgoing {
     pub persistent: bool,
     /// Per-message TTL in ms (`expiration`).
     pub expiration_ms: Option<u64>,
+    /// AMQP `priority` property (a task's `Task::priority`; only a queue declared with
+    /// `x-max-priority` orders by it).
+    pub priority: Option<u8>,
 }
 
 impl Outgoing {
@@ -118,6 +121,7 @@ impl Outgoing {
             headers: Vec::new(),
             persistent: true,
             expiration_ms: None,
+            priority: None,
         }
     }
 
@@ -156,6 +160,9 @@ impl Outgoing {
         }
         if let Some(ms) = self.expiration_ms {
             p = p.with_expiration(short(&ms.to_string()));
+        }
+        if let Some(prio) = self.priority {
+            p = p.with_priority(prio);
         }
         let mut t = FieldTable::default();
         for (k, v) in &self.headers {

@@ -28,4 +28,4 @@ pub use lease::Lease;
 pub use message::{HeaderValue, Outgoing};
 pub use mover::{DelayMover, MOVER_PREFETCH};
 pub use publisher::{backoff, Publisher};
-pub use sender::{service_specs, TaskSender};
+pub use sender::{service_specs, PriorityOutOfRange, TaskSender};

@@ -35,14 +35,30 @@ pub struct TaskSender {
     levels: DelayLevels,
     levels_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     publish_timeout: Duration,
+    priorities: std::sync::Arc<std::collections::BTreeMap<String, u8>>,
 }
 
-/// A service's dead-letter queue and its queue, in the order they must be declared.
-pub fn service_specs(svc: &str, qt: QueueType) -> Result<Vec<QueueSpec>> {
+/// A service's dead-letter queue and its queue (with its priority range, if any), in the
+/// order they must be declared. [`Error::PrioritiesNeedClassic`] for a priority range on
+/// quorum queues.
+pub fn service_specs(svc: &str, qt: QueueType, max_priority: Option<u8>) -> Result<Vec<QueueSpec>> {
     Ok(vec![
         QueueSpec::dead(svc, qt)?,
-        QueueSpec::service(svc, qt)?,
+        QueueSpec::service_with_priorities(svc, qt, max_priority)?,
     ])
+}
+
+/// A task's priority is above its service's range ([`TaskSender::check_priority`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("priority {priority} is outside the range of service {svc:?} (0 to {max}{})",
+    if *max == 0 { "; it has no priority range: see AmqpConfig::with_priorities" } else { "" })]
+pub struct PriorityOutOfRange {
+    /// The service.
+    pub svc: String,
+    /// The priority asked for.
+    pub priority: u8,
+    /// The highest priority of the service's queue (0 when it has no range).
+    pub max: u8,
 }
 
 impl TaskSender {
@@ -57,6 +73,28 @@ impl TaskSender {
             levels: config.delay_levels(),
             levels_lock: std::sync::Arc::default(),
             publish_timeout: config.publish_timeout,
+            priorities: std::sync::Arc::new(config.priorities().clone()),
+        }
+    }
+
+    /// The highest priority of service `svc`'s queue, when its configuration gives it a
+    /// range (`AmqpConfig::with_priorities`).
+    #[must_use]
+    pub fn max_priority(&self, svc: &str) -> Option<u8> {
+        self.priorities.get(svc).copied()
+    }
+
+    /// Checks a task's priority against its service's range: a task without a priority,
+    /// or with priority 0, always fits.
+    pub fn check_priority(&self, env: &Envelope) -> std::result::Result<(), PriorityOutOfRange> {
+        let max = self.max_priority(&env.svc).unwrap_or(0);
+        match env.priority {
+            Some(p) if p > max => Err(PriorityOutOfRange {
+                svc: env.svc.clone(),
+                priority: p,
+                max,
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -87,13 +125,27 @@ impl TaskSender {
         reply_to: Option<&str>,
         deadline: Instant,
     ) -> Result<()> {
+        self.send_with(env, reply_to, &[], deadline).await
+    }
+
+    /// [`TaskSender::send`] with extra headers.
+    async fn send_with(
+        &self,
+        env: &Envelope,
+        reply_to: Option<&str>,
+        headers: &[(String, HeaderValue)],
+        deadline: Instant,
+    ) -> Result<()> {
         let mut msg = Outgoing::new(TASK_EXCHANGE, env.svc.clone(), env.to_bytes()?);
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid.clone());
         msg.reply_to = reply_to.map(str::to_owned);
+        msg.priority = env.priority;
+        msg.headers.extend_from_slice(headers);
         let (qt, svc) = (self.queue_type, env.svc.as_str());
+        let prio = self.max_priority(svc);
         self.publisher
-            .publish_routed(&msg, svc, &|| service_specs(svc, qt), deadline)
+            .publish_routed(&msg, svc, &|| service_specs(svc, qt, prio), deadline)
             .await?;
         crate::metrics::task_sent(env);
         tracing::debug!(id = %env.id, cid = %env.cid, svc = %env.svc, method = %env.method, "task sent");
@@ -115,11 +167,25 @@ impl TaskSender {
         reply_to: Option<&str>,
         deadline: Instant,
     ) -> Result<()> {
+        self.send_later_with(env, delay, reply_to, &[], deadline)
+            .await
+    }
+
+    /// [`TaskSender::send_later`] with extra headers on the message (a worker's flow
+    /// control marks the tasks it defers so: docs/flow.md).
+    pub async fn send_later_with(
+        &self,
+        env: &Envelope,
+        delay: Duration,
+        reply_to: Option<&str>,
+        headers: &[(String, HeaderValue)],
+        deadline: Instant,
+    ) -> Result<()> {
         // The delay counts from this call: the time the declarations below take is taken
         // off it, so a task is not late by a first send's declarations.
         let due_at = Instant::now() + delay;
         if self.levels.route(delay)?.is_none() {
-            return self.send(env, reply_to, deadline).await;
+            return self.send_with(env, reply_to, headers, deadline).await;
         }
         let dest = service_queue(&env.svc)?;
         let timed_out = |what: String| Error::Timeout {
@@ -130,23 +196,14 @@ impl TaskSender {
             .await
             .map_err(|_| timed_out(format!("declaring {dest} before a delayed publish")))??;
         let key = self.levels.cache_key();
-        if !self.publisher.is_declared(&key) {
-            // One declaration of the 25 levels at a time (the others then find them cached).
-            let declaring = async {
-                let _one = self.levels_lock.lock().await;
-                self.publisher
-                    .declare_cached(&key, &self.levels.specs())
-                    .await
-            };
-            tokio::time::timeout_at(deadline, declaring)
-                .await
-                .map_err(|_| timed_out(String::from("declaring the delay levels")))??;
-        }
+        tokio::time::timeout_at(deadline, self.ensure_delay_levels())
+            .await
+            .map_err(|_| timed_out(String::from("declaring the delay levels")))??;
         let Some(route) = self
             .levels
             .route(due_at.saturating_duration_since(Instant::now()))?
         else {
-            return self.send(env, reply_to, deadline).await;
+            return self.send_with(env, reply_to, headers, deadline).await;
         };
         let wait_ms: u64 = (0..crate::delay::LEVELS)
             .filter(|k| route.units >> k & 1 == 1)
@@ -157,6 +214,8 @@ impl TaskSender {
         msg.message_id = Some(env.id.to_string());
         msg.correlation_id = Some(env.cid.clone());
         msg.reply_to = reply_to.map(str::to_owned);
+        msg.priority = env.priority;
+        msg.headers.extend_from_slice(headers);
         msg.headers
             .push((H_DEST.to_owned(), HeaderValue::Str(dest)));
         msg.headers.push((
@@ -221,7 +280,8 @@ impl TaskSender {
                 Err(Error::Unroutable { .. }) => {
                     let qt = self.queue_type;
                     let key = svc.clone();
-                    let declare = move || service_specs(&svc, qt);
+                    let prio = self.max_priority(&svc);
+                    let declare = move || service_specs(&svc, qt, prio);
                     self.publisher
                         .publish_routed(&msg, &key, &declare, deadline)
                         .await
@@ -247,6 +307,21 @@ impl TaskSender {
             .await
     }
 
+    /// Declares the delay levels (once per sender; [`TaskSender::send_later`] does it before
+    /// its first delayed publish). A worker whose methods have flow limits declares them at
+    /// start, so its first deferral is not held up by 25 declarations.
+    pub async fn ensure_delay_levels(&self) -> Result<()> {
+        let key = self.levels.cache_key();
+        if self.publisher.is_declared(&key) {
+            return Ok(());
+        }
+        // One declaration of the 25 levels at a time (the others then find them cached).
+        let _one = self.levels_lock.lock().await;
+        self.publisher
+            .declare_cached(&key, &self.levels.specs())
+            .await
+    }
+
     /// Declares a service's queue and dead-letter queue (once per sender), so tasks can wait
     /// before any worker exists.
     pub async fn ensure_service(&self, svc: &str) -> Result<()> {
@@ -254,7 +329,10 @@ impl TaskSender {
             return Ok(());
         }
         self.publisher
-            .declare_cached(svc, &service_specs(svc, self.queue_type)?)
+            .declare_cached(
+                svc,
+                &service_specs(svc, self.queue_type, self.max_priority(svc))?,
+            )
             .await
     }
 }

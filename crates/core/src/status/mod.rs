@@ -125,7 +125,7 @@ pub trait StatusStore: Send + Sync + std::fmt::Debug + 'static {
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 #[cfg(feature = "redis")]
-mod redis;
+pub(crate) mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 

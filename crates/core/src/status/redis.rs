@@ -74,7 +74,7 @@ impl RedisStore {
         self
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
+    pub(crate) async fn conn(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
@@ -107,7 +107,19 @@ impl RedisStore {
     }
 }
 
-fn unavailable(e: redis::RedisError) -> StoreError {
+impl RedisStore {
+    /// The key prefix (`warren:` unless [`RedisStore::with_prefix`] changed it).
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The deadline of each command.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("{}: {}", e.category(), e.detail().unwrap_or("")))
 }
 
