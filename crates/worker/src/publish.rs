@@ -136,6 +136,21 @@ pub(crate) async fn defer(
             HeaderValue::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
         ));
     }
+    // A delivery that may have run before (redelivered, or a copy sent again) keeps that
+    // mark in its deferred copy, which the broker delivers as new.
+    let resent = matches!(
+        d.header(warren_core::topology::H_RESENT),
+        Some(HeaderValue::Bool(true))
+    );
+    let marked;
+    let env = if (d.redelivered || resent) && !env.resent {
+        let mut copy = env.clone();
+        copy.resent = true;
+        marked = copy;
+        &marked
+    } else {
+        env
+    };
     shared
         .sender
         .send_later_with(env, delay, reply_to, &headers, shared.sender.deadline())
