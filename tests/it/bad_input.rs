@@ -160,6 +160,14 @@ async fn bad_input(qt: QueueType) {
             Some("not-a-uuid".into()),
             "bad_envelope",
         ),
+        // A concurrency key is 1 to 255 bytes (it goes into names).
+        (19, with(19, r#""key":"""#), Some(id(19)), "bad_envelope"),
+        (
+            20,
+            with(20, &format!(r#""key":"{}""#, "k".repeat(256))),
+            Some(id(20)),
+            "bad_envelope",
+        ),
     ];
     let good: Vec<(u8, String)> = vec![
         (17, with(17, r#""hooks":null"#)),

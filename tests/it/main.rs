@@ -25,6 +25,7 @@ mod dead_letters;
 mod delays;
 mod fanin_faults;
 mod flow_limits;
+mod flow_priorities;
 mod harness_selftest;
 mod invoke_retry;
 mod metrics;
