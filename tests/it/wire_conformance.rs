@@ -411,6 +411,18 @@ async fn a_producer_that_follows_the_doc() {
         sent.elapsed()
     );
 
+    // 4c. `key` and `priority` (docs/flow.md): optional fields every worker reads; on a
+    //     method without limits and a queue without a priority range they change nothing.
+    let mut keyed = envelope(&svc, "double", json!(4));
+    keyed["key"] = json!("customer-7");
+    keyed["priority"] = json!(0);
+    publish(&ch, "warren.tasks", &svc, &keyed, Some(&reply_q)).await;
+    let a = answer().await;
+    assert_eq!(
+        (a["id"].clone(), a["ok"].clone()),
+        (keyed["id"].clone(), json!(8))
+    );
+
     // 5. A job the producer splits itself: it declares the part queue (durable classic,
     //    `x-expires`), sends every part with the same hooks, and the hook gets the results
     //    in part order, once.
