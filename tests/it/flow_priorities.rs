@@ -199,6 +199,8 @@ async fn without_a_store_limits_hold_per_worker() {
         })
         .rate_limit("tick", 20, Duration::from_secs(1))
         .key_concurrency("keyed", 1);
+    // Deferrals are counted (the recorder must be in place before the worker is built).
+    let recorder = crate::metrics::recorder();
     let worker = Worker::builder()
         .amqp(config(QueueType::Classic))
         .service(service)
@@ -256,6 +258,77 @@ async fn without_a_store_limits_hold_per_worker() {
             "runs of key{k} overlap"
         );
     }
+    // Deferrals show in `warren_tasks_deferred_total`, and none is a failure.
+    let samples = crate::metrics::parse(&recorder.render());
+    let deferred = |method: &str, reason: &str| {
+        crate::metrics::value(
+            &samples,
+            warren::metrics::TASKS_DEFERRED,
+            &[("service", &svc), ("method", method), ("reason", reason)],
+        )
+    };
+    assert!(deferred("tick", "rate") > 0.0, "no rate deferral counted");
+    assert!(
+        deferred("keyed", "key") > 0.0,
+        "no busy-key deferral counted"
+    );
+    let failed = crate::metrics::value(
+        &samples,
+        warren::metrics::TASKS_FAILED,
+        &[("service", &svc)],
+    );
+    assert!(failed == 0.0, "{failed} failures");
+    running.stop.cancel();
+    running.handle.await.unwrap().unwrap();
+}
+
+/// A chain step deferred by a rate limit is not taken for a duplicate when it comes back
+/// (with a status store, chain steps are claimed once per attempt: the claim is made only
+/// once the step is admitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_chain_steps_all_run() {
+    let svc = unique("flowchain");
+    let _cleanup = Cleanup::new(&[&svc]);
+    let store: Arc<dyn warren::StatusStore> = Arc::new(
+        warren::RedisStore::from_env()
+            .unwrap()
+            .with_prefix(format!("{svc}:")),
+    );
+    let ran = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let r = ran.clone();
+    let service = Service::new(&svc)
+        .method("step", move |_: Context, bog: serde_json::Value| {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let n = bog["n"].as_u64().unwrap_or(0);
+            async move { Ok::<_, TaskError>(serde_json::json!({"n": n + 1})) }
+        })
+        // One start every 400 ms: the steps after the first wait on the broker.
+        .rate_limit("step", 5, Duration::from_secs(2));
+    let worker = Worker::builder()
+        .amqp(config(QueueType::Classic))
+        .status_store(store.clone())
+        .service(service)
+        .build()
+        .await
+        .unwrap();
+    let running = run_in_background(worker);
+    let client = Client::builder()
+        .amqp(config(QueueType::Classic))
+        .status_store(store)
+        .connect()
+        .await
+        .unwrap();
+    let step = format!("{svc}.step");
+    let chain = warren::Chain::new()
+        .step(step.clone())
+        .step(step.clone())
+        .step(step.clone())
+        .step(step.clone())
+        .input("n", &0);
+    let handle = client.enqueue_chain(chain).await.unwrap();
+    let result = handle.wait_for(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(result.bog()["n"], serde_json::json!(4));
+    assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 4);
     running.stop.cancel();
     running.handle.await.unwrap().unwrap();
 }

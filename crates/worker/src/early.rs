@@ -122,6 +122,7 @@ fn copy_of(route: &Route, d: &Incoming) -> Outgoing {
     copy.message_id = d.message_id().map(str::to_owned);
     copy.correlation_id = d.correlation_id().map(str::to_owned);
     copy.reply_to = d.reply_to().map(str::to_owned);
+    copy.priority = d.priority();
     copy.headers = d
         .headers()
         .into_iter()

@@ -221,7 +221,8 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
-async fn release(flow: &Flow, slot: KeySlot) {
+/// Gives a key slot back (it frees by its lease if the store cannot be reached).
+pub(crate) async fn release(flow: &Flow, slot: KeySlot) {
     if let Err(e) = flow.store.release(&slot.name, &slot.holder).await {
         tracing::warn!(error = %e, key = %slot.name, "could not release a key slot; it frees when its lease ends");
     }

@@ -226,14 +226,6 @@ async fn handle_delivery(
     }
     async {
         tracing::debug!(redelivered = d.redelivered, "received");
-        if duplicate_step(&shared, &env, &d).await {
-            tracing::info!("chain step already claimed by an earlier copy; dropping this one");
-            if let Some(r) = shared.recorder.as_ref() {
-                r.bump(DUPLICATE_STEPS).await;
-            }
-            ack(&d).await;
-            return;
-        }
         let m = shared.metrics.of(svc, Some(&env.method));
         if let Kind::JoinCheck(job) = &kind {
             let checked = join::try_join(&shared, job).await.map_err(Into::into);
@@ -258,6 +250,19 @@ async fn handle_delivery(
                 }
             },
         };
+        // After flow control: a deferred chain step has not claimed its step yet, so its
+        // copy is not taken for a duplicate when it comes back.
+        if duplicate_step(&shared, &env, &d).await {
+            tracing::info!("chain step already claimed by an earlier copy; dropping this one");
+            if let Some(slot) = slot {
+                crate::flow::release(&shared.flow, slot).await;
+            }
+            if let Some(r) = shared.recorder.as_ref() {
+                r.bump(DUPLICATE_STEPS).await;
+            }
+            ack(&d).await;
+            return;
+        }
         let _in_flight = m.received(Some(&env), matches!(kind, Kind::Part(_)));
         if let Some(r) = shared.recorder.as_ref() {
             r.record(&status_of(&env, TaskState::Running, None, None))

@@ -205,7 +205,13 @@ async fn tick_while_held(
 ) -> Result<(), Error> {
     let name = reg.name.as_str();
     let broker = lease.broker();
-    let queues = specs(name, reg.target.service(), qt)?;
+    let mut queues = specs(name, reg.target.service(), qt)?;
+    // The target service's queue, declared with its priority range if it has one
+    // (docs/flow.md#priorities), or the broker would refuse the declaration.
+    let svc_queue = warren_core::topology::service_queue(reg.target.service())?;
+    for q in queues.iter_mut().filter(|q| q.name == svc_queue) {
+        q.max_priority = broker.config().max_priority(reg.target.service());
+    }
     broker.declare_direct_exchange(SCHEDULE_EXCHANGE).await?;
     broker.declare(&queues).await?;
     let spec_json = serde_json::to_string(reg.compiled.spec())?;

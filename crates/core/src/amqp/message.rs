@@ -210,6 +210,12 @@ macro_rules! property_accessors {
             self.props.reply_to().as_ref().map(|s| s.as_str())
         }
 
+        /// AMQP `priority` property.
+        #[must_use]
+        pub fn priority(&self) -> Option<u8> {
+            *self.props.priority()
+        }
+
         /// All headers.
         #[must_use]
         pub fn headers(&self) -> Vec<(String, $crate::amqp::HeaderValue)> {
