@@ -172,7 +172,9 @@ async fn a_rate_limit_holds_across_three_worker_processes() {
     // Nothing failed or was retried: every run was a first attempt (read from the line).
     let attempts = std::fs::read_to_string(&times).unwrap();
     assert!(
-        attempts.lines().all(|l| l.split_whitespace().nth(4) == Some("1")),
+        attempts
+            .lines()
+            .all(|l| l.split_whitespace().nth(4) == Some("1")),
         "a retry ran"
     );
     for w in workers {
