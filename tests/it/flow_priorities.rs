@@ -16,7 +16,7 @@ type Seen = Arc<Mutex<Vec<(u8, u32)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn higher_priorities_run_first_from_a_backlog() {
-    const N: u32 = 300;
+    const N: u32 = 1_000;
     let svc = unique("prio");
     let _cleanup = Cleanup::new(&[&svc]);
     // The client declares the queue first (the backlog waits for the worker), so it needs
