@@ -289,8 +289,11 @@ async fn without_a_store_limits_hold_per_worker() {
 async fn rate_limited_chain_steps_all_run() {
     let svc = unique("flowchain");
     let _cleanup = Cleanup::new(&[&svc]);
+    // Statuses and step claims under the test's own prefix, kept a minute only.
+    let redis_url =
+        std::env::var("WARREN_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned());
     let store: Arc<dyn warren::StatusStore> = Arc::new(
-        warren::RedisStore::from_env()
+        warren::RedisStore::new(&redis_url, Duration::from_secs(60))
             .unwrap()
             .with_prefix(format!("{svc}:")),
     );
