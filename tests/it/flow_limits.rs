@@ -306,3 +306,84 @@ async fn a_killed_workers_key_slot_frees_when_its_lease_ends() {
     assert!(survivor.terminate().await);
     no_keys_left(&prefix).await;
 }
+
+/// A busy key does not hold up other keys: its waiting tasks wait on the broker, not in the
+/// worker's slots, so tasks of 20 other keys run while one key's long task runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_keys_are_not_blocked_behind_a_busy_key() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    use warren::{Context, Service, TaskError, Worker};
+    type Runs = Arc<Mutex<Vec<(String, Instant, Instant)>>>;
+    let svc = unique("keyfair");
+    let _cleanup = Cleanup::new(&[&svc]);
+    let prefix = format!("{svc}:");
+    let runs: Runs = Arc::default();
+    let r = runs.clone();
+    let service = Service::new(&svc)
+        .method("hold", move |_: Context, (key, ms): (String, u64)| {
+            let r = r.clone();
+            async move {
+                let start = Instant::now();
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                r.lock().unwrap().push((key, start, Instant::now()));
+                Ok::<_, TaskError>(())
+            }
+        })
+        .key_concurrency("hold", 1);
+    let store = warren::RedisStore::from_env()
+        .unwrap()
+        .with_prefix(prefix.clone());
+    let worker = Worker::builder()
+        .amqp(config(QueueType::Classic))
+        .flow_store(std::sync::Arc::new(store))
+        .service(service)
+        .concurrency(4)
+        .build()
+        .await
+        .unwrap();
+    let running = common::run_in_background(worker);
+    let client = Client::builder()
+        .amqp(config(QueueType::Classic))
+        .connect()
+        .await
+        .unwrap();
+    let send = |key: String, ms: u64| {
+        let task = Task::new(format!("{svc}.hold"), &(key.clone(), ms)).key(key);
+        let client = &client;
+        async move { client.enqueue(task).await.unwrap() }
+    };
+    // Three 1.5 s tasks of key `busy` first, then one short task for each of 20 keys.
+    for _ in 0..3 {
+        send("busy".to_owned(), 1_500).await;
+    }
+    for i in 0..20 {
+        send(format!("k{i}"), 10).await;
+    }
+    poll("every task to run", Duration::from_secs(30), || async {
+        (runs.lock().unwrap().len() >= 23).then_some(())
+    })
+    .await;
+    let runs = runs.lock().unwrap().clone();
+    let mut busy: Vec<_> = runs.iter().filter(|r| r.0 == "busy").collect();
+    busy.sort_by_key(|r| r.1);
+    assert_eq!(busy.len(), 3);
+    assert!(
+        busy.windows(2).all(|w| w[0].2 <= w[1].1),
+        "runs of key busy overlap"
+    );
+    let last_other = runs
+        .iter()
+        .filter(|r| r.0 != "busy")
+        .map(|r| r.2)
+        .max()
+        .unwrap();
+    assert!(
+        last_other < busy[0].2,
+        "the other keys waited for the busy key: last ended {:?} after its first run",
+        last_other - busy[0].2
+    );
+    running.stop.cancel();
+    running.handle.await.unwrap().unwrap();
+    no_keys_left(&prefix).await;
+}
