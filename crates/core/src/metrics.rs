@@ -17,8 +17,8 @@ use std::time::Duration;
 use crate::envelope::{Envelope, FailureKind, Via};
 
 /// Counter `{service, method}`: deliveries of tasks a worker took from a service or
-/// subscription queue (one per attempt; join re-checks and dropped duplicate chain steps
-/// are not counted).
+/// subscription queue (one per attempt; join re-checks, dropped duplicate chain steps and
+/// deliveries deferred by flow control, counted in [`TASKS_DEFERRED`], are not counted).
 pub const TASKS_RECEIVED: &str = "warren_tasks_received_total";
 /// Counter `{service, method}`: tasks whose handler succeeded (a splitter that split, a
 /// chain step that returned), counted once the outcome was published and acked.
