@@ -41,6 +41,7 @@ pub struct WorkerBuilder {
     metrics_listen: Option<std::net::SocketAddr>,
     consumer_timeout: Duration,
     schedules: Vec<Result<crate::schedule::Registered, WorkerError>>,
+    cancel_grace: Duration,
 }
 
 /// Default of [`WorkerBuilder::consumer_timeout`]: RabbitMQ's default `consumer_timeout`.
@@ -77,6 +78,7 @@ impl Default for WorkerBuilder {
             metrics_listen: None,
             consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
             schedules: Vec::new(),
+            cancel_grace: crate::cancel::DEFAULT_CANCEL_GRACE,
         }
     }
 }
@@ -205,6 +207,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long a handler may still run after its task was cancelled (default
+    /// [`crate::DEFAULT_CANCEL_GRACE`], 10 s): it sees the cancellation at once
+    /// (`ctx.cancelled()`), and its future is dropped when the grace ends. Zero drops it at
+    /// once. See docs/cancellation.md.
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.cancel_grace = grace;
+        self
+    }
+
     /// Carries the schedule `name`: each tick of `schedule` becomes one task for `target`
     /// (`"svc.method"`) with `payload`, however many workers carry the same schedule and
     /// whichever of them die (one of them holds the schedule's lease and fires the ticks;
@@ -330,6 +341,8 @@ impl WorkerBuilder {
             )
         };
         let tickers = crate::schedule::Tickers::new(schedules, schedule_broker);
+        // The worker's own cancel queue, bound before any task is consumed.
+        let cancel_sub = crate::cancel::subscribe(consume.clone(), uuid::Uuid::now_v7()).await?;
         let mut client = ClientBuilder::default();
         if let Some(store) = &self.store {
             client = client.status_store(store.clone());
@@ -399,7 +412,10 @@ impl WorkerBuilder {
                 metrics,
                 ack_early_after: ack_early_after(self.consumer_timeout),
                 early: crate::early::EarlyAcks::default(),
+                cancels: crate::cancel::Cancels::default(),
+                cancel_grace: self.cancel_grace,
             }),
+            cancel_sub,
             consume,
             subs,
             concurrency: self.concurrency,
@@ -419,6 +435,8 @@ pub struct Worker {
     drain_timeout: Duration,
     metrics_server: Option<crate::MetricsServer>,
     tickers: crate::schedule::Tickers,
+    /// The worker's cancel queue (exclusive: deleted with the consuming connection).
+    cancel_sub: Subscription,
 }
 
 impl std::fmt::Debug for Worker {
@@ -498,6 +516,7 @@ impl Worker {
             drain_timeout,
             metrics_server,
             tickers,
+            cancel_sub,
         } = self;
         let permits = Arc::new(Semaphore::new(concurrency));
         let tracker = TaskTracker::new();
@@ -514,6 +533,13 @@ impl Worker {
             ));
         }
         let mut ticking = tickers.start(&stop);
+        // Cancellations are heard until the drain ends (handlers still running hear them).
+        let stop_hearing = CancellationToken::new();
+        let hearing = tokio::spawn(crate::cancel::listen(
+            shared.clone(),
+            cancel_sub,
+            stop_hearing.clone(),
+        ));
         tracing::info!(concurrency, "worker running");
         tokio::pin!(shutdown);
         let mut result = Ok(());
@@ -561,6 +587,10 @@ impl Worker {
             }
         }
         for sub in stopped {
+            sub.close().await;
+        }
+        stop_hearing.cancel();
+        if let Ok(sub) = hearing.await {
             sub.close().await;
         }
         shared.client.close().await;
