@@ -16,6 +16,7 @@ mod support;
 mod admin_api;
 mod bad_input;
 mod broker_restart;
+mod cancel;
 mod chain_faults;
 mod chains;
 mod cluster;

@@ -477,6 +477,13 @@ impl Worker {
         names
     }
 
+    /// The name of this worker's cancel queue (`warren.cancel.<worker id>`: exclusive to its
+    /// consuming connection, so the broker deletes it when the worker stops or dies).
+    #[must_use]
+    pub fn cancel_queue(&self) -> &str {
+        self.cancel_sub.queue()
+    }
+
     /// The schedules whose lease this worker holds (it fires their ticks), updated as
     /// leases are taken and given up while the worker runs. Take it before
     /// [`Worker::run_until`].
