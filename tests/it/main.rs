@@ -42,6 +42,7 @@ mod status;
 mod time_limits;
 mod tls;
 mod tracing;
+mod unique_tasks;
 mod volume;
 mod web_admin;
 mod wire_conformance;
