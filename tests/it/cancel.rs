@@ -64,7 +64,7 @@ type Calls = Arc<Mutex<Vec<(String, String, Value)>>>;
 /// cancellation, then fails), `stubborn` (ignores it; flags when its future is dropped),
 /// a splitter `sum_part`/`sum`, a chain `step`, and the hooks `done`/`failed`.
 fn service(svc: &str, ran: Calls, hooks: Calls, dropped: Arc<AtomicBool>) -> Service {
-    let (r1, r2, r3, r4) = (ran.clone(), ran.clone(), ran.clone(), ran);
+    let (r1, r2, r3, r4, r5) = (ran.clone(), ran.clone(), ran.clone(), ran.clone(), ran);
     let (h1, h2) = (hooks.clone(), hooks);
     Service::new(svc)
         .retry(RetryPolicy::fixed(3, Duration::from_millis(100)))
@@ -108,6 +108,17 @@ fn service(svc: &str, ran: Calls, hooks: Calls, dropped: Arc<AtomicBool>) -> Ser
                     .push(("stubborn".into(), ctx.cid().to_owned(), Value::Null));
                 tokio::time::sleep(Duration::from_secs(120)).await;
                 Ok::<_, TaskError>(Value::Null)
+            }
+        })
+        .method("fails", move |ctx: Context, _: Value| {
+            let ran = r5.clone();
+            async move {
+                ran.lock().unwrap().push((
+                    "fails".into(),
+                    ctx.cid().to_owned(),
+                    json!(ctx.attempt()),
+                ));
+                Err::<Value, _>(TaskError::fail("always fails"))
             }
         })
         .method("sum_part", |_: Context, n: u64| async move {
@@ -695,5 +706,47 @@ async fn every_handler_of_a_cid_running_at_once_is_reached_by_one_broadcast() {
         c.await.unwrap();
     }
     assert_eq!(answers.load(Ordering::SeqCst), 6);
+    f.finish(running).await;
+}
+
+#[tokio::test]
+async fn a_retry_waiting_in_the_delay_levels_is_stopped_when_it_arrives() {
+    let f = Fixture::new("cancel-retry", true).await;
+    let (_, running) = f.worker(Duration::from_secs(1)).await;
+    let cid = unique("c");
+    let r = f
+        .client
+        .enqueue(
+            Task::new(f.target("fails"), &Value::Null)
+                .with_cid(cid.clone())
+                .with_retry(RetryPolicy::fixed(5, Duration::from_millis(1500)))
+                .on_error(f.target("failed")),
+        )
+        .await
+        .unwrap();
+    // The first attempt failed; the retry waits in the delay levels.
+    let s = f.store.clone().unwrap();
+    poll("the retry to wait", Duration::from_secs(20), || {
+        let s = s.clone();
+        async move {
+            s.get(r.id)
+                .await
+                .unwrap()
+                .filter(|st| st.state == TaskState::Pending && st.attempts == 1)
+        }
+    })
+    .await;
+    let out = f.client.cancel(r.id).await.unwrap();
+    assert_eq!(out.found(), Found::Pending);
+    let hooks = poll("the onerror hook", Duration::from_secs(20), || async {
+        let h = f.hooks(&cid);
+        (!h.is_empty()).then_some(h)
+    })
+    .await;
+    assert_eq!(kind_of(&hooks[0].1), "cancelled");
+    let st = s.get(r.id).await.unwrap().unwrap();
+    assert_eq!(st.error.unwrap().kind, FailureKind::Cancelled);
+    assert_eq!(st.attempts, 2, "attempt 2 arrived and was stopped");
+    assert_eq!(f.ran("fails", &cid), 1, "only the first attempt ran");
     f.finish(running).await;
 }
