@@ -750,3 +750,35 @@ async fn a_retry_waiting_in_the_delay_levels_is_stopped_when_it_arrives() {
     assert_eq!(f.ran("fails", &cid), 1, "only the first attempt ran");
     f.finish(running).await;
 }
+
+/// The arrival check's cost with a store: one `MGET` per task (id, parent, chain, cid keys).
+/// A measurement, not a check (timings depend on the machine): run it with
+/// `cargo test -p warren --test it cancel::measure_the_arrival_check -- --ignored --nocapture`;
+/// docs/cancellation.md quotes its output.
+#[tokio::test]
+#[ignore = "a measurement; run by hand"]
+async fn measure_the_arrival_check() {
+    let prefix = format!("{}:", unique("cancel-cost"));
+    let s = store(&prefix);
+    let ids = [
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    ];
+    s.is_cancelled(&ids, "warm-up").await.unwrap();
+    let mut took = Vec::new();
+    for _ in 0..5000 {
+        let t = std::time::Instant::now();
+        assert!(!s.is_cancelled(&ids, "some-cid").await.unwrap());
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "arrival check (MGET of 4 keys), 5000 sequential: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        took[took.len() - 1]
+    );
+    drop_keys(&prefix).await;
+}
