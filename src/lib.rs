@@ -77,4 +77,5 @@ pub use warren_worker::{Missed, Schedule, ScheduleError};
 #[doc = include_str!("../docs/patterns.md")]
 #[doc = include_str!("../docs/pubsub.md")]
 #[doc = include_str!("../docs/chains.md")]
+#[doc = include_str!("../docs/cancellation.md")]
 pub struct DocExamples;
