@@ -240,7 +240,9 @@ async fn handle_delivery(
             return;
         }
         let _in_flight = m.received(Some(&env), matches!(kind, Kind::Part(_)));
-        if let Some(r) = shared.recorder.as_ref() {
+        // A cancelled task never runs (docs/cancellation.md); it is never recorded running.
+        let cancelled = shared.cancels.check(shared.recorder.as_ref(), &env).await;
+        if let (Some(r), None) = (shared.recorder.as_ref(), &cancelled) {
             r.record(&status_of(&env, TaskState::Running, None, None))
                 .await;
         }
@@ -252,7 +254,13 @@ async fn handle_delivery(
         );
         let work = async {
             let started = std::time::Instant::now();
-            let resolution = run(&shared, svc, &env, d.redelivered || resent).await;
+            let resolution = match cancelled {
+                Some(f) => {
+                    tracing::info!("cancelled; not run");
+                    Resolution::Dead(f)
+                }
+                None => run(&shared, svc, &env, d.redelivered || resent).await,
+            };
             m.ran(started.elapsed());
             let outcome = match &resolution {
                 Resolution::Done(_) | Resolution::Step(..) | Resolution::Split(_) => {
@@ -306,11 +314,6 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
             format!("service {:?} has no method {:?}", env.svc, env.method),
         ));
     };
-    // A cancelled task never runs.
-    if let Some(f) = shared.cancels.check(shared.recorder.as_ref(), env).await {
-        tracing::info!("cancelled; not run");
-        return Resolution::Dead(f);
-    }
     // Parts and parallel targets run the method itself, never its splitter.
     let splitter = if env.part.is_none() && env.fanout.is_none() && env.chain.is_none() {
         service.methods.get(&splitter_name(&env.method))
