@@ -782,3 +782,53 @@ async fn measure_the_arrival_check() {
     );
     drop_keys(&prefix).await;
 }
+
+#[tokio::test]
+async fn cancelling_a_cid_stops_a_fan_in_whose_final_callback_reports_it_once() {
+    let f = Fixture::new("cancel-fanin", true).await;
+    let (_, running) = f.worker(Duration::from_secs(5)).await;
+    let cid = unique("fan");
+    let receipt = f
+        .client
+        .parallel(
+            warren::Parallel::new()
+                .target(f.target("polite"), &Value::Null)
+                .target(f.target("polite"), &Value::Null)
+                .target(f.target("polite"), &Value::Null)
+                .on_final(f.target("failed"))
+                .with_cid(cid.clone()),
+        )
+        .await
+        .unwrap();
+    poll("three targets to run", Duration::from_secs(20), || async {
+        (f.ran("polite", &cid) == 3).then_some(())
+    })
+    .await;
+    let out = f.client.cancel_cid(&cid).await.unwrap();
+    assert_eq!(out.found(), Found::Running);
+    let hooks = poll("the final callback", Duration::from_secs(30), || async {
+        let h = f.hooks(&cid);
+        (!h.is_empty()).then_some(h)
+    })
+    .await;
+    let fan_in: warren::FanInOutcome = serde_json::from_value(hooks[0].1.clone()).unwrap();
+    assert!(!fan_in.ok);
+    assert_eq!(fan_in.outcomes.len(), 3);
+    for o in &fan_in.outcomes {
+        assert_eq!(
+            o.error.as_ref().map(|e| e.kind),
+            Some(FailureKind::Cancelled),
+            "{o:?}"
+        );
+    }
+    // Exactly once: the fan-in's part queue is removed by its join, and no second callback.
+    let part_queue = warren::topology::fanout_queue(&receipt.job);
+    poll(
+        "the fan-in's part queue to be gone",
+        Duration::from_secs(30),
+        || async { (!exists(&f.client, &part_queue).await).then_some(()) },
+    )
+    .await;
+    assert_eq!(f.hooks(&cid).len(), 1);
+    f.finish(running).await;
+}
