@@ -7,6 +7,8 @@
 //! invoke replies ──► default exchange ──► warren.reply.<client id> (exclusive, per client)
 //! delayed tasks ──► warren.delay.<k> … warren.delay.0 ──► warren.delay.deliver (headers)
 //!                   ──[warren-dest = queue]──► warren.svc.<svc>   (see crate::delay)
+//! cancellations ──► warren.cancel (fanout) ──► warren.cancel.<worker id> (exclusive, per
+//!                   worker; see crate::cancel)
 //! ```
 //! Service queues are durable, of the configured [`QueueType`]; on quorum queues
 //! `x-delivery-limit` stops a message that crashes its worker again and again (it is

@@ -254,7 +254,7 @@ pub(crate) async fn subscribe(
 
 /// Hears cancellations until `stop`; hands the subscription back.
 pub(crate) async fn listen(
-    cancels: std::sync::Arc<crate::process::Shared>,
+    shared: std::sync::Arc<crate::process::Shared>,
     mut sub: Subscription,
     stop: CancellationToken,
 ) -> Subscription {
@@ -270,7 +270,7 @@ pub(crate) async fn listen(
                     .and_then(|r| r.scope())
                 {
                     Some(scope) => {
-                        let reached = cancels.cancels.hear(scope.clone());
+                        let reached = shared.cancels.hear(scope.clone());
                         tracing::info!(%scope, running_handlers = reached, "cancellation heard");
                     }
                     None => tracing::warn!("unreadable cancellation message ignored"),
