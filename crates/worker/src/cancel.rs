@@ -40,7 +40,10 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 /// The cancellations a worker knows of, and the handlers it runs.
 #[derive(Default)]
 pub(crate) struct Cancels {
-    running: Mutex<HashMap<Uuid, Running>>,
+    /// Running handlers by a registration number (two copies of one task may run here at
+    /// once, e.g. a redelivery beside an early-acked run: each has its own entry).
+    running: Mutex<HashMap<u64, Running>>,
+    next: std::sync::atomic::AtomicU64,
     heard: Mutex<Heard>,
 }
 
@@ -174,9 +177,10 @@ impl Cancels {
         if self.heard.lock().is_ok_and(|h| h.any(&names)) {
             token.cancel();
         }
+        let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut r) = self.running.lock() {
             r.insert(
-                env.id,
+                key,
                 Running {
                     names,
                     token: token.clone(),
@@ -185,7 +189,7 @@ impl Cancels {
         }
         RunningGuard {
             cancels: self,
-            id: env.id,
+            key,
             token,
         }
     }
@@ -212,14 +216,14 @@ impl Cancels {
 /// A running handler's registration; unregisters on drop.
 pub(crate) struct RunningGuard<'a> {
     cancels: &'a Cancels,
-    id: Uuid,
+    key: u64,
     pub(crate) token: CancellationToken,
 }
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         if let Ok(mut r) = self.cancels.running.lock() {
-            r.remove(&self.id);
+            r.remove(&self.key);
         }
     }
 }
@@ -329,6 +333,12 @@ mod tests {
         // Heard before it started: it starts cancelled.
         let g = c.start(&env("c3"));
         assert!(g.token.is_cancelled());
+        drop(g);
+        // Two copies of one task running at once are both reached.
+        let e = env("c4");
+        let (a, b) = (c.start(&e), c.start(&e));
+        assert_eq!(c.hear(CancelScope::Id(e.id)), 2);
+        assert!(a.token.is_cancelled() && b.token.is_cancelled());
     }
 
     #[test]
