@@ -17,6 +17,8 @@ mod admin_api;
 mod bad_input;
 mod broker_restart;
 mod cancel;
+mod cancel_common;
+mod cancel_jobs;
 mod chain_faults;
 mod chains;
 mod cluster;

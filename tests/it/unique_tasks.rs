@@ -3,7 +3,7 @@
 //! entry is gone and the next enqueue queues a new task; bad keys, a missing store and
 //! invoke are typed errors with nothing published.
 
-use crate::cancel::{drop_keys, keys, redis, store};
+use crate::cancel_common::{drop_keys, keys, redis, store};
 use crate::common;
 
 use std::sync::{Arc, Mutex};
