@@ -185,8 +185,9 @@ async fn without_a_store_a_listening_worker_stops_what_arrives_later() {
     })
     .await;
     assert_eq!(kind_of(&hooks[0].1), "cancelled");
+    // (A delayed message may arrive more than once: at least once.)
     poll("the control task", Duration::from_secs(20), || async {
-        (f.ran("work", &control) == 1).then_some(())
+        (f.ran("work", &control) >= 1).then_some(())
     })
     .await;
     assert_eq!(f.ran("work", &cid), 0);
@@ -305,14 +306,17 @@ async fn a_cancellation_made_before_a_worker_restart_still_holds_after_it() {
         (!l.is_empty()).then_some(l)
     })
     .await;
-    assert_eq!(lines.len(), 1);
-    assert_eq!(lines[0].0, "failed");
-    assert_eq!(kind_of(&lines[0].1), "cancelled");
-    let keys_ran: Vec<String> = common::read_ledger(&ledger)
+    // A delayed message may be delivered more than once (at least once); every copy of the
+    // cancelled task is stopped and reported `cancelled`, and it never ran.
+    for (method, payload) in &lines {
+        assert_eq!(method, "failed");
+        assert_eq!(kind_of(payload), "cancelled", "{payload}");
+    }
+    let keys_ran: std::collections::BTreeSet<String> = common::read_ledger(&ledger)
         .into_iter()
         .map(|(k, _, _)| k)
         .collect();
-    assert_eq!(keys_ran, vec!["control".to_owned()]);
+    assert_eq!(keys_ran, ["control".to_owned()].into());
     assert!(worker.terminate().await);
     client.close().await;
     drop_keys(&prefix).await;
