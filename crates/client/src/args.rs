@@ -25,6 +25,7 @@ enum Bad {
     Encode(Arc<serde_json::Error>),
     Delay(warren_core::delay::DelayTooLong),
     ZeroTimeLimit,
+    Unique(crate::UniqueError),
 }
 
 impl Invalid {
@@ -76,6 +77,11 @@ impl Invalid {
         Some(limit)
     }
 
+    /// Keeps a refused unique key or ttl.
+    pub(crate) fn unique(&mut self, e: crate::UniqueError) {
+        self.keep(Bad::Unique(e));
+    }
+
     fn keep(&mut self, bad: Bad) {
         self.0.get_or_insert(bad);
     }
@@ -88,6 +94,7 @@ impl Invalid {
             Some(Bad::Encode(e)) => Err(Error::Encode(e.clone())),
             Some(Bad::Delay(e)) => Err(Error::DelayTooLong(*e)),
             Some(Bad::ZeroTimeLimit) => Err(Error::ZeroTimeLimit),
+            Some(Bad::Unique(e)) => Err(Error::Unique(e.clone())),
         }
     }
 }

@@ -87,6 +87,9 @@ pub enum Error {
     /// The status store failed.
     #[error(transparent)]
     Store(#[from] warren_core::status::StoreError),
+    /// A unique task (`Task::unique`) was refused; nothing was sent.
+    #[error(transparent)]
+    Unique(#[from] crate::UniqueError),
     /// The client's reply listener stopped (the client is shutting down or the broker
     /// refused the reply queue).
     #[error("the reply listener stopped: {0}")]
@@ -113,7 +116,7 @@ impl Error {
     pub fn maybe_stored(&self) -> Option<bool> {
         match self {
             Error::Broker(e) => e.maybe_stored(),
-            Error::Name(_) | Error::Encode(_) => Some(false),
+            Error::Name(_) | Error::Encode(_) | Error::Unique(_) => Some(false),
             _ => None,
         }
     }

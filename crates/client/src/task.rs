@@ -46,6 +46,7 @@ pub struct Task {
     pub(crate) notify: Option<String>,
     pub(crate) when: Option<When>,
     pub(crate) time_limit: Option<Duration>,
+    pub(crate) unique: Option<crate::unique::Unique>,
 }
 
 /// When a delayed task is due.
@@ -79,6 +80,7 @@ impl Task {
             notify: None,
             when: None,
             time_limit: None,
+            unique: None,
         }
     }
 
@@ -225,6 +227,11 @@ impl Task {
         self.invalid.check()
     }
 
+    /// The unique ttl, for a unique task.
+    pub(crate) fn unique_ttl(&self) -> Option<Duration> {
+        self.unique.as_ref().map(|u| u.ttl)
+    }
+
     pub(crate) fn into_envelope(self) -> Result<(Envelope, Option<Duration>), Error> {
         self.invalid.check()?;
         let Some(target) = &self.target else {
@@ -257,6 +264,7 @@ impl Task {
             warren_core::names::validate_name("topic", t)?;
         }
         env.notify = self.notify;
+        env.unique = self.unique.map(|u| u.key);
         env.time_limit_ms = self.time_limit.map(|d| {
             // Whole milliseconds, rounded up: a limit under 1 ms is still a limit.
             u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
