@@ -30,6 +30,7 @@ pub use warren_core::delay;
 /// The wire types: the envelope a task travels in, its hooks and decorators, the reply, and
 /// the chain state (docs/wire-format.md).
 pub mod wire {
+    pub use warren_core::cancel::{CancelRequest, CANCEL_EXCHANGE};
     pub use warren_core::chain::ChainState;
     pub use warren_core::envelope::{
         Envelope, HookTarget, Hooks, PartDecorator, Reply, ReplyOutcome, ENVELOPE_VERSION,
@@ -52,6 +53,8 @@ pub use warren_client::{
     as_completed, Chain, ChainHandle, ChainResult, Client, ClientBuilder, Error as ClientError,
     Extract, InvokeRetry, Message, Parallel, ParallelReceipt, Receipt, Retried, Task,
 };
+/// Cancellation and unique tasks (docs/cancellation.md).
+pub use warren_client::{CancelOutcome, CancelScope, Found, UniqueError, UniqueKeyError};
 #[cfg(feature = "redis")]
 pub use warren_core::status::RedisStore;
 pub use warren_core::status::{StatusStore, TaskState, TaskStatus};
@@ -60,7 +63,8 @@ pub use warren_core::{
     ReconnectPolicy, RetryOutcome, SplitStarted, Target, TargetOutcome, Via,
 };
 pub use warren_worker::{
-    Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError, DUPLICATE_STEPS,
+    Context, RetryPolicy, Service, TaskError, Worker, WorkerBuilder, WorkerError,
+    DEFAULT_CANCEL_GRACE, DUPLICATE_STEPS,
 };
 /// Schedules (docs/time.md#schedules): `WorkerBuilder::schedule(name, Schedule, target,
 /// payload)`; [`Missed`] is the missed-tick policy.
@@ -73,4 +77,5 @@ pub use warren_worker::{Missed, Schedule, ScheduleError};
 #[doc = include_str!("../docs/patterns.md")]
 #[doc = include_str!("../docs/pubsub.md")]
 #[doc = include_str!("../docs/chains.md")]
+#[doc = include_str!("../docs/cancellation.md")]
 pub struct DocExamples;

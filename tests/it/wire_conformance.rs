@@ -258,6 +258,7 @@ async fn a_producer_that_follows_the_doc() {
     let (hooks_tx, mut hooks) = mpsc::unbounded_channel::<(String, Value)>();
     let flaky_runs = Arc::new(AtomicU32::new(0));
     let f = flaky_runs.clone();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
     let service = Service::new(&svc)
         .method("double", |_: Context, n: i64| async move {
             Ok::<_, TaskError>(n * 2)
@@ -284,9 +285,18 @@ async fn a_producer_that_follows_the_doc() {
         .method("sleepy", |_: Context, ms: u64| async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok::<_, TaskError>(ms)
+        })
+        .method("waits", move |_: Context, ms: u64| {
+            let started = started_tx.clone();
+            async move {
+                let _ = started.send(());
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, TaskError>(ms)
+            }
         });
     let worker = Worker::builder()
         .amqp(config(QueueType::Quorum))
+        .cancel_grace(Duration::from_millis(300))
         .service(service)
         .build()
         .await
@@ -358,6 +368,59 @@ async fn a_producer_that_follows_the_doc() {
     nulls["parent"] = Value::Null;
     publish(&ch, "warren.tasks", &svc, &nulls, Some(&reply_q)).await;
     assert_eq!(answer().await["ok"], json!(2));
+
+    // 2b. "Cancellation": a running task is cancelled by a `{"v":1,"cid":..}` message on
+    //     the `warren.cancel` fanout exchange; the waiting caller is answered `cancelled`
+    //     once the worker's grace (300 ms here) is over.
+    let waits = envelope(&svc, "waits", json!(30_000));
+    publish(&ch, "warren.tasks", &svc, &waits, Some(&reply_q)).await;
+    tokio::time::timeout(Duration::from_secs(30), started.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let sent = Instant::now();
+    let cancel = json!({"v": 1, "cid": waits["cid"]});
+    let confirm = ch
+        .basic_publish(
+            "warren.cancel".into(),
+            "".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &serde_json::to_vec(&cancel).unwrap(),
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        confirm,
+        lapin::Confirmation::Ack(None),
+        "a worker's queue is bound"
+    );
+    let a = answer().await;
+    assert_eq!(a["id"], waits["id"]);
+    assert_eq!(a["error"]["kind"], json!("cancelled"), "{a}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
+
+    // 2c. `unique`: a key (1 to 255 bytes) is carried and the task runs as usual (only
+    //     `Task::unique` claims it in the store); an empty key is refused as bad_envelope.
+    let mut keyed = envelope(&svc, "double", json!(4));
+    keyed["unique"] = json!("nightly");
+    publish(&ch, "warren.tasks", &svc, &keyed, Some(&reply_q)).await;
+    assert_eq!(answer().await["ok"], json!(8));
+    let mut empty_key = envelope(&svc, "double", json!(4));
+    empty_key["unique"] = json!("");
+    publish(&ch, "warren.tasks", &svc, &empty_key, Some(&reply_q)).await;
+    let a = answer().await;
+    assert_eq!(a["id"], empty_key["id"]);
+    assert_eq!(a["error"]["kind"], json!("bad_envelope"), "{a}");
 
     // 3. A task delayed as documented (1 s = 10 units = 0b1010: routing key of 25 bits and
     //    `d`, published to the level of its highest 1 bit, with `warren-dest`) reaches the

@@ -3,6 +3,7 @@
 //! # Layout
 //! - `opts`: the options every command shares (`--url`, `--queue-type`, `--connect-timeout`)
 //!   and how they become an [`warren_core::AmqpConfig`].
+//! - `cancel`: `warren cancel <id> | --cid <cid>` (docs/cancellation.md).
 //! - `check`: `warren check`, is the broker reachable, what is it, who are we.
 //! - `enqueue`: `warren enqueue` and `warren invoke`.
 //! - `queues`: `warren queues`, warren's queues and their counts.
@@ -15,6 +16,7 @@
 //!   `warren-bench` crate, with the `bench` feature (on by default; `--no-default-features`
 //!   builds a `warren` without them, and without warren-worker, lapin of its own or redis).
 
+mod cancel;
 mod check;
 mod dead;
 mod enqueue;
@@ -50,6 +52,7 @@ use tracing_subscriber::EnvFilter;
         warren topics\n  \
         warren peek orders.created -n 5\n  \
         warren status order-42\n  \
+        warren cancel --cid order-42\n  \
         warren dead list images\n  \
         warren dead replay images --all\n  \
         warren web --listen 127.0.0.1:8088\n  \
@@ -78,6 +81,8 @@ enum Command {
     Topics(topics::TopicsArgs),
     /// Show the last messages published to a topic (without consuming them).
     Peek(topics::PeekArgs),
+    /// Cancel a task by id, or every task of a cid (--cid); says what it found.
+    Cancel(cancel::CancelArgs),
     /// Show what became of a task id or of every task of a cid (needs the status store).
     Status(topics::StatusArgs),
     /// List dead letters (per queue, or one service's) and replay them.
@@ -142,6 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     match cli.command {
         Command::Check(args) => check::run(&global, &args).await,
+        Command::Cancel(args) => cancel::run(&global, args).await,
         Command::Enqueue(args) => enqueue::run_enqueue(&global, args).await,
         Command::Invoke(args) => enqueue::run_invoke(&global, args).await,
         Command::Queues(args) => queues::run(&global, &args).await,

@@ -26,6 +26,7 @@ enum Bad {
     Delay(warren_core::delay::DelayTooLong),
     ZeroTimeLimit,
     Key(warren_core::flow::KeyError),
+    Unique(crate::UniqueError),
 }
 
 impl Invalid {
@@ -88,6 +89,11 @@ impl Invalid {
         }
     }
 
+    /// Keeps a refused unique key or ttl.
+    pub(crate) fn unique(&mut self, e: crate::UniqueError) {
+        self.keep(Bad::Unique(e));
+    }
+
     fn keep(&mut self, bad: Bad) {
         self.0.get_or_insert(bad);
     }
@@ -101,6 +107,7 @@ impl Invalid {
             Some(Bad::Delay(e)) => Err(Error::DelayTooLong(*e)),
             Some(Bad::ZeroTimeLimit) => Err(Error::ZeroTimeLimit),
             Some(Bad::Key(e)) => Err(Error::Key(e.clone())),
+            Some(Bad::Unique(e)) => Err(Error::Unique(e.clone())),
         }
     }
 }

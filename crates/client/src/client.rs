@@ -171,8 +171,34 @@ impl Client {
     pub async fn enqueue(&self, task: Task) -> Result<Receipt, Error> {
         task.check()?;
         let delay = task.send_delay()?;
+        let unique_ttl = task.unique_ttl();
         let (env, _) = task.into_envelope()?;
         self.inner.sender.check_priority(&env)?;
+        if let Some(ttl) = unique_ttl {
+            // The first task's receipt while it is pending or running (docs/cancellation.md).
+            if let Some(first) = self.claim_unique(&env, ttl).await? {
+                tracing::debug!(id = %first.id, "unique key held; returning the first task's receipt");
+                return Ok(first);
+            }
+        }
+        match self.publish_enqueued(&env, delay).await {
+            Ok(()) => Ok(Receipt {
+                id: env.id,
+                cid: env.cid,
+            }),
+            Err(e) => {
+                // Surely not stored: the key is free again. Maybe stored: it stays claimed.
+                if env.unique.is_some() && e.maybe_stored() == Some(false) {
+                    self.unclaim_unique(&env).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Declares a hand-attached part's queue, records `pending` and publishes (now or
+    /// after `delay`).
+    async fn publish_enqueued(&self, env: &Envelope, delay: Option<Duration>) -> Result<(), Error> {
         if let Some(p) = &env.part {
             // A part the caller attached by hand: its job's part queue exists from the first
             // part's send (results never create it: a result whose part queue is gone
@@ -190,18 +216,15 @@ impl Client {
                 other => other?,
             }
         }
-        self.record_pending(&env).await;
+        self.record_pending(env).await;
         match delay {
             Some(d) => {
-                self.send_later(&env, d, None, self.publish_deadline())
+                self.send_later(env, d, None, self.publish_deadline())
                     .await?
             }
-            None => self.send_envelope(&env, None).await?,
+            None => self.send_envelope(env, None).await?,
         }
-        Ok(Receipt {
-            id: env.id,
-            cid: env.cid,
-        })
+        Ok(())
     }
 
     /// Invokes `task` and waits for its typed result (deadline: the task's, else the
@@ -223,6 +246,9 @@ impl Client {
     pub async fn invoke<R: DeserializeOwned>(&self, task: Task) -> Result<R, Error> {
         let started = Instant::now();
         task.check()?;
+        if task.unique.is_some() {
+            return Err(crate::UniqueError::Invoke.into());
+        }
         let delay = task.send_delay()?;
         let (mut env, timeout) = task.into_envelope()?;
         self.inner.sender.check_priority(&env)?;

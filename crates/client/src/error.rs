@@ -94,6 +94,9 @@ pub enum Error {
     /// The status store failed.
     #[error(transparent)]
     Store(#[from] warren_core::status::StoreError),
+    /// A unique task (`Task::unique`) was refused; nothing was sent.
+    #[error(transparent)]
+    Unique(#[from] crate::UniqueError),
     /// The client's reply listener stopped (the client is shutting down or the broker
     /// refused the reply queue).
     #[error("the reply listener stopped: {0}")]
@@ -120,9 +123,11 @@ impl Error {
     pub fn maybe_stored(&self) -> Option<bool> {
         match self {
             Error::Broker(e) => e.maybe_stored(),
-            Error::Name(_) | Error::Encode(_) | Error::Key(_) | Error::PriorityOutOfRange(_) => {
-                Some(false)
-            }
+            Error::Name(_)
+            | Error::Encode(_)
+            | Error::Unique(_)
+            | Error::Key(_)
+            | Error::PriorityOutOfRange(_) => Some(false),
             _ => None,
         }
     }

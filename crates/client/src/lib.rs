@@ -26,9 +26,12 @@
 //! - `invoke_retry`: [`InvokeRetry`], calls repeated on failure, blocking or in background.
 //! - `publish`: [`Client::publish`], durable publish/subscribe.
 //! - `reply`: the reply queue and the table of calls waiting for an answer.
+//! - `cancel`: [`Client::cancel`], [`Client::cancel_cid`] and their [`CancelOutcome`].
+//! - `unique`: [`Task::unique`] and [`UniqueError`].
 //! - `error`: [`Error`].
 
 mod args;
+mod cancel;
 mod chain;
 mod chain_handle;
 mod client;
@@ -38,7 +41,9 @@ mod parallel;
 mod publish;
 mod reply;
 mod task;
+mod unique;
 
+pub use cancel::{CancelOutcome, Found};
 pub use chain::Chain;
 pub use chain_handle::{as_completed, run_capped, ChainHandle, ChainResult, Extract};
 pub use client::{Client, ClientBuilder};
@@ -47,6 +52,8 @@ pub use invoke_retry::{InvokeRetry, Retried};
 pub use parallel::{Parallel, ParallelReceipt};
 pub use publish::Message;
 pub use task::{Receipt, Task};
+pub use unique::UniqueError;
+pub use warren_core::cancel::{CancelScope, UniqueKeyError};
 pub use warren_core::{
     AmqpConfig, Failure, FailureKind, FanInOutcome, IntoTarget, QueueType, RetryOutcome,
     RetryPolicy, SplitStarted, Target, TargetOutcome,

@@ -48,6 +48,7 @@ pub struct Task {
     pub(crate) time_limit: Option<Duration>,
     pub(crate) key: Option<String>,
     pub(crate) priority: Option<u8>,
+    pub(crate) unique: Option<crate::unique::Unique>,
 }
 
 /// When a delayed task is due.
@@ -83,6 +84,7 @@ impl Task {
             time_limit: None,
             key: None,
             priority: None,
+            unique: None,
         }
     }
 
@@ -258,6 +260,11 @@ impl Task {
         self.invalid.check()
     }
 
+    /// The unique ttl, for a unique task.
+    pub(crate) fn unique_ttl(&self) -> Option<Duration> {
+        self.unique.as_ref().map(|u| u.ttl)
+    }
+
     pub(crate) fn into_envelope(self) -> Result<(Envelope, Option<Duration>), Error> {
         self.invalid.check()?;
         let Some(target) = &self.target else {
@@ -292,6 +299,7 @@ impl Task {
         env.notify = self.notify;
         env.key = self.key;
         env.priority = self.priority.filter(|p| *p > 0);
+        env.unique = self.unique.map(|u| u.key);
         env.time_limit_ms = self.time_limit.map(|d| {
             // Whole milliseconds, rounded up: a limit under 1 ms is still a limit.
             u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)

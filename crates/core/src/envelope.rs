@@ -177,6 +177,12 @@ pub struct Envelope {
     /// a service queue with a priority range orders by it (docs/flow.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
+    /// For a unique task (`Task::unique`): its key. While the task is pending or running,
+    /// the store entry `warren:unique:<svc>.<method>:<key>` holds its id, and another
+    /// enqueue with the same key gets this task's receipt instead of a new task; the worker
+    /// removes the entry (if it still holds this id) when the task ends (docs/cancellation.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique: Option<String>,
 }
 
 fn first_attempt() -> u32 {
@@ -228,6 +234,7 @@ impl Envelope {
             time_limit_ms: None,
             key: None,
             priority: None,
+            unique: None,
         }
     }
 
@@ -315,6 +322,9 @@ pub enum FailureKind {
     PartsFailed,
     /// The handler ran past its hard time limit and was stopped (after its retries).
     Timeout,
+    /// The task was cancelled (`Client::cancel`, by id or cid) before it ran or while it
+    /// ran; never retried, never dead-lettered.
+    Cancelled,
     /// The task ran, but what its outcome implies (a hook, a part result, a chain's next
     /// step, a reply) could not be published, and retrying cannot help.
     Undeliverable,
@@ -336,6 +346,7 @@ impl FailureKind {
             Self::UnknownTarget => "unknown_target",
             Self::PartsFailed => "parts_failed",
             Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
             Self::Undeliverable => "undeliverable",
             Self::Other => "other",
         }

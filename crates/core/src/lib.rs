@@ -10,6 +10,7 @@
 //! - [`delay`]: delayed delivery through a fixed cascade of TTL levels on the broker.
 //! - [`status`]: task statuses and results in a store that outlives processes
 //!   ([`status::StatusStore`], [`status::RedisStore`]).
+//! - [`cancel`]: cancellation broadcasts and unique-task keys (docs/cancellation.md).
 //! - [`chain`]: the state a chain carries from step to step (its bog).
 //! - [`patterns`]: the wire types of parallel execution, fan-in and invoke/retry callbacks.
 //! - [`schedule`]: schedule specs (cron with seconds and time zones, intervals), their
@@ -25,6 +26,7 @@
 //! - [`trace`]: W3C trace context in AMQP headers ([`trace::TraceContext`]).
 
 pub mod amqp;
+pub mod cancel;
 pub mod chain;
 pub mod config;
 pub mod delay;

@@ -25,7 +25,7 @@ pub const TASKS_RECEIVED: &str = "warren_tasks_received_total";
 pub const TASKS_SUCCEEDED: &str = "warren_tasks_succeeded_total";
 /// Counter `{service, method, kind}`: tasks that failed for good, by [`FailureKind`]
 /// (`handler` after the last attempt, `rejected`, `panic`, `bad_payload`, `unknown_target`,
-/// `bad_envelope`, `undeliverable`).
+/// `bad_envelope`, `undeliverable`, `timeout`, `cancelled`).
 pub const TASKS_FAILED: &str = "warren_tasks_failed_total";
 /// Counter `{service, method}`: failed attempts whose next attempt was published (a retry,
 /// now or through a delay queue).

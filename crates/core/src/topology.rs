@@ -8,6 +8,8 @@
 //! delayed tasks ──► warren.delay.<k> … warren.delay.0 ──► warren.delay.deliver (headers)
 //!                   ──► warren.delay.due ──[a worker's mover, by warren-dest]──► warren.svc.<svc>
 //!                   (see crate::delay)
+//! cancellations ──► warren.cancel (fanout) ──► warren.cancel.<worker id> (exclusive, per
+//!                   worker; see crate::cancel)
 //! ```
 //! Service queues are durable, of the configured [`QueueType`]; on quorum queues
 //! `x-delivery-limit` stops a message that crashes its worker again and again (it is

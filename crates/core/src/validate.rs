@@ -69,6 +69,9 @@ impl Envelope {
         if self.attempt == 0 {
             return Err("attempt must be at least 1".to_owned());
         }
+        if let Some(key) = &self.unique {
+            crate::cancel::check_unique_key(key).map_err(|e| format!("unique: {e}"))?;
+        }
         if self.time_limit_ms == Some(0) {
             return Err("time_limit_ms must be at least 1".to_owned());
         }

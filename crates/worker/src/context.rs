@@ -35,6 +35,8 @@ pub struct Context {
     pub(crate) children: Children,
     /// When this attempt's hard time limit stops the handler, if it has one.
     pub(crate) deadline: Option<std::time::Instant>,
+    /// Cancelled when the task is cancelled while it runs.
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 /// The handles of the chains a handler enqueued; shared by the context's clones.
@@ -150,6 +152,44 @@ impl Context {
     pub fn time_left(&self) -> Option<std::time::Duration> {
         self.deadline
             .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+    }
+
+    /// Completes when this task is cancelled while it runs (`Client::cancel` of its id, its
+    /// parent's or its chain's id, or `Client::cancel_cid` of its cid). From then on the
+    /// handler has the worker's grace period ([`crate::WorkerBuilder::cancel_grace`],
+    /// default 10 s) to return; after it, its future is dropped. Either way the task fails
+    /// with kind `cancelled` (never retried), unless the handler returns `Ok` within the
+    /// grace: a finished result stands. See docs/cancellation.md.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_worker::{Context, TaskError};
+    /// async fn crawl(ctx: Context, pages: u32) -> Result<u32, TaskError> {
+    ///     for page in 0..pages {
+    ///         tokio::select! {
+    ///             () = ctx.cancelled() => return Err(TaskError::fail(format!("stopped at page {page}"))),
+    ///             () = tokio::time::sleep(Duration::from_millis(10)) => {}
+    ///         }
+    ///     }
+    ///     Ok(pages)
+    /// }
+    /// ```
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    /// `true` once this task was cancelled while it runs (see [`Context::cancelled`]).
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// The task's cancellation token (a clone), for code that takes a
+    /// [`tokio_util::sync::CancellationToken`]. Cancelling it yourself does not cancel the
+    /// task elsewhere; use [`Client::cancel`] for that.
+    #[must_use]
+    pub fn cancel_token(&self) -> tokio_util::sync::CancellationToken {
+        self.cancel.clone()
     }
 
     /// How the task was sent (enqueue, invoke, hook, retry, ...).

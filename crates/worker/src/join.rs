@@ -406,8 +406,16 @@ fn hook_payload(job: &Job, results: &BTreeMap<u32, PartResult>) -> Res<(bool, Va
             .collect();
         return Ok((true, Value::Array(ordered)));
     }
+    // A job whose parts were cancelled (docs/cancellation.md) fails as cancelled.
+    let cancelled = results
+        .values()
+        .any(|r| matches!(&r.outcome, ReplyOutcome::Error(f) if f.kind == FailureKind::Cancelled));
     let error = Failure {
-        kind: FailureKind::PartsFailed,
+        kind: if cancelled {
+            FailureKind::Cancelled
+        } else {
+            FailureKind::PartsFailed
+        },
         message: format!("{} of {} parts failed", failed.len(), job.total),
     };
     Ok((

@@ -37,6 +37,8 @@
 //! - `context`: [`Context`], what a running handler knows and can do.
 //! - `outcome`: [`TaskError`], the explicit "fail / retry after / reject" a handler returns.
 //! - `fanout`: the callbacks of parallel targets (each target's on-target callbacks).
+//! - `cancel`, `unique`: cancellation (arrival check, broadcast, grace) and unique-task
+//!   keys (docs/cancellation.md).
 //! - `split`, `join`: split jobs and the exactly-once join that fan-ins share.
 //! - `schedule`: schedules ([`Schedule`]): the lease, the ticker, one task per tick.
 //! - `metrics`: per-method metric handles and [`Prometheus`], the optional `/metrics`
@@ -44,6 +46,7 @@
 //!
 //! Retry policies ([`RetryPolicy`]) and their delay queues live in `warren_core::retry`.
 
+mod cancel;
 mod chain;
 mod context;
 mod early;
@@ -62,7 +65,9 @@ mod service;
 mod settle;
 mod split;
 mod state;
+mod unique;
 
+pub use cancel::DEFAULT_CANCEL_GRACE;
 pub use context::Context;
 pub use error::WorkerError;
 pub use metrics::{MetricsError, MetricsServer, Prometheus};

@@ -28,7 +28,7 @@ use crate::handler::ErasedHandler;
 use crate::join::{self, Job};
 use crate::metrics::{MethodMetrics, Outcome, Settled};
 use crate::publish::{dead_letter, hook, reply, retry};
-use crate::settle::{after_failure, settle, Failed, Next, Settle};
+use crate::settle::{after_failure, dead_letters, settle, Failed, Next, Settle};
 use crate::split::{self, splitter_name};
 use crate::Context;
 use warren_core::status::{TaskState, TaskStatus};
@@ -105,6 +105,10 @@ pub(crate) struct Shared {
     pub(crate) early: crate::early::EarlyAcks,
     /// Where rate limits and key slots are kept (docs/flow.md).
     pub(crate) flow: crate::flow::Flow,
+    /// Cancellations heard and handlers running (docs/cancellation.md).
+    pub(crate) cancels: crate::cancel::Cancels,
+    /// How long a cancelled handler may still run before its future is dropped.
+    pub(crate) cancel_grace: Duration,
 }
 
 /// Where a delivery came from: a service's queue, or one subscriber's queue of a topic.
@@ -232,12 +236,15 @@ async fn handle_delivery(
             settle_delivery(&shared, &route, &d, Some(&env), m, checked, None).await;
             return;
         }
+        // A cancelled task never runs (docs/cancellation.md); it is never recorded running,
+        // and flow control does not hold it back.
+        let cancelled = shared.cancels.check(shared.recorder.as_ref(), &env).await;
         // Flow control (docs/flow.md): a task over its method's rate limit, or whose key is
         // busy, waits on the broker instead of running now.
         let limits = shared
             .services
             .get(&env.svc)
-            .filter(|_| env.svc == *svc)
+            .filter(|_| env.svc == *svc && cancelled.is_none())
             .map(|s| &s.limits);
         let slot = match limits {
             None => None,
@@ -264,7 +271,7 @@ async fn handle_delivery(
             return;
         }
         let _in_flight = m.received(Some(&env), matches!(kind, Kind::Part(_)));
-        if let Some(r) = shared.recorder.as_ref() {
+        if let (Some(r), None) = (shared.recorder.as_ref(), &cancelled) {
             r.record(&status_of(&env, TaskState::Running, None, None))
                 .await;
         }
@@ -276,7 +283,13 @@ async fn handle_delivery(
         );
         let work = async {
             let started = std::time::Instant::now();
-            let resolution = run(&shared, svc, &env, d.redelivered || resent).await;
+            let resolution = match cancelled {
+                Some(f) => {
+                    tracing::info!("cancelled; not run");
+                    Resolution::Dead(f)
+                }
+                None => run(&shared, svc, &env, d.redelivered || resent).await,
+            };
             m.ran(started.elapsed());
             let outcome = match &resolution {
                 Resolution::Done(_) | Resolution::Step(..) | Resolution::Split(_) => {
@@ -348,6 +361,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
     // The hard limit counts from here, and the handler sees it as its deadline.
     let limit = service.time_limit(env);
     let deadline = limit.and_then(|l| std::time::Instant::now().checked_add(l));
+    let running = shared.cancels.start(env);
     let ctx = Context {
         id: env.id,
         cid: env.cid.clone(),
@@ -363,6 +377,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         state: shared.state.clone(),
         children: Children::default(),
         deadline,
+        cancel: running.token.clone(),
     };
     let children = ctx.children.clone();
     // A chain step reads its input from the bog.
@@ -370,7 +385,13 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
         Some(c) => Value::Object(c.bog.clone()),
         None => env.payload.clone(),
     };
-    let outcome = call(splitter.unwrap_or(handler).as_ref(), ctx, input, limit).await;
+    let stops = Stops {
+        limit,
+        cancel: running.token.clone(),
+        grace: shared.cancel_grace,
+    };
+    let outcome = call(splitter.unwrap_or(handler).as_ref(), ctx, input, stops).await;
+    drop(running);
     match outcome {
         Ok(v) if env.chain.is_some() && !(v.is_object() || v.is_null()) => {
             Resolution::Dead(failure(
@@ -398,6 +419,10 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
                 Next::Dead(FailureKind::Rejected) => {
                     tracing::warn!(error = %message, "rejected");
                     Resolution::Dead(failure(FailureKind::Rejected, message))
+                }
+                Next::Dead(FailureKind::Cancelled) => {
+                    tracing::info!(error = %message, "cancelled while it ran");
+                    Resolution::Dead(failure(FailureKind::Cancelled, message))
                 }
                 Next::Retry(delay) => {
                     tracing::info!(error = %message, retry_in = ?delay, "failed; will retry");
@@ -484,13 +509,22 @@ enum Stop {
     Failed(Failed, String),
 }
 
-/// Decodes the payload, runs the handler (stopped at its time limit: its future is dropped),
-/// catches panics.
+/// What stops a running handler: its hard time limit, and a cancellation (after a grace).
+struct Stops {
+    limit: Option<Duration>,
+    cancel: tokio_util::sync::CancellationToken,
+    grace: Duration,
+}
+
+/// Decodes the payload, runs the handler (stopped at its time limit, or a grace period after
+/// it was cancelled: its future is dropped), catches panics. A handler that returns an error
+/// after it was cancelled fails as cancelled; one that returns `Ok` within the grace keeps
+/// its result.
 async fn call(
     handler: &dyn ErasedHandler,
     ctx: Context,
     payload: Value,
-    limit: Option<Duration>,
+    stops: Stops,
 ) -> Result<Value, Stop> {
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(ctx, payload)));
     let fut = match started {
@@ -503,21 +537,48 @@ async fn call(
     };
     tracing::debug!("started");
     let running = AssertUnwindSafe(fut).catch_unwind();
-    let ran = match limit {
-        None => running.await,
-        Some(limit) => match tokio::time::timeout(limit, running).await {
-            Ok(ran) => ran,
-            Err(_) => {
-                tracing::warn!(?limit, "handler stopped at its time limit");
-                return Err(Stop::Failed(
-                    Failed::TimedOut,
-                    format!("the handler ran past its time limit of {limit:?} and was stopped"),
-                ));
-            }
-        },
+    let limited = async {
+        match stops.limit {
+            None => Ok(running.await),
+            Some(limit) => match tokio::time::timeout(limit, running).await {
+                Ok(ran) => Ok(ran),
+                Err(_) => {
+                    tracing::warn!(?limit, "handler stopped at its time limit");
+                    Err(Stop::Failed(
+                        Failed::TimedOut,
+                        format!("the handler ran past its time limit of {limit:?} and was stopped"),
+                    ))
+                }
+            },
+        }
     };
+    let grace = stops.grace;
+    let cancelled_and_graced = async {
+        stops.cancel.cancelled().await;
+        tracing::info!(
+            ?grace,
+            "cancelled while running; the handler has its grace period"
+        );
+        tokio::time::sleep(grace).await;
+    };
+    let ran = tokio::select! {
+        biased;
+        ran = limited => ran?,
+        () = cancelled_and_graced => {
+            tracing::warn!(?grace, "cancelled handler still running after its grace; dropped");
+            return Err(Stop::Failed(
+                Failed::Cancelled,
+                format!("cancelled while running; dropped after the grace period of {grace:?}"),
+            ));
+        }
+    };
+    let cancelled = stops.cancel.is_cancelled();
     match ran {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if cancelled => Err(Stop::Failed(
+            Failed::Cancelled,
+            format!("cancelled while running: {}", e.message),
+        )),
         Ok(Err(e)) => Err(Stop::Failed(Failed::Handler(e.action), e.message)),
         Err(panic) => Err(Stop::Dead(panicked(&*panic))),
     }
@@ -555,10 +616,14 @@ async fn finish(
         Resolution::Retry(_) => Some(status_of(env, TaskState::Pending, None, None)),
         Resolution::Split(_) => None,
     };
+    let ends = !matches!(resolution, Resolution::Retry(_));
     let mut published: Result<(), warren_client::Error> =
         publish_outcome(shared, route, d, env, kind, m, resolution)
             .await
             .map_err(Into::into);
+    if let (Ok(()), true, Some(key)) = (&published, ends, &env.unique) {
+        crate::unique::release(shared, env, key).await;
+    }
     if let (Ok(()), Some(st), e) = (&published, &status, env) {
         if let Some(r) = shared.recorder.as_ref() {
             r.record(st).await;
@@ -785,7 +850,9 @@ async fn publish_outcome(
             chain::advance(shared, d, env, v, Map::new()).await
         }
         (Kind::ChainStep, Resolution::Dead(f)) => {
-            dead_letter(shared, route, d, m, &f).await?;
+            if dead_letters(f.kind) {
+                dead_letter(shared, route, d, m, &f).await?;
+            }
             chain::end(shared, d, env, ReplyOutcome::Error(f)).await
         }
         // A part reports to its part queue and joins; it has no reply or hooks of its own
@@ -796,7 +863,9 @@ async fn publish_outcome(
             report_part(shared, job, env, outcome).await
         }
         (Kind::Part(job), Resolution::Dead(f)) => {
-            dead_letter(shared, route, d, m, &f).await?;
+            if dead_letters(f.kind) {
+                dead_letter(shared, route, d, m, &f).await?;
+            }
             let outcome = ReplyOutcome::Error(f);
             on_target(shared, Some(env), &outcome).await?;
             report_part(shared, job, env, outcome).await
@@ -813,7 +882,7 @@ async fn publish_outcome(
         }
         (Kind::Task, Resolution::Dead(f)) => {
             // A blocking invoke/retry attempt that the caller will repeat is not dead yet.
-            if !(f.kind == FailureKind::Handler && env.caller_retries) {
+            if dead_letters(f.kind) && !(f.kind == FailureKind::Handler && env.caller_retries) {
                 dead_letter(shared, route, d, m, &f).await?;
             }
             on_target(shared, Some(env), &ReplyOutcome::Error(f.clone())).await?;

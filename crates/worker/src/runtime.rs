@@ -44,6 +44,7 @@ pub struct WorkerBuilder {
     schedules: Vec<Result<crate::schedule::Registered, WorkerError>>,
     flow_store: Option<Arc<dyn warren_core::flow::FlowStore>>,
     key_lease: Duration,
+    cancel_grace: Duration,
 }
 
 /// Default of [`WorkerBuilder::consumer_timeout`]: RabbitMQ's default `consumer_timeout`.
@@ -82,6 +83,7 @@ impl Default for WorkerBuilder {
             schedules: Vec::new(),
             flow_store: None,
             key_lease: warren_core::flow::DEFAULT_KEY_LEASE,
+            cancel_grace: crate::cancel::DEFAULT_CANCEL_GRACE,
         }
     }
 }
@@ -242,6 +244,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long a handler may still run after its task was cancelled (default
+    /// [`crate::DEFAULT_CANCEL_GRACE`], 10 s): it sees the cancellation at once
+    /// (`ctx.cancelled()`), and its future is dropped when the grace ends. Zero drops it at
+    /// once. See docs/cancellation.md.
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.cancel_grace = grace;
+        self
+    }
+
     /// Carries the schedule `name`: each tick of `schedule` becomes one task for `target`
     /// (`"svc.method"`) with `payload`, however many workers carry the same schedule and
     /// whichever of them die (one of them holds the schedule's lease and fires the ticks;
@@ -392,6 +403,8 @@ impl WorkerBuilder {
             )
         };
         let tickers = crate::schedule::Tickers::new(schedules, schedule_broker);
+        // The worker's own cancel queue, bound before any task is consumed.
+        let cancel_sub = crate::cancel::subscribe(consume.clone(), uuid::Uuid::now_v7()).await?;
         let mut client = ClientBuilder::default();
         if let Some(store) = &self.store {
             client = client.status_store(store.clone());
@@ -481,7 +494,10 @@ impl WorkerBuilder {
                         .unwrap_or_else(|| Arc::new(warren_core::flow::LocalFlow::new())),
                     lease: self.key_lease,
                 },
+                cancels: crate::cancel::Cancels::default(),
+                cancel_grace: self.cancel_grace,
             }),
+            cancel_sub,
             consume,
             subs,
             concurrency: self.concurrency,
@@ -504,6 +520,8 @@ pub struct Worker {
     tickers: crate::schedule::Tickers,
     /// Moves due delayed messages into their service queues (warren_core::delay).
     mover: DelayMover,
+    /// The worker's cancel queue (exclusive: deleted with the consuming connection).
+    cancel_sub: Subscription,
 }
 
 impl std::fmt::Debug for Worker {
@@ -542,6 +560,13 @@ impl Worker {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// The name of this worker's cancel queue (`warren.cancel.<worker id>`: exclusive to its
+    /// consuming connection, so the broker deletes it when the worker stops or dies).
+    #[must_use]
+    pub fn cancel_queue(&self) -> &str {
+        self.cancel_sub.queue()
     }
 
     /// The schedules whose lease this worker holds (it fires their ticks), updated as
@@ -584,6 +609,7 @@ impl Worker {
             metrics_server,
             tickers,
             mover,
+            cancel_sub,
         } = self;
         let permits = Arc::new(Semaphore::new(concurrency));
         let tracker = TaskTracker::new();
@@ -601,6 +627,13 @@ impl Worker {
         }
         let mut ticking = tickers.start(&stop);
         let moving = tokio::spawn(mover.run(stop.clone()));
+        // Cancellations are heard until the drain ends (handlers still running hear them).
+        let stop_hearing = CancellationToken::new();
+        let hearing = tokio::spawn(crate::cancel::listen(
+            shared.clone(),
+            cancel_sub,
+            stop_hearing.clone(),
+        ));
         tracing::info!(concurrency, "worker running");
         tokio::pin!(shutdown);
         let mut result = Ok(());
@@ -651,6 +684,10 @@ impl Worker {
             }
         }
         for sub in stopped {
+            sub.close().await;
+        }
+        stop_hearing.cancel();
+        if let Ok(sub) = hearing.await {
             sub.close().await;
         }
         shared.client.close().await;

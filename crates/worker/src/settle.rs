@@ -105,6 +105,9 @@ pub(crate) enum Failed {
     Handler(Action),
     /// The handler ran past its hard time limit and was stopped.
     TimedOut,
+    /// The task was cancelled while its handler ran (the handler returned an error after
+    /// it, or was dropped after the grace period).
+    Cancelled,
 }
 
 /// What follows an attempt that did not succeed.
@@ -123,6 +126,7 @@ pub(crate) enum Next {
 pub(crate) fn after_failure(failed: Failed, attempt: u32, policy: &RetryPolicy) -> Next {
     let delay = match failed {
         Failed::Handler(Action::Reject) => return Next::Dead(FailureKind::Rejected),
+        Failed::Cancelled => return Next::Dead(FailureKind::Cancelled),
         Failed::Handler(Action::Fail) | Failed::TimedOut => policy.delay_after(attempt),
         Failed::Handler(Action::RetryAfter(d)) => d,
     };
@@ -133,6 +137,13 @@ pub(crate) fn after_failure(failed: Failed, attempt: u32, policy: &RetryPolicy) 
     } else {
         Next::Dead(FailureKind::Handler)
     }
+}
+
+/// `true` when a task that failed for good with `kind` gets a copy in its service's
+/// dead-letter queue. A cancelled task does not: nobody should replay it, and a cancelled
+/// 200-part job would otherwise leave 200 dead letters.
+pub(crate) fn dead_letters(kind: FailureKind) -> bool {
+    kind != FailureKind::Cancelled
 }
 
 /// The `n`-th pause of a backon exponential backoff from [`FIRST_PAUSE`] to [`MAX_PAUSE`]
@@ -272,6 +283,13 @@ mod tests {
             after_failure(Failed::Handler(Action::RetryAfter(after)), 1, &policy),
             Next::Retry(after)
         );
+        // A cancellation is final on any attempt, and not dead-lettered.
+        assert_eq!(
+            after_failure(Failed::Cancelled, 1, &policy),
+            Next::Dead(FailureKind::Cancelled)
+        );
+        assert!(!dead_letters(FailureKind::Cancelled));
+        assert!(dead_letters(FailureKind::Handler));
         // One attempt only: the first timeout is final.
         assert_eq!(
             after_failure(Failed::TimedOut, 1, &RetryPolicy::none()),

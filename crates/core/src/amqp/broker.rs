@@ -453,6 +453,7 @@ pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
         (TASK_EXCHANGE, ExchangeKind::Direct),
         (DEAD_EXCHANGE, ExchangeKind::Direct),
         (TOPIC_EXCHANGE, ExchangeKind::Direct),
+        (crate::cancel::CANCEL_EXCHANGE, ExchangeKind::Fanout),
     ] {
         ch.exchange_declare(
             short(name),

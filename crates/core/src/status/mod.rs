@@ -89,6 +89,9 @@ pub enum StoreError {
     /// A stored value could not be read.
     #[error("status store holds an unreadable value: {0}")]
     Corrupt(String),
+    /// This store does not implement the feature.
+    #[error("this status store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// Storage for task statuses, with expiry. Implement it to keep statuses elsewhere than
@@ -118,6 +121,48 @@ pub trait StatusStore: Send + Sync + std::fmt::Debug + 'static {
     fn claim(&self, id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>> {
         let _ = id;
         Box::pin(async { Ok(true) })
+    }
+    /// Records a cancellation of `scope` until the retention runs out
+    /// (docs/cancellation.md). Optional: the default refuses with
+    /// [`StoreError::Unsupported`], and cancellations then hold only in running workers.
+    fn cancel<'a>(
+        &'a self,
+        scope: &'a crate::cancel::CancelScope,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = scope;
+        Box::pin(async { Err(StoreError::Unsupported("cancellations")) })
+    }
+    /// `true` when any of `ids` or `cid` was cancelled (within the retention). Workers ask
+    /// once per task that arrives, in one round trip. Optional: the default knows of none.
+    fn is_cancelled<'a>(
+        &'a self,
+        ids: &'a [Uuid],
+        cid: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let _ = (ids, cid);
+        Box::pin(async { Ok(false) })
+    }
+    /// Claims unique key `key` (already qualified with its `svc.method`) for `holder` for
+    /// `ttl`, atomically: `Ok(None)` when this call claimed it, `Ok(Some(current holder))`
+    /// when another holds it. Optional: the default refuses with [`StoreError::Unsupported`].
+    fn unique_claim<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let _ = (key, holder, ttl);
+        Box::pin(async { Err(StoreError::Unsupported("unique tasks")) })
+    }
+    /// Removes unique key `key` if (and only if) its holder is task `id`; `true` when it was
+    /// removed. Optional: the default removes nothing.
+    fn unique_release<'a>(
+        &'a self,
+        key: &'a str,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let _ = (key, id);
+        Box::pin(async { Ok(false) })
     }
 }
 

@@ -8,6 +8,9 @@ use super::{BoxFuture, StatusStore, StoreError, TaskStatus, DEFAULT_RETENTION};
 
 /// Redis-backed [`StatusStore`]: `warren:status:<id>` holds the JSON status and
 /// `warren:cid:<cid>` the set of task ids, both expiring `retention` after their last write.
+/// Cancellations are `warren:cancel:id:<id>` / `warren:cancel:cid:<cid>` (expiring after
+/// `retention`), unique keys `warren:unique:<svc.method>:<key>` (expiring after the task's
+/// unique ttl, removed when the task ends).
 /// Connects lazily and reconnects by itself; every command has a deadline.
 ///
 /// ```no_run
@@ -105,6 +108,21 @@ impl RedisStore {
     fn key(&self, id: &Uuid) -> String {
         format!("{}status:{id}", self.prefix)
     }
+
+    /// The store key recording a cancellation of `scope`.
+    #[must_use]
+    pub fn cancel_key(&self, scope: &crate::cancel::CancelScope) -> String {
+        match scope {
+            crate::cancel::CancelScope::Id(id) => format!("{}cancel:id:{id}", self.prefix),
+            crate::cancel::CancelScope::Cid(cid) => format!("{}cancel:cid:{cid}", self.prefix),
+        }
+    }
+
+    /// The store key of unique key `key` (qualified with its `svc.method`).
+    #[must_use]
+    pub fn unique_key(&self, key: &str) -> String {
+        format!("{}unique:{key}", self.prefix)
+    }
 }
 
 impl RedisStore {
@@ -118,6 +136,24 @@ impl RedisStore {
         self.timeout
     }
 }
+
+/// Claim-or-read in one step: the current holder, or nothing after setting it.
+const UNIQUE_CLAIM: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+";
+
+/// Compare-and-delete: remove the key only while it holds this task id (its first 36
+/// bytes; the rest is the holder's cid).
+const UNIQUE_RELEASE: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 36) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
 
 pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("{}: {}", e.category(), e.detail().unwrap_or("")))
@@ -194,6 +230,81 @@ impl StatusStore for RedisStore {
             p.cmd("GET").arg(format!("{}count:{name}", self.prefix));
             let (v,): (Option<u64>,) = self.run(p).await?;
             Ok(Some(v.unwrap_or(0)))
+        })
+    }
+
+    /// `SET warren:cancel:{id|cid}:<x> <now ms> EX <retention>`.
+    fn cancel<'a>(
+        &'a self,
+        scope: &'a crate::cancel::CancelScope,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("SET")
+                .arg(self.cancel_key(scope))
+                .arg(crate::envelope::now_ms())
+                .arg("EX")
+                .arg(self.retention.as_secs().max(1))
+                .ignore();
+            self.run::<()>(p).await
+        })
+    }
+
+    /// One `MGET` of the ids' and the cid's cancel keys.
+    fn is_cancelled<'a>(
+        &'a self,
+        ids: &'a [Uuid],
+        cid: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            use crate::cancel::CancelScope;
+            let mut p = redis::pipe();
+            let cmd = p.cmd("MGET");
+            for id in ids {
+                cmd.arg(self.cancel_key(&CancelScope::Id(*id)));
+            }
+            cmd.arg(self.cancel_key(&CancelScope::Cid(cid.to_owned())));
+            let (found,): (Vec<Option<String>>,) = self.run(p).await?;
+            Ok(found.iter().any(Option::is_some))
+        })
+    }
+
+    /// A Lua claim-or-read (`SET … PX <ttl>` when free).
+    fn unique_claim<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(async move {
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let mut p = redis::pipe();
+            p.cmd("EVAL")
+                .arg(UNIQUE_CLAIM)
+                .arg(1)
+                .arg(self.unique_key(key))
+                .arg(holder)
+                .arg(ttl_ms);
+            let (held,): (Option<String>,) = self.run(p).await?;
+            Ok(held)
+        })
+    }
+
+    /// A Lua compare-and-delete.
+    fn unique_release<'a>(
+        &'a self,
+        key: &'a str,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("EVAL")
+                .arg(UNIQUE_RELEASE)
+                .arg(1)
+                .arg(self.unique_key(key))
+                .arg(id.to_string());
+            let (n,): (i64,) = self.run(p).await?;
+            Ok(n > 0)
         })
     }
 
