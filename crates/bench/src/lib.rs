@@ -49,6 +49,7 @@
 mod chain;
 mod drain;
 mod fanout;
+mod flow;
 mod invoke;
 mod jobs;
 mod noop;
@@ -184,6 +185,7 @@ pub const GROUPS: &[Group] = &[
     chain::GROUP,
     jobs::GROUP,
     time::GROUP,
+    flow::GROUP,
 ];
 
 fn group_parser() -> PossibleValuesParser {
