@@ -37,9 +37,15 @@ pub struct AmqpUrl {
     redacted: String,
 }
 
+/// The AMQP frame size warren asks for when the URL sets none (see [`AmqpUrl::parse`]).
+pub const DEFAULT_FRAME_MAX: u32 = 16_384;
+
 impl AmqpUrl {
     /// Parses and checks a URL; adds `heartbeat=10` when the URL sets no heartbeat, so a
-    /// black-holed connection is noticed within about 20 seconds.
+    /// black-holed connection is noticed within about 20 seconds, and `frame_max=16384` when
+    /// it sets no frame size: lapin keeps a send and a receive buffer of 32 frames per
+    /// connection, zero-filled, so RabbitMQ's default 128 KiB frames cost 8 MiB of memory per
+    /// connection, and 16 KiB frames 1 MiB (a larger message is sent as more frames).
     pub fn parse(raw: &str) -> Result<Self> {
         let raw = raw.trim();
         let mut url = url::Url::parse(raw)
@@ -55,6 +61,10 @@ impl AmqpUrl {
         }
         if !url.query_pairs().any(|(k, _)| k == "heartbeat") {
             url.query_pairs_mut().append_pair("heartbeat", "10");
+        }
+        if !url.query_pairs().any(|(k, _)| k == "frame_max") {
+            url.query_pairs_mut()
+                .append_pair("frame_max", &DEFAULT_FRAME_MAX.to_string());
         }
         let mut shown = url.clone();
         if shown.password().is_some() {
@@ -527,8 +537,10 @@ mod tests {
         assert!(u.secret().contains("hunter2"));
         assert!(u.secret().contains("heartbeat=10"));
         assert_eq!(u.host_port(), "rabbit:5673");
-        let u = AmqpUrl::parse("amqp://h/?heartbeat=3").unwrap();
+        assert!(u.secret().contains("frame_max=16384"));
+        let u = AmqpUrl::parse("amqp://h/?heartbeat=3&frame_max=131072").unwrap();
         assert!(!u.secret().contains("heartbeat=10"));
+        assert!(!u.secret().contains("frame_max=16384"));
     }
 
     #[test]
