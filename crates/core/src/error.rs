@@ -148,6 +148,18 @@ impl Error {
         )
     }
 
+    /// `true` for a refusal because another connection holds a queue exclusively
+    /// (`RESOURCE_LOCKED`, or `ACCESS_REFUSED ... exclusive`): after a node dies, the broker
+    /// may still list the dead connection's exclusive queue or consumer for a moment, so a
+    /// client resubscribing its reply queue on another node is refused until it is cleaned
+    /// up. Retrying later helps.
+    #[must_use]
+    pub fn is_exclusive_conflict(&self) -> bool {
+        matches!(self, Error::Refused { source, .. }
+            if source.reply_code() == Some(405)
+                || (source.reply_code() == Some(403) && source.to_string().contains("exclusive")))
+    }
+
     /// `true` for a refusal that a cluster failover causes: a durable classic queue whose
     /// home node is down answers `NOT_FOUND ... down or inaccessible` until the node is back.
     /// Retrying later helps.

@@ -172,12 +172,20 @@ impl Subscription {
                 match opened {
                     Ok(a) => {
                         self.active = Some(a);
+                        self.subscribed_once = true;
                         tracing::info!(queue = %self.spec.queue.name, "consumer resubscribed");
                         return Ok(Some(ConsumerEvent::Resubscribed));
                     }
-                    // A refusal repeats, except a queue whose cluster node is down: that
-                    // one answers again once the node is back.
-                    Err(e @ (Error::Refused { .. } | Error::Name(_))) if !e.is_node_down() => {
+                    // A refusal on the first subscribe is a mistake to report. After a
+                    // connection loss it is retried: a failover refuses for a while (a
+                    // queue whose cluster node is down, an exclusive queue or consumer of a
+                    // dead connection not cleaned up yet, a queue of a dead node being
+                    // removed), and a consumer that gave up would stop its worker or client.
+                    Err(e @ (Error::Refused { .. } | Error::Name(_)))
+                        if !self.subscribed_once
+                            && !e.is_node_down()
+                            && !e.is_exclusive_conflict() =>
+                    {
                         return Err(e)
                     }
                     Err(e) => {
