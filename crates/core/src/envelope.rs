@@ -253,7 +253,10 @@ impl Envelope {
     /// The common case (a valid version-1 envelope) is decoded in one pass; only a body that
     /// fails is parsed again, to say precisely why.
     pub fn from_bytes(body: &[u8]) -> Result<Self, DecodeError> {
-        let env: Envelope = match serde_json::from_slice(body) {
+        // The whole body must be UTF-8, unknown fields included: serde_json skips over the
+        // strings of fields it ignores without checking them.
+        let text = std::str::from_utf8(body).map_err(DecodeError::NotUtf8)?;
+        let env: Envelope = match serde_json::from_str(text) {
             Ok(env) => env,
             Err(_) => return Err(Self::diagnose(body)),
         };
@@ -287,6 +290,9 @@ impl Envelope {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
+    /// The body is not UTF-8 (anywhere, unknown fields included).
+    #[error("body is not UTF-8: {0}")]
+    NotUtf8(#[source] std::str::Utf8Error),
     /// The body is not JSON.
     #[error("body is not valid JSON: {0}")]
     Malformed(#[source] serde_json::Error),
@@ -415,6 +421,14 @@ mod tests {
         assert!(matches!(
             Envelope::from_bytes(br#"{"id":1}"#),
             Err(DecodeError::MissingVersion)
+        ));
+        // Invalid UTF-8 inside a field the envelope does not know is still refused.
+        let mut good = e.to_bytes().unwrap();
+        good.pop();
+        good.extend_from_slice(b",\"extra\":\"\xff\xfe\"}");
+        assert!(matches!(
+            Envelope::from_bytes(&good),
+            Err(DecodeError::NotUtf8(_))
         ));
         assert!(matches!(
             Envelope::from_bytes(br#"{"v":2}"#),

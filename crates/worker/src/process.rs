@@ -195,8 +195,13 @@ pub(crate) async fn handle(
     let task = received
         .as_ref()
         .map_or_else(TraceContext::new_root, TraceContext::child);
-    task.scope(handle_delivery(shared, route, d, received, arrived))
-        .await;
+    // Boxed: the spawned task then stays small, and the delivery's state is written once
+    // on the heap instead of being copied through every wrapper (tokio moves a spawned
+    // future by value, and each wrapper would lay out its own copy).
+    task.scope(Box::pin(handle_delivery(
+        shared, route, d, received, arrived,
+    )))
+    .await;
 }
 
 async fn handle_delivery(
@@ -218,7 +223,7 @@ async fn handle_delivery(
             let f = failure(FailureKind::BadEnvelope, e.to_string());
             let m = shared.metrics.of(svc, None);
             let _in_flight = m.received(None, false);
-            let settled = refuse(&shared, &route, &d, m, f).await;
+            let settled = Box::pin(refuse(&shared, &route, &d, m, f)).await;
             m.settled(Outcome::Failed(FailureKind::BadEnvelope), settled);
             return;
         }
@@ -232,7 +237,9 @@ async fn handle_delivery(
         tracing::debug!(redelivered = d.redelivered, "received");
         let m = shared.metrics.of(svc, Some(&env.method));
         if let Kind::JoinCheck(job) = &kind {
-            let checked = join::try_join(&shared, job).await.map_err(Into::into);
+            let checked = Box::pin(join::try_join(&shared, job))
+                .await
+                .map_err(Into::into);
             settle_delivery(&shared, &route, &d, Some(&env), m, checked, None).await;
             return;
         }
@@ -248,14 +255,16 @@ async fn handle_delivery(
             .map(|s| &s.limits);
         let slot = match limits {
             None => None,
-            Some(limits) => match crate::flow::admit(&shared.flow, limits, &env, &d).await {
-                Admission::Run(slot) => slot,
-                Admission::Wait(wait) => {
-                    let settled = Box::pin(defer(&shared, &route, &d, &env, m, &wait)).await;
-                    m.deferred(wait.reason, settled);
-                    return;
+            Some(limits) => {
+                match Box::pin(crate::flow::admit(&shared.flow, limits, &env, &d)).await {
+                    Admission::Run(slot) => slot,
+                    Admission::Wait(wait) => {
+                        let settled = Box::pin(defer(&shared, &route, &d, &env, m, &wait)).await;
+                        m.deferred(wait.reason, settled);
+                        return;
+                    }
                 }
-            },
+            }
         };
         // After flow control: a deferred chain step has not claimed its step yet, so its
         // copy is not taken for a duplicate when it comes back.
@@ -301,19 +310,18 @@ async fn handle_delivery(
             let published = finish(&shared, &route, &d, &env, &kind, m, resolution).await;
             (outcome, published)
         };
-        // A key slot is held (and its lease renewed) until the outcome is published.
-        let work = match slot {
-            None => futures_util::future::Either::Left(work),
-            Some(slot) => futures_util::future::Either::Right(Box::pin(crate::flow::holding(
-                &shared.flow,
-                slot,
-                work,
-            ))),
-        };
+        // Pinned here once; the wrappers below hold a pointer to it, not a copy each.
+        let mut work = std::pin::pin!(work);
         // Still running near the broker's consumer timeout: acked early (docs/time.md).
         let ack_by = shared.ack_early_after.and_then(|a| arrived.checked_add(a));
-        let ((outcome, published), early) =
-            crate::early::guard(&shared, &route, &d, ack_by, work).await;
+        let ((outcome, published), early) = match slot {
+            None => crate::early::guard(&shared, &route, &d, ack_by, work.as_mut()).await,
+            // A key slot is held (and its lease renewed) until the outcome is published.
+            Some(slot) => {
+                let held = Box::pin(crate::flow::holding(&shared.flow, slot, work.as_mut()));
+                crate::early::guard(&shared, &route, &d, ack_by, held).await
+            }
+        };
         let settled = settle_delivery(
             &shared,
             &route,
@@ -657,7 +665,7 @@ async fn refuse(
     f: Failure,
 ) -> Settled {
     let published = async {
-        dead_letter(shared, route, d, m, &f).await?;
+        Box::pin(dead_letter(shared, route, d, m, &f)).await?;
         reply(shared, d, None, ReplyOutcome::Error(f)).await
     }
     .await
@@ -698,7 +706,7 @@ async fn settle_delivery(
             shared.requeues.failed(key);
             tokio::time::sleep(after).await;
             if let Some(early) = early {
-                early.republish(shared).await;
+                Box::pin(early.republish(shared)).await;
             }
             Settled::Requeued
         }
@@ -719,8 +727,8 @@ async fn settle_delivery(
             tracing::error!(error = %f.message, "the task's outcome cannot be published; dead-lettering it");
             shared.requeues.forget(key);
             let kind = f.kind;
-            let dead = dead_letter(shared, route, d, m, &f).await;
-            if let Err(e) = reply(shared, d, env, ReplyOutcome::Error(f)).await {
+            let dead = Box::pin(dead_letter(shared, route, d, m, &f)).await;
+            if let Err(e) = Box::pin(reply(shared, d, env, ReplyOutcome::Error(f))).await {
                 tracing::warn!(error = %e, "could not answer the caller");
             }
             match (dead, early) {
@@ -738,7 +746,7 @@ async fn settle_delivery(
                 (Err(e), Some(early)) => {
                     tracing::error!(error = %e, "could not dead-letter a task acked early; publishing it again");
                     tokio::time::sleep(crate::settle::MAX_PAUSE).await;
-                    early.republish(shared).await;
+                    Box::pin(early.republish(shared)).await;
                     Settled::Requeued
                 }
             }
@@ -840,37 +848,39 @@ async fn publish_outcome(
 ) -> warren_core::Result<()> {
     match (kind, resolution) {
         // Waiting for another attempt is the same for every kind of task.
-        (_, Resolution::Retry(delay)) => retry(shared, d, env, delay).await,
-        (Kind::JoinCheck(job), _) => join::try_join(shared, job).await,
+        (_, Resolution::Retry(delay)) => Box::pin(retry(shared, d, env, delay)).await,
+        (Kind::JoinCheck(job), _) => Box::pin(join::try_join(shared, job)).await,
         // A chain step goes on with the next step, or ends the chain.
         (Kind::ChainStep, Resolution::Step(v, children)) => {
-            chain::advance(shared, d, env, v, children).await
+            Box::pin(chain::advance(shared, d, env, v, children)).await
         }
         (Kind::ChainStep, Resolution::Done(v)) => {
-            chain::advance(shared, d, env, v, Map::new()).await
+            Box::pin(chain::advance(shared, d, env, v, Map::new())).await
         }
         (Kind::ChainStep, Resolution::Dead(f)) => {
             if dead_letters(f.kind) {
-                dead_letter(shared, route, d, m, &f).await?;
+                Box::pin(dead_letter(shared, route, d, m, &f)).await?;
             }
-            chain::end(shared, d, env, ReplyOutcome::Error(f)).await
+            Box::pin(chain::end(shared, d, env, ReplyOutcome::Error(f))).await
         }
         // A part reports to its part queue and joins; it has no reply or hooks of its own
         // (the job's hooks fire at the join).
         (Kind::Part(job), Resolution::Done(v) | Resolution::Step(v, _)) => {
             let outcome = ReplyOutcome::Ok(v);
             on_target(shared, Some(env), &outcome).await?;
-            report_part(shared, job, env, outcome).await
+            Box::pin(report_part(shared, job, env, outcome)).await
         }
         (Kind::Part(job), Resolution::Dead(f)) => {
             if dead_letters(f.kind) {
-                dead_letter(shared, route, d, m, &f).await?;
+                Box::pin(dead_letter(shared, route, d, m, &f)).await?;
             }
             let outcome = ReplyOutcome::Error(f);
             on_target(shared, Some(env), &outcome).await?;
-            report_part(shared, job, env, outcome).await
+            Box::pin(report_part(shared, job, env, outcome)).await
         }
-        (Kind::Task, Resolution::Split(parts)) => split::split(shared, d, env, parts).await,
+        (Kind::Task, Resolution::Split(parts)) => {
+            Box::pin(split::split(shared, d, env, parts)).await
+        }
         (Kind::Task, Resolution::Done(v) | Resolution::Step(v, _)) => {
             let outcome = ReplyOutcome::Ok(v.clone());
             let (a, b, c) = tokio::join!(
@@ -883,7 +893,7 @@ async fn publish_outcome(
         (Kind::Task, Resolution::Dead(f)) => {
             // A blocking invoke/retry attempt that the caller will repeat is not dead yet.
             if dead_letters(f.kind) && !(f.kind == FailureKind::Handler && env.caller_retries) {
-                dead_letter(shared, route, d, m, &f).await?;
+                Box::pin(dead_letter(shared, route, d, m, &f)).await?;
             }
             on_target(shared, Some(env), &ReplyOutcome::Error(f.clone())).await?;
             let payload = json!({

@@ -179,7 +179,9 @@ impl Publisher {
     /// and [`Error::Unconfirmed`] at the deadline, whose `maybe_stored` says whether an
     /// attempt may have reached a queue (then sending again may duplicate the message).
     pub async fn publish_by(&self, msg: &Outgoing, deadline: Instant) -> Result<()> {
-        self.publish_inner(msg, deadline, None).await
+        // Boxed: the retry loop's state is large, and every future that publishes would
+        // otherwise carry it inline (and copy it when it is spawned or moved).
+        Box::pin(self.publish_inner(msg, deadline, None)).await
     }
 
     /// Like [`Publisher::publish_by`], for a message whose queues `declare` describes: they
@@ -193,8 +195,7 @@ impl Publisher {
         declare: &(dyn Fn() -> Result<Vec<QueueSpec>> + Send + Sync),
         deadline: Instant,
     ) -> Result<()> {
-        self.publish_inner(msg, deadline, Some((key, declare)))
-            .await
+        Box::pin(self.publish_inner(msg, deadline, Some((key, declare)))).await
     }
 
     /// Declares `specs` once per publisher under `key` (again after
