@@ -169,6 +169,13 @@ impl Client {
             started,
             ended,
         };
+        // Listed as in flight (waiting for its first step) from now on, for the web admin.
+        if let (Some(r), Some(p)) = (
+            self.recorder(),
+            warren_core::status::ChainProgress::of(&env, warren_core::status::TaskState::Pending),
+        ) {
+            r.chain_progress(&p).await;
+        }
         // A chain timeout bounds the whole call from its start, the publish included.
         let publish_by = match chain.timeout {
             Some(t) => (started + t).min(self.publish_deadline()),
