@@ -554,13 +554,24 @@ async fn browse_and_replay(
     })
     .await?;
     // Every method, the ones that never failed with 0 dead letters.
-    check_page(driver, b, &service_page, "#methods", &hold).await?;
+    check_page(driver, b, &service_page, "#methods", "hold").await?;
     let methods = wait_text(b, "#methods", |t| {
         ["step", "hold", "got", "work"]
             .iter()
-            .all(|m| t.contains(m))
+            .all(|m| t.lines().any(|l| l.starts_with(&format!("{m} "))))
     })
     .await?;
+    for m in ["step", "hold", "got"] {
+        let row = methods
+            .lines()
+            .find(|l| l.starts_with(&format!("{m} ")))
+            .unwrap_or_default();
+        // method, advertised at, dead letters 0, no reasons.
+        ensure!(
+            row.split_whitespace().nth(2) == Some("0"),
+            "{m} never failed: {row:?}"
+        );
+    }
     ensure!(methods.contains("rejected: 1"), "{methods:?}");
     // A task's hook apart from its children; a chain step's next step among its children.
     check_page(
