@@ -479,3 +479,37 @@ impl Recorder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Via;
+
+    #[test]
+    fn relations_follow_the_channel_and_read_back() {
+        assert_eq!(Relation::of(Via::Enqueue), Some(Relation::Child));
+        assert_eq!(Relation::of(Via::Invoke), Some(Relation::Child));
+        assert_eq!(Relation::of(Via::Hook), Some(Relation::Hook));
+        assert_eq!(Relation::of(Via::OnFinal), Some(Relation::Callback));
+        assert_eq!(Relation::of(Via::Part), Some(Relation::Part));
+        assert_eq!(Relation::of(Via::Chain), Some(Relation::Step));
+        // A retry keeps the relation its first attempt recorded.
+        assert_eq!(Relation::of(Via::Retry), None);
+        for r in [
+            Relation::Child,
+            Relation::Hook,
+            Relation::Callback,
+            Relation::Part,
+            Relation::Step,
+        ] {
+            assert_eq!(Relation::parse(r.as_str()), Some(r));
+            assert_eq!(
+                serde_json::to_value(r).ok(),
+                Some(serde_json::Value::from(r.as_str()))
+            );
+        }
+        assert!(Relation::Hook.is_hook() && Relation::Callback.is_hook());
+        assert!(!Relation::Child.is_hook() && !Relation::Step.is_hook());
+        assert_eq!(Relation::parse("other"), None);
+    }
+}
