@@ -406,7 +406,7 @@ async fn admin_with_store(node: &MgmtNode, store: Arc<dyn warren::StatusStore>) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_list_a_chain_at_its_current_step_and_a_fan_in_with_its_total() {
+async fn jobs_list_a_chain_at_its_current_step_and_split_and_fan_in_totals() {
     let node = MgmtNode::shared().await;
     let svc = unique("adm-chain");
     let prefix = format!("warren-test:{svc}:");
@@ -414,7 +414,7 @@ async fn jobs_list_a_chain_at_its_current_step_and_a_fan_in_with_its_total() {
     let (open, shut) = gate();
     let fin_calls = Arc::new(Mutex::new(0u32));
     let fins = fin_calls.clone();
-    let (s1, s2) = (shut.clone(), shut);
+    let (s1, s2, s3) = (shut.clone(), shut.clone(), shut);
     let service = Service::new(&svc)
         .method("first", |_: Context, _: serde_json::Value| async move {
             Ok::<_, TaskError>(serde_json::json!({"first": 1}))
@@ -431,6 +431,17 @@ async fn jobs_list_a_chain_at_its_current_step_and_a_fan_in_with_its_total() {
         })
         .method("slow", move |_: Context, n: u64| {
             let mut gate = s2.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Ok::<_, TaskError>(n)
+            }
+        })
+        // A split job of 3 parts, each held until the gate opens.
+        .method("sum_part", |_: Context, n: u64| async move {
+            Ok::<_, TaskError>((0..n).collect::<Vec<u64>>())
+        })
+        .method("sum", move |_: Context, n: u64| {
+            let mut gate = s3.clone();
             async move {
                 let _ = gate.wait_for(|open| *open).await;
                 Ok::<_, TaskError>(n)
@@ -472,6 +483,11 @@ async fn jobs_list_a_chain_at_its_current_step_and_a_fan_in_with_its_total() {
         p = p.target(format!("{svc}.slow"), &n);
     }
     let receipt = client.parallel(p).await.expect("parallel sent");
+    let split = client
+        .enqueue(Task::new(format!("{svc}.sum"), &3u64))
+        .await
+        .expect("split job sent");
+    let split_id = split.id.to_string();
     let (broker, admin) = admin_with_store(node, store).await;
 
     let jobs = poll(
@@ -481,15 +497,19 @@ async fn jobs_list_a_chain_at_its_current_step_and_a_fan_in_with_its_total() {
             let admin = admin.clone();
             let chain_id = chain_id.clone();
             let job = receipt.job.to_string();
+            let split_id = split_id.clone();
             async move {
                 let j = admin.jobs().await.ok()?;
                 let c = j.chains.iter().find(|c| c.id == chain_id)?;
                 let f = j.fan_ins.iter().find(|f| f.id == job)?;
-                // The API counts the part queue once it collected its statistics.
+                let s = j.split_jobs.iter().find(|s| s.id == split_id)?;
+                // The API counts a part queue once it collected its statistics.
                 (c.step == 2
                     && c.state == warren::TaskState::Running
                     && f.parts_total.is_some()
-                    && f.parts_in.is_some())
+                    && f.parts_in.is_some()
+                    && s.parts_total.is_some()
+                    && s.parts_in.is_some())
                 .then_some(j)
             }
         },
@@ -514,6 +534,10 @@ async fn jobs_list_a_chain_at_its_current_step_and_a_fan_in_with_its_total() {
         .unwrap();
     assert_eq!(f.parts_total, Some(4), "{f:?}");
     assert_eq!(f.parts_in, Some(0), "no target finished yet: {f:?}");
+    let s = jobs.split_jobs.iter().find(|s| s.id == split_id).unwrap();
+    assert_eq!(s.parts_total, Some(3), "{s:?}");
+    assert_eq!(s.parts_in, Some(0), "no part finished yet: {s:?}");
+    assert_eq!(s.target, Some(format!("{svc}.sum")));
 
     // Open the gate: the chain ends and leaves the list; the fan-in joins once.
     open.send_replace(true);
@@ -525,16 +549,18 @@ async fn jobs_list_a_chain_at_its_current_step_and_a_fan_in_with_its_total() {
     })
     .await;
     poll(
-        "the chain and fan-in to leave the jobs view",
+        "the chain, fan-in and split job to leave the jobs view",
         DEADLINE,
         || {
             let admin = admin.clone();
             let chain_id = chain_id.clone();
             let job = receipt.job.to_string();
+            let split_id = split_id.clone();
             async move {
                 let j = admin.jobs().await.ok()?;
                 (!j.chains.iter().any(|c| c.id == chain_id)
-                    && !j.fan_ins.iter().any(|f| f.id == job))
+                    && !j.fan_ins.iter().any(|f| f.id == job)
+                    && !j.split_jobs.iter().any(|s| s.id == split_id))
                 .then_some(())
             }
         },
