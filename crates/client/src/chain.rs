@@ -181,15 +181,23 @@ impl Client {
             Some(t) => (started + t).min(self.publish_deadline()),
             None => self.publish_deadline(),
         };
-        match chain.delay {
+        let sent = match chain.delay {
             Some(d) => {
                 self.send_later(&env, d, Some(&replies.queue), publish_by)
-                    .await?;
+                    .await
             }
             None => {
                 self.send_envelope_by(&env, Some(&replies.queue), publish_by)
-                    .await?;
+                    .await
             }
+        };
+        if let Err(e) = sent {
+            // Not listed as in flight (a copy the broker stored anyway is listed again when
+            // a worker starts it).
+            if let Some(r) = self.recorder() {
+                r.chain_ended(id).await;
+            }
+            return Err(e);
         }
         Ok(handle)
     }
