@@ -361,3 +361,344 @@ async fn api_errors_say_whether_retrying_helps_and_hide_credentials() {
     .expect("explicit");
     assert!(found.is_some_and(|c| !c.url().contains("guest")));
 }
+
+// ---- what the status store adds to the views: chains in flight, fan-in totals, methods
+// that never failed, children apart from hooks ----
+
+/// A status store under a prefix of its own (removed by [`drop_store`]).
+fn test_store(prefix: &str) -> Arc<dyn warren::StatusStore> {
+    Arc::new(
+        warren::RedisStore::new(&crate::cancel_common::redis_url(), Duration::from_secs(600))
+            .expect("redis URL")
+            .with_prefix(prefix.to_owned()),
+    )
+}
+
+/// Asserts that every key the test left under `prefix` expires by itself (a bounded
+/// lifetime), then removes them.
+async fn drop_store(prefix: &str) {
+    let mut c = crate::cancel_common::redis().await;
+    let keys = crate::cancel_common::keys(prefix).await;
+    for k in &keys {
+        let ttl: i64 = redis::cmd("TTL").arg(k).query_async(&mut c).await.unwrap();
+        // -2: expired in between.
+        assert!(ttl > 0 || ttl == -2, "{k} has no expiry (TTL {ttl})");
+    }
+    crate::cancel_common::drop_keys(prefix).await;
+}
+
+/// A gate handlers wait on until the test opens it.
+fn gate() -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::sync::watch::channel(false)
+}
+
+async fn admin_with_store(node: &MgmtNode, store: Arc<dyn warren::StatusStore>) -> (Broker, Admin) {
+    let broker = Broker::connect(config_for(&node.amqp_url(), QueueType::Quorum))
+        .await
+        .expect("broker");
+    let admin = Admin::new(broker.clone(), Some(mgmt(node)), Some(store), false)
+        .await
+        .expect("admin");
+    (broker, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_list_a_chain_at_its_current_step_and_split_and_fan_in_totals() {
+    let node = MgmtNode::shared().await;
+    let svc = unique("adm-chain");
+    let prefix = format!("warren-test:{svc}:");
+    let store = test_store(&prefix);
+    let (open, shut) = gate();
+    let fin_calls = Arc::new(Mutex::new(0u32));
+    let fins = fin_calls.clone();
+    let (s1, s2, s3) = (shut.clone(), shut.clone(), shut);
+    let service = Service::new(&svc)
+        .method("first", |_: Context, _: serde_json::Value| async move {
+            Ok::<_, TaskError>(serde_json::json!({"first": 1}))
+        })
+        .method("block", move |_: Context, _: serde_json::Value| {
+            let mut gate = s1.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Ok::<_, TaskError>(serde_json::json!({"block": 2}))
+            }
+        })
+        .method("last", |_: Context, _: serde_json::Value| async move {
+            Ok::<_, TaskError>(serde_json::json!({"last": 3}))
+        })
+        .method("slow", move |_: Context, n: u64| {
+            let mut gate = s2.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Ok::<_, TaskError>(n)
+            }
+        })
+        // A split job of 3 parts, each held until the gate opens.
+        .method("sum_part", |_: Context, n: u64| async move {
+            Ok::<_, TaskError>((0..n).collect::<Vec<u64>>())
+        })
+        .method("sum", move |_: Context, n: u64| {
+            let mut gate = s3.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Ok::<_, TaskError>(n)
+            }
+        })
+        .method("fin", move |_: Context, _: serde_json::Value| {
+            let fins = fins.clone();
+            async move {
+                *fins.lock().unwrap() += 1;
+                Ok::<_, TaskError>(())
+            }
+        })
+        .retry(RetryPolicy::none());
+    let worker = TestWorker::start(
+        Worker::builder()
+            .amqp(config_for(&node.amqp_url(), QueueType::Quorum))
+            .status_store(store.clone())
+            .concurrency(8)
+            .service(service),
+    )
+    .await
+    .expect("worker starts");
+    let client = worker.client().clone();
+    let chain = client
+        .enqueue_chain(
+            warren::Chain::new()
+                .step(format!("{svc}.first"))
+                .step(format!("{svc}.block"))
+                .step(format!("{svc}.last"))
+                .input("n", &1)
+                .with_timeout(DEADLINE),
+        )
+        .await
+        .expect("chain sent");
+    let chain_id = chain.id.to_string();
+    // A fan-in of 4 targets, all held until the gate opens.
+    let mut p = warren::Parallel::new().on_final(format!("{svc}.fin"));
+    for n in 0..4u64 {
+        p = p.target(format!("{svc}.slow"), &n);
+    }
+    let receipt = client.parallel(p).await.expect("parallel sent");
+    let split = client
+        .enqueue(Task::new(format!("{svc}.sum"), &3u64))
+        .await
+        .expect("split job sent");
+    let split_id = split.id.to_string();
+    let (broker, admin) = admin_with_store(node, store).await;
+
+    let jobs = poll(
+        "the chain at step 2 / 3 and the fan-in of 4",
+        DEADLINE,
+        || {
+            let admin = admin.clone();
+            let chain_id = chain_id.clone();
+            let job = receipt.job.to_string();
+            let split_id = split_id.clone();
+            async move {
+                let j = admin.jobs().await.ok()?;
+                let c = j.chains.iter().find(|c| c.id == chain_id)?;
+                let f = j.fan_ins.iter().find(|f| f.id == job)?;
+                let s = j.split_jobs.iter().find(|s| s.id == split_id)?;
+                // The API counts a part queue once it collected its statistics.
+                (c.step == 2
+                    && c.state == warren::TaskState::Running
+                    && f.parts_total.is_some()
+                    && f.parts_in.is_some()
+                    && s.parts_total.is_some()
+                    && s.parts_in.is_some())
+                .then_some(j)
+            }
+        },
+    )
+    .await;
+    let c = jobs.chains.iter().find(|c| c.id == chain_id).unwrap();
+    assert_eq!(c.steps_total, 3);
+    assert_eq!(c.progress, "2 / 3");
+    assert_eq!(c.target, Some(format!("{svc}.block")));
+    assert_eq!(
+        c.steps,
+        [
+            format!("{svc}.first"),
+            format!("{svc}.block"),
+            format!("{svc}.last")
+        ]
+    );
+    let f = jobs
+        .fan_ins
+        .iter()
+        .find(|f| f.id == receipt.job.to_string())
+        .unwrap();
+    assert_eq!(f.parts_total, Some(4), "{f:?}");
+    assert_eq!(f.parts_in, Some(0), "no target finished yet: {f:?}");
+    let s = jobs.split_jobs.iter().find(|s| s.id == split_id).unwrap();
+    assert_eq!(s.parts_total, Some(3), "{s:?}");
+    assert_eq!(s.parts_in, Some(0), "no part finished yet: {s:?}");
+    assert_eq!(s.target, Some(format!("{svc}.sum")));
+
+    // Open the gate: the chain ends and leaves the list; the fan-in joins once.
+    open.send_replace(true);
+    let result = chain.wait().await.expect("the chain ends");
+    assert_eq!(result.bog()["last"], 3);
+    poll("the fan-in's callback", DEADLINE, || {
+        let fins = fin_calls.clone();
+        async move { (*fins.lock().unwrap() == 1).then_some(()) }
+    })
+    .await;
+    poll(
+        "the chain, fan-in and split job to leave the jobs view",
+        DEADLINE,
+        || {
+            let admin = admin.clone();
+            let chain_id = chain_id.clone();
+            let job = receipt.job.to_string();
+            let split_id = split_id.clone();
+            async move {
+                let j = admin.jobs().await.ok()?;
+                (!j.chains.iter().any(|c| c.id == chain_id)
+                    && !j.fan_ins.iter().any(|f| f.id == job)
+                    && !j.split_jobs.iter().any(|s| s.id == split_id))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    broker.close().await;
+    worker.stop().await.expect("worker stops");
+    drop_store(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_lists_its_methods_that_never_failed_and_a_task_its_children_apart_from_its_hooks(
+) {
+    let node = MgmtNode::shared().await;
+    let svc = unique("adm-meth");
+    let prefix = format!("warren-test:{svc}:");
+    let store = test_store(&prefix);
+    let ran = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (r1, r2, r3) = (ran.clone(), ran.clone(), ran.clone());
+    let child_target = format!("{svc}.child");
+    let service = Service::new(&svc)
+        .method("parent", move |ctx: Context, _: serde_json::Value| {
+            let child_target = child_target.clone();
+            async move {
+                ctx.enqueue(Task::new(child_target, &1))
+                    .await
+                    .map_err(|e| TaskError::fail(e.to_string()))?;
+                Ok::<_, TaskError>(serde_json::json!("parent done"))
+            }
+        })
+        .method("child", move |_: Context, _: serde_json::Value| {
+            let ran = r1.clone();
+            async move {
+                ran.lock().unwrap().push("child".into());
+                Ok::<_, TaskError>(())
+            }
+        })
+        .method("hook", move |_: Context, _: serde_json::Value| {
+            let ran = r2.clone();
+            async move {
+                ran.lock().unwrap().push("hook".into());
+                Ok::<_, TaskError>(())
+            }
+        })
+        .method("fails", move |_: Context, _: serde_json::Value| {
+            let ran = r3.clone();
+            async move {
+                ran.lock().unwrap().push("fails".into());
+                Err::<(), _>(TaskError::reject("always"))
+            }
+        })
+        .method("never", |_: Context, _: serde_json::Value| async move {
+            Ok::<_, TaskError>(())
+        })
+        .retry(RetryPolicy::none());
+    let worker = TestWorker::start(
+        Worker::builder()
+            .amqp(config_for(&node.amqp_url(), QueueType::Quorum))
+            .status_store(store.clone())
+            .service(service),
+    )
+    .await
+    .expect("worker starts");
+    let client = worker.client().clone();
+    let parent = client
+        .enqueue(Task::new(format!("{svc}.parent"), &0).on_complete(format!("{svc}.hook")))
+        .await
+        .expect("enqueue parent");
+    client
+        .enqueue(Task::new(format!("{svc}.fails"), &0))
+        .await
+        .expect("enqueue a failing task");
+    let (broker, admin) = admin_with_store(node, store).await;
+
+    // Methods: every one the worker hosts, with 0 failures but for `fails`.
+    let view = poll("the service's methods", DEADLINE, || {
+        let admin = admin.clone();
+        let svc = svc.clone();
+        async move {
+            let v = admin.service(&svc).await.ok()?;
+            (v.dead_total == 1 && v.methods.len() == 5).then_some(v)
+        }
+    })
+    .await;
+    let by_name = |m: &str| {
+        view.methods
+            .iter()
+            .find(|x| x.method == m)
+            .unwrap_or_else(|| panic!("{m} listed: {:?}", view.methods))
+    };
+    for m in ["parent", "child", "hook", "never"] {
+        assert_eq!(by_name(m).dead, 0, "{m}");
+        assert!(by_name(m).advertised_at.is_some(), "{m}");
+        assert!(by_name(m).reasons.is_empty(), "{m}");
+    }
+    assert_eq!(by_name("fails").dead, 1);
+    assert_eq!(by_name("fails").reasons.get("rejected"), Some(&1));
+
+    // The parent's lookup: the child in one list, the hook in the other.
+    let lookup = poll("the parent's child and hook", DEADLINE, || {
+        let admin = admin.clone();
+        let id = parent.id.to_string();
+        async move {
+            let t = admin.task(&id).await.ok()?;
+            let done = |l: &[warren_admin::views::LinkedTask]| {
+                l.len() == 1 && l[0].status.state == warren::TaskState::Succeeded
+            };
+            (done(&t.children) && done(&t.hooks)).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(lookup.found.len(), 1);
+    assert_eq!(lookup.children[0].status.target, format!("{svc}.child"));
+    assert_eq!(
+        lookup.children[0].relation,
+        warren_core::status::Relation::Child
+    );
+    assert_eq!(lookup.hooks[0].status.target, format!("{svc}.hook"));
+    assert_eq!(
+        lookup.hooks[0].relation,
+        warren_core::status::Relation::Hook
+    );
+    assert!(
+        lookup.related.is_empty(),
+        "nothing else in the cid: {:?}",
+        lookup.related
+    );
+    // The child's own lookup has neither.
+    let child = admin
+        .task(&lookup.children[0].status.id.to_string())
+        .await
+        .expect("child lookup");
+    assert!(child.children.is_empty() && child.hooks.is_empty());
+    let mut seen = ran.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, ["child", "fails", "hook"]);
+
+    broker.close().await;
+    worker.stop().await.expect("worker stops");
+    drop_store(&prefix).await;
+}

@@ -99,17 +99,29 @@ fn redis_url() -> String {
 }
 
 /// A worker whose `<svc>.work` rejects every task until `fixed`, then records it; `<svc>.got`
-/// subscribes to `topic`.
+/// subscribes to `topic`; `<svc>.step` returns key-values, `<svc>.hold` waits until `held`
+/// says `true` (a chain step or fan-in target in flight).
 async fn start_worker(
     node: &MgmtNode,
     svc: &str,
     topic: &str,
     fixed: Arc<AtomicBool>,
+    held: tokio::sync::watch::Receiver<bool>,
     store: Arc<dyn StatusStore>,
 ) -> (TestWorker, Arc<Mutex<Vec<u64>>>) {
     let ledger = Arc::new(Mutex::new(Vec::new()));
     let seen = ledger.clone();
     let service = Service::new(svc)
+        .method("step", |_: Context, _: Value| async move {
+            Ok::<_, TaskError>(json!({"stepped": true}))
+        })
+        .method("hold", move |_: Context, _: Value| {
+            let mut held = held.clone();
+            async move {
+                let _ = held.wait_for(|open| *open).await;
+                Ok::<_, TaskError>(json!({"held": true}))
+            }
+        })
         .method("work", move |_: Context, n: u64| {
             let seen = seen.clone();
             let fixed = fixed.clone();
@@ -482,6 +494,13 @@ async fn check_page(
     Ok(())
 }
 
+/// What the browser test keeps in flight (or finished) for the jobs and task pages.
+struct InFlight {
+    chain_id: uuid::Uuid,
+    fan_in: String,
+    hooked: String,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn browse_and_replay(
     driver: &Driver,
@@ -490,6 +509,7 @@ async fn browse_and_replay(
     svc: &str,
     topic: &str,
     task_id: &str,
+    in_flight: &InFlight,
     fixed: &AtomicBool,
     ledger: &Mutex<Vec<u64>>,
 ) -> anyhow::Result<()> {
@@ -518,6 +538,64 @@ async fn browse_and_replay(
     )
     .await?;
     check_page(driver, b, &web.url("/jobs"), "#split-jobs", "no split job").await?;
+    // Chains in flight with their current step; fan-ins with their total.
+    let hold = format!("{svc}.hold");
+    check_page(driver, b, &web.url("/jobs"), "#chains", &hold).await?;
+    let row = wait_text(b, "#chains", |t| {
+        t.contains(&in_flight.chain_id.to_string())
+    })
+    .await?;
+    ensure!(
+        row.contains("2 / 3") && row.contains("running"),
+        "the chain at step 2 of 3, running: {row:?}"
+    );
+    wait_text(b, "#fan-ins", |t| {
+        t.contains(&in_flight.fan_in) && t.contains("0 / 2")
+    })
+    .await?;
+    // Every method, the ones that never failed with 0 dead letters.
+    check_page(driver, b, &service_page, "#methods", "hold").await?;
+    let methods = wait_text(b, "#methods", |t| {
+        ["step", "hold", "got", "work"]
+            .iter()
+            .all(|m| t.lines().any(|l| l.starts_with(&format!("{m} "))))
+    })
+    .await?;
+    for m in ["step", "hold", "got"] {
+        let row = methods
+            .lines()
+            .find(|l| l.starts_with(&format!("{m} ")))
+            .unwrap_or_default();
+        // method, advertised at, dead letters 0, no reasons.
+        ensure!(
+            row.split_whitespace().nth(2) == Some("0"),
+            "{m} never failed: {row:?}"
+        );
+    }
+    ensure!(methods.contains("rejected: 1"), "{methods:?}");
+    // A task's hook apart from its children; a chain step's next step among its children.
+    check_page(
+        driver,
+        b,
+        &web.url(&format!("/tasks?q={}", in_flight.hooked)),
+        "#hooks",
+        "hook",
+    )
+    .await?;
+    wait_text(b, "#children", |t| t.contains("none")).await?;
+    // The first step's task id (ChainState::step_id(0)); its next step is its child.
+    let first_step = uuid::Uuid::new_v5(&in_flight.chain_id, &0u32.to_be_bytes());
+    check_page(
+        driver,
+        b,
+        &web.url(&format!("/tasks?q={first_step}")),
+        "#children",
+        &hold,
+    )
+    .await?;
+    let children = wait_text(b, "#children", |t| t.contains("step")).await?;
+    ensure!(children.contains("step"), "{children:?}");
+    wait_text(b, "#hooks", |t| t.contains("none")).await?;
 
     // The overview's screenshot, for the docs.
     b.goto(&web.url("/")).await?;
@@ -595,7 +673,9 @@ async fn browser_loads_every_page_without_console_errors_and_replays_a_dead_lett
             .with_prefix(format!("warren-test:{svc}:")),
     );
     let fixed = Arc::new(AtomicBool::new(false));
-    let (worker, ledger) = start_worker(node, &svc, &topic, fixed.clone(), store.clone()).await;
+    let (release, held) = tokio::sync::watch::channel(false);
+    let (worker, ledger) =
+        start_worker(node, &svc, &topic, fixed.clone(), held, store.clone()).await;
     let receipt = worker
         .client()
         .enqueue(Task::new(format!("{svc}.work"), &7u64))
@@ -609,6 +689,38 @@ async fn browser_loads_every_page_without_console_errors_and_replays_a_dead_lett
             .await
             .expect("publish");
     }
+    // In flight while the pages are looked at: a chain held at its 2nd of 3 steps, a fan-in
+    // of 2 held targets; done: a task with a hook.
+    let chain = worker
+        .client()
+        .enqueue_chain(
+            warren::Chain::new()
+                .step(format!("{svc}.step"))
+                .step(format!("{svc}.hold"))
+                .step(format!("{svc}.step")),
+        )
+        .await
+        .expect("chain");
+    let fan_in = worker
+        .client()
+        .parallel(
+            warren::Parallel::new()
+                .target(format!("{svc}.hold"), &1)
+                .target(format!("{svc}.hold"), &2)
+                .on_final(format!("{svc}.step")),
+        )
+        .await
+        .expect("fan-in");
+    let hooked = worker
+        .client()
+        .enqueue(Task::new(format!("{svc}.step"), &json!({})).on_complete(format!("{svc}.step")))
+        .await
+        .expect("a task with a hook");
+    let in_flight = InFlight {
+        chain_id: chain.id,
+        fan_in: fan_in.job.to_string(),
+        hooked: hooked.id.to_string(),
+    };
     let (broker, admin) = admin_on(node, Some(store.clone())).await;
     poll("the dead letter", DEADLINE, || {
         let admin = admin.clone();
@@ -626,8 +738,10 @@ async fn browser_loads_every_page_without_console_errors_and_replays_a_dead_lett
     let b = browser(&driver, &profile.0)
         .await
         .expect("a headless Chromium");
-    let outcome =
-        browse_and_replay(&driver, &b, &web, &svc, &topic, &task_id, &fixed, &ledger).await;
+    let outcome = browse_and_replay(
+        &driver, &b, &web, &svc, &topic, &task_id, &in_flight, &fixed, &ledger,
+    )
+    .await;
     if let Err(e) = &outcome {
         let dir = target_dir().join("web-admin-failures");
         let _ = std::fs::create_dir_all(&dir);
@@ -641,6 +755,8 @@ async fn browser_loads_every_page_without_console_errors_and_replays_a_dead_lett
     let _ = b.close().await;
     drop(driver);
     drop(web);
+    release.send_replace(true);
+    let _ = tokio::time::timeout(DEADLINE, chain.wait()).await;
     broker.close().await;
     let _ = worker.stop().await;
     let cleanup = Broker::connect(config_for(&node.amqp_url(), QueueType::Quorum)).await;

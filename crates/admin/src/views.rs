@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use warren_core::patterns::utc_timestamp;
-use warren_core::status::{StatusStore, TaskStatus};
+use warren_core::status::{ChainProgress, Relation, StatusStore, TaskState, TaskStatus};
 use warren_core::topology::{dead_queue, service_queue};
 use warren_core::{Broker, Publisher};
 use warren_ops::{DeadLetter, DeadLetterOps, ReplayReport, ReplaySelection};
@@ -23,6 +23,10 @@ pub const WORKER_CONNECTION: &str = "warren worker (consume)";
 pub const DEAD_LETTERS_SHOWN: usize = 100;
 /// Most split jobs whose totals are looked up in the status store per view.
 const JOB_LOOKUPS: usize = 50;
+/// Most children and hooks a task lookup lists.
+const LINKS_SHOWN: usize = 200;
+/// Most chains in flight a jobs view lists (the most recently advanced).
+pub const CHAINS_SHOWN: usize = 50;
 
 /// Everything the operator views need: the broker, and optionally the management API and
 /// the status store. Cheap to clone.
@@ -126,11 +130,16 @@ pub struct OverviewView {
     pub notes: Vec<String>,
 }
 
-/// Failures of one method, from the service's dead letters.
+/// One method of a service and its failures (from the service's dead letters): every
+/// method a worker advertised (0 failures when it has none) and every method named by a
+/// dead letter.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MethodFailures {
     /// The method (`?` for dead letters whose body names none).
     pub method: String,
+    /// When a worker last advertised hosting it (UTC); `None` when no running worker did
+    /// within the advertisement's ttl (or there is no status store).
+    pub advertised_at: Option<String>,
     /// Its dead letters.
     pub dead: u64,
     /// Dead letters per reason (`handler`, `bad_payload`, ...).
@@ -207,7 +216,7 @@ pub struct ServiceView {
     pub exists: bool,
     /// Its queues (work, dead-letter, delay, done markers).
     pub queues: Vec<QueueRow>,
-    /// Failures per method, from its dead letters.
+    /// Its methods (advertised by workers, or named by dead letters) with their failures.
     pub methods: Vec<MethodFailures>,
     /// Its dead letters, oldest first (at most [`DEAD_LETTERS_SHOWN`]).
     pub dead_letters: Vec<DeadLetterView>,
@@ -234,10 +243,54 @@ pub struct JobView {
     pub id: String,
     /// Part results in (ready messages in the part queue).
     pub parts_in: Option<u64>,
-    /// Parts in total, when the status store knows the job's part tasks.
+    /// Parts in total, when the status store knows it (recorded when the job started).
     pub parts_total: Option<u64>,
     /// A joiner is holding the part queue (joining now).
     pub joining: bool,
+}
+
+/// A chain in flight, from the status store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChainView {
+    /// The chain's id.
+    pub id: String,
+    /// Its cid.
+    pub cid: String,
+    /// The current step, 1-based.
+    pub step: u32,
+    /// Its number of steps.
+    pub steps_total: u32,
+    /// `step / steps_total`.
+    pub progress: String,
+    /// The current step's `svc.method`.
+    pub target: Option<String>,
+    /// The current step's task id.
+    pub step_task: String,
+    /// `pending` (sent, no worker started it yet) or `running`.
+    pub state: TaskState,
+    /// Every step's `svc.method`.
+    pub steps: Vec<String>,
+    /// When it last advanced (UTC).
+    pub updated_at: String,
+}
+
+impl From<&ChainProgress> for ChainView {
+    fn from(p: &ChainProgress) -> Self {
+        let total = u32::try_from(p.steps.len()).unwrap_or(u32::MAX);
+        let step = p.index.saturating_add(1);
+        Self {
+            id: p.id.to_string(),
+            cid: p.cid.clone(),
+            step,
+            steps_total: total,
+            progress: format!("{step} / {total}"),
+            target: p.target().map(str::to_owned),
+            step_task: p.step_task.to_string(),
+            state: p.state,
+            steps: p.steps.clone(),
+            updated_at: utc_timestamp(p.updated_ms),
+        }
+    }
 }
 
 /// The jobs page.
@@ -247,8 +300,21 @@ pub struct JobsView {
     pub split_jobs: Vec<JobView>,
     /// Fan-ins (and background invoke/retry with a callback) in flight.
     pub fan_ins: Vec<JobView>,
+    /// Chains in flight (status store only), most recently advanced first.
+    pub chains: Vec<ChainView>,
     /// What this view could not show, and why.
     pub notes: Vec<String>,
+}
+
+/// A task related to a looked-up task, and how.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LinkedTask {
+    /// `child`, `part` or `step` (in [`TaskLookup::children`]); `hook` or `callback` (in
+    /// [`TaskLookup::hooks`]).
+    pub relation: Relation,
+    /// Its status.
+    #[serde(flatten)]
+    pub status: TaskStatus,
 }
 
 /// The task lookup page.
@@ -258,8 +324,13 @@ pub struct TaskLookup {
     pub query: String,
     /// The task (an id) or every task of the cid.
     pub found: Vec<TaskStatus>,
-    /// For a task id: the other tasks of its cid (its children, hooks, callbacks, parts,
-    /// chain steps: the store does not tell which is which).
+    /// For a task id: the tasks it caused as part of its work (tasks its handler enqueued
+    /// or invoked, its parts, the next chain step), as recorded when they were sent or
+    /// started.
+    pub children: Vec<LinkedTask>,
+    /// For a task id: the hooks and callbacks its outcome fired.
+    pub hooks: Vec<LinkedTask>,
+    /// For a task id: the other tasks of its cid (neither its children nor its hooks).
     pub related: Vec<TaskStatus>,
     /// Whether a status store is configured.
     pub store: bool,
@@ -593,6 +664,7 @@ impl Admin {
                 .entry(method.clone())
                 .or_insert_with(|| MethodFailures {
                     method,
+                    advertised_at: None,
                     dead: 0,
                     reasons: BTreeMap::new(),
                     last_error: None,
@@ -608,6 +680,30 @@ impl Admin {
                 .dead_at_ms
                 .and_then(|ms| u64::try_from(ms).ok())
                 .map(utc_timestamp);
+        }
+        match &self.store {
+            Some(store) => match store.advertised(svc).await {
+                Ok(advertised) => {
+                    for a in advertised {
+                        methods
+                            .entry(a.method.clone())
+                            .or_insert_with(|| MethodFailures {
+                                method: a.method.clone(),
+                                advertised_at: None,
+                                dead: 0,
+                                reasons: BTreeMap::new(),
+                                last_error: None,
+                                last_at: None,
+                            })
+                            .advertised_at = Some(utc_timestamp(a.seen_ms));
+                    }
+                }
+                Err(e) => notes.push(format!("the methods workers advertise are not known: {e}")),
+            },
+            None => notes.push(String::from(
+                "methods that never failed need the status store (workers advertise their \
+                 methods there)",
+            )),
         }
         Ok(ServiceView {
             summary,
@@ -639,6 +735,8 @@ impl Admin {
             return Ok(TaskLookup {
                 query: query.to_owned(),
                 found: Vec::new(),
+                children: Vec::new(),
+                hooks: Vec::new(),
                 related: Vec::new(),
                 store: false,
             });
@@ -652,13 +750,33 @@ impl Admin {
             Ok(id) => store.get(id).await?,
             Err(_) => None,
         };
+        let (mut children, mut hooks) = (Vec::new(), Vec::new());
         let (found, related) = match by_id {
             Some(s) => {
+                let links = store.related(s.id).await?;
+                for (id, relation) in links.iter().take(LINKS_SHOWN) {
+                    // Expired (or never started and never recorded): not listed.
+                    let Some(status) = store.get(*id).await? else {
+                        continue;
+                    };
+                    let t = LinkedTask {
+                        relation: *relation,
+                        status,
+                    };
+                    if relation.is_hook() {
+                        hooks.push(t);
+                    } else {
+                        children.push(t);
+                    }
+                }
+                let order = |t: &LinkedTask| (t.status.created_ms, t.status.id);
+                children.sort_by_key(order);
+                hooks.sort_by_key(order);
                 let related = store
                     .by_cid(&s.cid)
                     .await?
                     .into_iter()
-                    .filter(|r| r.id != s.id)
+                    .filter(|r| r.id != s.id && !links.iter().any(|(id, _)| *id == r.id))
                     .collect();
                 (vec![s], related)
             }
@@ -667,6 +785,8 @@ impl Admin {
         Ok(TaskLookup {
             query: query.to_owned(),
             found,
+            children,
+            hooks,
             related,
             store: true,
         })
@@ -684,10 +804,6 @@ impl Admin {
             })
             .collect();
         let mut notes: Vec<String> = listing.note.iter().cloned().collect();
-        notes.push(String::from(
-            "chains are not listed: a chain's progress travels in its messages and no queue \
-             or store index names the chains in flight; look one up by its cid under Tasks",
-        ));
         let (mut split_jobs, mut fan_ins) = (Vec::new(), Vec::new());
         for r in &listing.queues {
             let joining = r.consumers.is_some_and(|c| c > 0);
@@ -733,22 +849,82 @@ impl Admin {
                 _ => {}
             }
         }
+        let mut chains = Vec::new();
         match &self.store {
             Some(store) => {
-                for j in split_jobs.iter_mut().take(JOB_LOOKUPS) {
+                self.job_totals(store.as_ref(), &mut split_jobs, &mut fan_ins)
+                    .await;
+                for j in split_jobs
+                    .iter_mut()
+                    .filter(|j| j.parts_total.is_none())
+                    .take(JOB_LOOKUPS)
+                {
                     j.parts_total = self.parts_total(store.as_ref(), j).await;
                 }
+                chains = self.chains(store.as_ref(), &mut notes).await;
             }
             None => notes.push(String::from(
-                "part totals need the status store (a part queue holds the results in, not \
-                 the number of parts)",
+                "part totals and chains in flight need the status store (a part queue holds \
+                 the results in, not the number of parts; a chain's progress travels in its \
+                 messages)",
             )),
         }
         Ok(JobsView {
             split_jobs,
             fan_ins,
+            chains,
             notes,
         })
+    }
+
+    /// The totals recorded when the jobs started (one round trip for all of them).
+    async fn job_totals(
+        &self,
+        store: &dyn StatusStore,
+        split: &mut [JobView],
+        fan: &mut [JobView],
+    ) {
+        let mut jobs: Vec<&mut JobView> = split.iter_mut().chain(fan.iter_mut()).collect();
+        let ids: Vec<uuid::Uuid> = jobs
+            .iter()
+            .map(|j| uuid::Uuid::parse_str(&j.id).unwrap_or_default())
+            .collect();
+        let Ok(totals) = store.job_totals(&ids).await else {
+            return;
+        };
+        for (j, t) in jobs.iter_mut().zip(totals) {
+            if let Some(t) = t {
+                j.parts_total = Some(u64::from(t));
+            }
+        }
+    }
+
+    /// The chains in flight the store lists, without those whose end it recorded since (a
+    /// redelivered step may write its progress after the chain ended).
+    async fn chains(&self, store: &dyn StatusStore, notes: &mut Vec<String>) -> Vec<ChainView> {
+        let listed = match store.chains(CHAINS_SHOWN).await {
+            Ok(l) => l,
+            Err(e) => {
+                notes.push(format!("chains in flight are not listed: {e}"));
+                return Vec::new();
+            }
+        };
+        if listed.len() >= CHAINS_SHOWN {
+            notes.push(format!(
+                "showing the {CHAINS_SHOWN} most recently advanced chains in flight"
+            ));
+        }
+        let mut out = Vec::with_capacity(listed.len());
+        for p in &listed {
+            let ended = matches!(
+                store.get(p.id).await,
+                Ok(Some(s)) if matches!(s.state, TaskState::Succeeded | TaskState::Failed)
+            );
+            if !ended {
+                out.push(ChainView::from(p));
+            }
+        }
+        out
     }
 
     /// The number of part tasks the status store knows for a split job: the tasks of the

@@ -29,7 +29,8 @@ pub struct WebArgs {
         value_name = "TOKEN"
     )]
     token: Option<String>,
-    /// Redis URL of the status store (task lookup, published counts, part totals)
+    /// Redis URL of the status store (task lookup with children and hooks, published counts,
+    /// part totals, chains in flight, methods workers advertise)
     /// [default: redis://127.0.0.1:6379/ when it answers]
     #[arg(
         long,

@@ -169,20 +169,35 @@ impl Client {
             started,
             ended,
         };
+        // Listed as in flight (waiting for its first step) from now on, for the web admin.
+        if let (Some(r), Some(p)) = (
+            self.recorder(),
+            warren_core::status::ChainProgress::of(&env, warren_core::status::TaskState::Pending),
+        ) {
+            r.chain_progress(&p).await;
+        }
         // A chain timeout bounds the whole call from its start, the publish included.
         let publish_by = match chain.timeout {
             Some(t) => (started + t).min(self.publish_deadline()),
             None => self.publish_deadline(),
         };
-        match chain.delay {
+        let sent = match chain.delay {
             Some(d) => {
                 self.send_later(&env, d, Some(&replies.queue), publish_by)
-                    .await?;
+                    .await
             }
             None => {
                 self.send_envelope_by(&env, Some(&replies.queue), publish_by)
-                    .await?;
+                    .await
             }
+        };
+        if let Err(e) = sent {
+            // Not listed as in flight (a copy the broker stored anyway is listed again when
+            // a worker starts it).
+            if let Some(r) = self.recorder() {
+                r.chain_ended(id).await;
+            }
+            return Err(e);
         }
         Ok(handle)
     }

@@ -335,17 +335,20 @@ impl Client {
 
     async fn record_pending(&self, env: &Envelope) {
         if let Some(r) = &self.inner.recorder {
-            r.record(&TaskStatus {
-                id: env.id,
-                cid: env.cid.clone(),
-                target: format!("{}.{}", env.svc, env.method),
-                state: TaskState::Pending,
-                attempts: 0,
-                result: None,
-                error: None,
-                created_ms: env.created_ms,
-                updated_ms: warren_core::envelope::now_ms(),
-            })
+            r.record_linked(
+                &TaskStatus {
+                    id: env.id,
+                    cid: env.cid.clone(),
+                    target: format!("{}.{}", env.svc, env.method),
+                    state: TaskState::Pending,
+                    attempts: 0,
+                    result: None,
+                    error: None,
+                    created_ms: env.created_ms,
+                    updated_ms: warren_core::envelope::now_ms(),
+                },
+                env,
+            )
             .await;
         }
     }

@@ -302,6 +302,9 @@ impl Client {
             self.broker()
                 .declare(&[QueueSpec::part(&queue, FANIN_QUEUE_EXPIRY_MS)?])
                 .await?;
+            if let Some(rec) = self.recorder() {
+                rec.job_total(job, 1).await;
+            }
             env.fanout = Some(FanOut {
                 job,
                 index: 0,

@@ -161,6 +161,10 @@ impl Client {
             self.broker()
                 .declare(&[QueueSpec::part(&q, FANIN_QUEUE_EXPIRY_MS)?])
                 .await?;
+            // The fan-in's total, for the web admin (its part queue counts the results in).
+            if let Some(r) = self.recorder() {
+                r.job_total(job, total).await;
+            }
             Some(q)
         };
         let envs: Vec<Envelope> = p

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 use warren_core::envelope::ReplyOutcome;
-use warren_core::status::{TaskState, TaskStatus};
+use warren_core::status::{ChainProgress, TaskState, TaskStatus};
 use warren_core::topology::is_reply_queue;
 use warren_core::{Envelope, Incoming, Target, Via};
 
@@ -50,6 +50,13 @@ pub(crate) async fn advance(
     task.channel = Via::Chain;
     task.parent = Some(env.id);
     task.chain = Some(next);
+    // The chain is at this step from now on (waiting for a worker), for the web admin.
+    if let (Some(r), Some(p)) = (
+        shared.recorder.as_ref(),
+        ChainProgress::of(&task, TaskState::Pending),
+    ) {
+        r.chain_progress(&p).await;
+    }
     let reply_to = d.reply_to().filter(|r| is_reply_queue(r));
     tracing::debug!(chain = %state.id, step = task.chain.as_ref().map_or(0, |c| c.index), "next chain step");
     shared
@@ -72,6 +79,7 @@ pub(crate) async fn end(
     let mut as_chain = env.clone();
     as_chain.id = state.id;
     if let Some(r) = shared.recorder.as_ref() {
+        r.chain_ended(state.id).await;
         let (st, result, error) = match &outcome {
             ReplyOutcome::Ok(v) => (TaskState::Succeeded, Some(v.clone()), None),
             ReplyOutcome::Error(f) => (TaskState::Failed, None, Some(f.clone())),

@@ -31,7 +31,7 @@ use crate::publish::{dead_letter, hook, reply, retry};
 use crate::settle::{after_failure, dead_letters, settle, Failed, Next, Settle};
 use crate::split::{self, splitter_name};
 use crate::Context;
-use warren_core::status::{TaskState, TaskStatus};
+use warren_core::status::{ChainProgress, TaskState, TaskStatus};
 use warren_core::RetryPolicy;
 
 /// One hosted service, ready to dispatch.
@@ -281,8 +281,11 @@ async fn handle_delivery(
         }
         let _in_flight = m.received(Some(&env), matches!(kind, Kind::Part(_)));
         if let (Some(r), None) = (shared.recorder.as_ref(), &cancelled) {
-            r.record(&status_of(&env, TaskState::Running, None, None))
+            r.record_linked(&status_of(&env, TaskState::Running, None, None), &env)
                 .await;
+            if let Some(p) = ChainProgress::of(&env, TaskState::Running) {
+                r.chain_progress(&p).await;
+            }
         }
         // A copy the publisher sent again (the broker may hold an earlier one) counts as a
         // possible re-run, like a broker redelivery.

@@ -23,7 +23,7 @@ use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionS
 use crate::process::{handle, HostedService, JoinSettings, Route, Shared};
 use crate::state::StateBuilder;
 use crate::{Service, WorkerError};
-use warren_core::status::{Recorder, StatusStore};
+use warren_core::status::{Recorder, StatusStore, ADVERTISE_TTL};
 use warren_core::RetryPolicy;
 
 /// Builds a [`Worker`]. Defaults: 32 concurrent tasks, prefetch twice that, 3 attempts with
@@ -627,6 +627,7 @@ impl Worker {
         }
         let mut ticking = tickers.start(&stop);
         let moving = tokio::spawn(mover.run(stop.clone()));
+        let advertising = tokio::spawn(advertise(shared.clone(), stop.clone()));
         // Cancellations are heard until the drain ends (handlers still running hear them).
         let stop_hearing = CancellationToken::new();
         let hearing = tokio::spawn(crate::cancel::listen(
@@ -657,6 +658,7 @@ impl Worker {
         if let Err(e) = moving.await {
             tracing::warn!(error = %e, "the delay mover ended abnormally");
         }
+        let _ = advertising.await;
         while let Some(done) = pumps.join_next().await {
             if let Ok((sub, _)) = done {
                 stopped.push(sub);
@@ -783,4 +785,34 @@ async fn forward(
         }
     }
     (sub, Ok(()))
+}
+
+/// With a status store, advertises the worker's methods per service (for the web admin's
+/// service page, which otherwise knows only methods that failed): at start, then every
+/// third of [`ADVERTISE_TTL`] until `stop`. Best effort, like every status write.
+async fn advertise(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(recorder) = shared.recorder.as_ref() else {
+        return;
+    };
+    let mut hosted: Vec<(&String, Vec<String>)> = shared
+        .services
+        .iter()
+        .map(|(svc, s)| {
+            let mut methods: Vec<String> = s.methods.keys().cloned().collect();
+            methods.sort();
+            (svc, methods)
+        })
+        .collect();
+    hosted.sort();
+    let mut every = tokio::time::interval(ADVERTISE_TTL / 3);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        for (svc, methods) in &hosted {
+            recorder.advertise(svc, methods, ADVERTISE_TTL).await;
+        }
+    }
 }

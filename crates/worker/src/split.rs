@@ -66,6 +66,10 @@ pub(crate) async fn split(
         .publisher()
         .declare_cached(&queue, &[QueueSpec::part(&queue, expiry)?])
         .await?;
+    // The job's total, for the web admin (a part queue counts the results in, not the parts).
+    if let Some(r) = shared.recorder.as_ref() {
+        r.job_total(env.id, total).await;
+    }
     // A redelivered split task may have published some parts already: every part it sends
     // now is marked, so a part that runs twice is always seen as a possible re-run.
     let resent = d.redelivered;

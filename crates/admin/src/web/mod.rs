@@ -487,6 +487,7 @@ async fn service_page(
     };
     let methods = [
         col("method", "Method", Fmt::Text),
+        col("advertised_at", "Advertised by a worker at", Fmt::Text),
         col("dead", "Dead letters", Fmt::Num),
         col("reasons", "Reasons", Fmt::Counts),
         col("last_error", "Last error", Fmt::Text),
@@ -520,7 +521,7 @@ async fn service_page(
     let body = format!(
         "<h1>Service <code>{name}</code></h1>{flash}\
          <div class=\"cards\">{}{}{}{}{}{}</div>\
-         <h2>Methods with failures</h2>{}\
+         <h2>Methods and their failures</h2>{}\
          <h2>Dead letters</h2>\
          <div class=\"actions\">\
            <form method=\"post\" action=\"{replay}\" class=\"inline\">\
@@ -548,7 +549,14 @@ async fn service_page(
         card("retrying", &value(&v, "summary.retrying", Fmt::Num)),
         card("dead letters", &value(&v, "dead_total", Fmt::Num)),
         card("in /s", &value(&v, "summary.publish_rate", Fmt::Rate)),
-        table("methods", &v, "methods", &methods, &ctx, "no failed tasks (no dead letters)"),
+        table(
+            "methods",
+            &v,
+            "methods",
+            &methods,
+            &ctx,
+            "no method known (no worker advertised one, no dead letters)"
+        ),
         table("dead-letters", &v, "dead_letters", &letters, &ctx, "no dead letters"),
         table("subscriptions", &v, "subscriptions", &subs, &ctx, "no subscriptions"),
         table("queues", &v, "queues", &queues, &ctx, "no queues"),
@@ -826,6 +834,14 @@ async fn tasks_page(State(st): St, Query(q): Query<HashMap<String, String>>) -> 
         col("attempts", "Attempts", Fmt::Num),
         col("result", "Result or error", Fmt::Outcome),
     ];
+    let linked = [
+        col("relation", "Relation", Fmt::Text),
+        link("id", "Task id", "/tasks?q={id}"),
+        col("target", "Target", Fmt::Text),
+        col("state", "State", Fmt::Text),
+        col("attempts", "Attempts", Fmt::Num),
+        col("result", "Result or error", Fmt::Outcome),
+    ];
     let store_note = if v.get("store").and_then(Value::as_bool) == Some(false) {
         "<p class=\"error\">No status store is configured (WARREN_REDIS_URL): task statuses \
          are not available.</p>"
@@ -835,7 +851,9 @@ async fn tasks_page(State(st): St, Query(q): Query<HashMap<String, String>>) -> 
     let body = format!(
         "<h1>Task lookup</h1>{search}{store_note}\
          <h2>Found</h2>{}\
-         <h2>Same cid: children, hooks, callbacks, parts, chain steps</h2>{}",
+         <h2>Children (tasks it enqueued or invoked, parts, next chain step)</h2>{}\
+         <h2>Hooks and callbacks</h2>{}\
+         <h2>Other tasks of the same cid</h2>{}",
         table(
             "found",
             &v,
@@ -844,6 +862,8 @@ async fn tasks_page(State(st): St, Query(q): Query<HashMap<String, String>>) -> 
             &Ctx::default(),
             "no task or cid by that name in the status store (never recorded, or expired)"
         ),
+        table("children", &v, "children", &linked, &Ctx::default(), "none"),
+        table("hooks", &v, "hooks", &linked, &Ctx::default(), "none"),
         table("related", &v, "related", &cols, &Ctx::default(), "none"),
     );
     let api_url = format!("/api/tasks?q={}", enc(&query));
@@ -881,8 +901,17 @@ async fn jobs_page(State(st): St) -> Response {
         col("joining", "Joining", Fmt::Text),
         col("queue", "Part queue", Fmt::Text),
     ];
+    let chains = [
+        link("id", "Chain", "/tasks?q={cid}"),
+        col("progress", "Step", Fmt::Text),
+        col("target", "Current step", Fmt::Text),
+        col("state", "State", Fmt::Text),
+        link("step_task", "Step task", "/tasks?q={step_task}"),
+        col("steps", "Steps", Fmt::List),
+        col("updated_at", "Advanced at", Fmt::Text),
+    ];
     let body = format!(
-        "<h1>Jobs in flight</h1><h2>Split jobs</h2>{}<h2>Fan-ins</h2>{}{}",
+        "<h1>Jobs in flight</h1><h2>Split jobs</h2>{}<h2>Fan-ins</h2>{}<h2>Chains</h2>{}{}",
         table(
             "split-jobs",
             &v,
@@ -898,6 +927,14 @@ async fn jobs_page(State(st): St) -> Response {
             &fan,
             &Ctx::default(),
             "no fan-in in flight"
+        ),
+        table(
+            "chains",
+            &v,
+            "chains",
+            &chains,
+            &Ctx::default(),
+            "no chain in flight"
         ),
         notes(&v)
     );

@@ -76,6 +76,130 @@ pub struct TaskStatus {
     pub updated_ms: u64,
 }
 
+/// How a task relates to the task that caused it (its `parent`), as the status store
+/// records it: the task lookup lists a task's children apart from its hooks and callbacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Relation {
+    /// A task the parent's handler enqueued or invoked (a parallel target, a published
+    /// message included).
+    Child,
+    /// An `oncomplete` / `onerror` hook fired by the parent's outcome.
+    Hook,
+    /// A callback of a parallel invoke or fan-in (on-target, on-final, invoke/retry).
+    Callback,
+    /// A part of the parent's split job.
+    Part,
+    /// The next step of a chain (or the first step of a chain the parent started).
+    Step,
+}
+
+impl Relation {
+    /// The relation a task sent through `via` has to its parent; `None` for a retry or a
+    /// join re-check (the first attempt recorded it) and unknown channels.
+    #[must_use]
+    pub fn of(via: crate::envelope::Via) -> Option<Self> {
+        use crate::envelope::Via;
+        match via {
+            Via::Enqueue | Via::Invoke | Via::Parallel | Via::Publish => Some(Self::Child),
+            Via::Hook => Some(Self::Hook),
+            Via::OnTarget | Via::OnFinal | Via::RetryCallback => Some(Self::Callback),
+            Via::Part => Some(Self::Part),
+            Via::Chain => Some(Self::Step),
+            Via::Retry | Via::Join | Via::Other => None,
+        }
+    }
+
+    /// The snake_case name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Child => "child",
+            Self::Hook => "hook",
+            Self::Callback => "callback",
+            Self::Part => "part",
+            Self::Step => "step",
+        }
+    }
+
+    /// `true` for hooks and callbacks (work warren runs on an outcome), `false` for tasks
+    /// that are part of the parent's work (children, parts, chain steps).
+    #[must_use]
+    pub fn is_hook(self) -> bool {
+        matches!(self, Self::Hook | Self::Callback)
+    }
+
+    /// The relation named `s` ([`Relation::as_str`]).
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "child" => Self::Child,
+            "hook" => Self::Hook,
+            "callback" => Self::Callback,
+            "part" => Self::Part,
+            "step" => Self::Step,
+            _ => return None,
+        })
+    }
+}
+
+/// A chain in flight, as the status store keeps it from its send to its end: which step
+/// runs (or waits), of how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainProgress {
+    /// The chain's id.
+    pub id: Uuid,
+    /// Its correlation id.
+    pub cid: String,
+    /// The current step, 0-based (`index + 1` of `steps.len()`).
+    pub index: u32,
+    /// Every step's `svc.method`, in order.
+    pub steps: Vec<String>,
+    /// The current step's task id.
+    pub step_task: Uuid,
+    /// Where the current step is (`pending` before a worker started it, `running`).
+    pub state: TaskState,
+    /// When this was written, ms since the epoch.
+    pub updated_ms: u64,
+}
+
+impl ChainProgress {
+    /// The progress a step's envelope shows, if it is a chain step.
+    #[must_use]
+    pub fn of(env: &crate::Envelope, state: TaskState) -> Option<Self> {
+        let c = env.chain.as_ref()?;
+        Some(Self {
+            id: c.id,
+            cid: env.cid.clone(),
+            index: c.index,
+            steps: c
+                .steps
+                .iter()
+                .map(|s| format!("{}.{}", s.svc, s.method))
+                .collect(),
+            step_task: env.id,
+            state,
+            updated_ms: crate::envelope::now_ms(),
+        })
+    }
+
+    /// The current step's `svc.method`.
+    #[must_use]
+    pub fn target(&self) -> Option<&str> {
+        self.steps.get(self.index as usize).map(String::as_str)
+    }
+}
+
+/// A method a worker advertised for its service, and when it last did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertisedMethod {
+    /// The method.
+    pub method: String,
+    /// When a worker last advertised it, ms since the epoch.
+    pub seen_ms: u64,
+}
+
 /// Why the store could not answer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -164,7 +288,97 @@ pub trait StatusStore: Send + Sync + std::fmt::Debug + 'static {
         let _ = (key, id);
         Box::pin(async { Ok(false) })
     }
+    /// Stores `status` like [`StatusStore::put`] and, when `link` is given, records that
+    /// the task is related to task `link.0` as `link.1` (see [`StatusStore::related`]).
+    /// The default writes the two one after the other.
+    fn put_linked<'a>(
+        &'a self,
+        status: &'a TaskStatus,
+        link: Option<(Uuid, Relation)>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.put(status).await?;
+            if let Some((parent, relation)) = link {
+                self.relate(parent, status.id, relation).await?;
+            }
+            Ok(())
+        })
+    }
+    /// Records that `child` is related to `parent` as `relation` (within the retention).
+    /// Optional: the default records nothing.
+    fn relate(
+        &self,
+        parent: Uuid,
+        child: Uuid,
+        relation: Relation,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = (parent, child, relation);
+        Box::pin(async { Ok(()) })
+    }
+    /// The tasks recorded as related to `parent`, with their relation. Optional: the
+    /// default knows of none.
+    fn related(&self, parent: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, Relation)>, StoreError>> {
+        let _ = parent;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Records where a chain in flight is. Optional: the default records nothing.
+    fn chain_progress<'a>(
+        &'a self,
+        progress: &'a ChainProgress,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = progress;
+        Box::pin(async { Ok(()) })
+    }
+    /// Forgets chain `id`'s progress: it ended. Optional: the default does nothing.
+    fn chain_ended(&self, id: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = id;
+        Box::pin(async { Ok(()) })
+    }
+    /// The chains in flight, most recently advanced first, at most `limit`. Optional: the
+    /// default refuses with [`StoreError::Unsupported`].
+    fn chains(&self, limit: usize) -> BoxFuture<'_, Result<Vec<ChainProgress>, StoreError>> {
+        let _ = limit;
+        Box::pin(async { Err(StoreError::Unsupported("chains in flight")) })
+    }
+    /// Records that job `job` (a split task's id, a fan-in's job id) has `total` parts.
+    /// Optional: the default records nothing.
+    fn job_total(&self, job: Uuid, total: u32) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = (job, total);
+        Box::pin(async { Ok(()) })
+    }
+    /// The recorded totals of `jobs`, in order (`None`: not recorded). Optional: the
+    /// default knows none.
+    fn job_totals<'a>(
+        &'a self,
+        jobs: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<Vec<Option<u32>>, StoreError>> {
+        Box::pin(async move { Ok(vec![None; jobs.len()]) })
+    }
+    /// Advertises that a worker hosts `methods` of service `svc`, for `ttl` (workers
+    /// refresh it while they run). Optional: the default records nothing.
+    fn advertise<'a>(
+        &'a self,
+        svc: &'a str,
+        methods: &'a [String],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = (svc, methods, ttl);
+        Box::pin(async { Ok(()) })
+    }
+    /// The methods of `svc` some worker advertised within its ttl, by name. Optional: the
+    /// default refuses with [`StoreError::Unsupported`].
+    fn advertised<'a>(
+        &'a self,
+        svc: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AdvertisedMethod>, StoreError>> {
+        let _ = svc;
+        Box::pin(async { Err(StoreError::Unsupported("advertised methods")) })
+    }
 }
+
+/// How long a worker's advertisement of its methods lasts without a refresh (it refreshes
+/// every third of it while it runs).
+pub const ADVERTISE_TTL: Duration = Duration::from_secs(90);
 
 /// Default retention of statuses.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -208,6 +422,36 @@ impl Recorder {
         self.guarded(self.store.bump(name)).await;
     }
 
+    /// Writes `status` with its relation to the task that caused it (from `env`'s
+    /// `parent` and channel), the same way.
+    pub async fn record_linked(&self, status: &TaskStatus, env: &crate::Envelope) {
+        let link = env
+            .parent
+            .filter(|p| *p != status.id)
+            .and_then(|p| Relation::of(env.channel).map(|r| (p, r)));
+        self.guarded(self.store.put_linked(status, link)).await;
+    }
+
+    /// Records a chain's progress the same way (best effort).
+    pub async fn chain_progress(&self, progress: &ChainProgress) {
+        self.guarded(self.store.chain_progress(progress)).await;
+    }
+
+    /// Forgets an ended chain's progress the same way (best effort).
+    pub async fn chain_ended(&self, id: Uuid) {
+        self.guarded(self.store.chain_ended(id)).await;
+    }
+
+    /// Records a job's number of parts the same way (best effort).
+    pub async fn job_total(&self, job: Uuid, total: u32) {
+        self.guarded(self.store.job_total(job, total)).await;
+    }
+
+    /// Advertises a service's methods the same way (best effort).
+    pub async fn advertise(&self, svc: &str, methods: &[String], ttl: Duration) {
+        self.guarded(self.store.advertise(svc, methods, ttl)).await;
+    }
+
     async fn guarded(&self, op: BoxFuture<'_, Result<(), StoreError>>) {
         if self
             .down_until
@@ -233,5 +477,39 @@ impl Recorder {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Via;
+
+    #[test]
+    fn relations_follow_the_channel_and_read_back() {
+        assert_eq!(Relation::of(Via::Enqueue), Some(Relation::Child));
+        assert_eq!(Relation::of(Via::Invoke), Some(Relation::Child));
+        assert_eq!(Relation::of(Via::Hook), Some(Relation::Hook));
+        assert_eq!(Relation::of(Via::OnFinal), Some(Relation::Callback));
+        assert_eq!(Relation::of(Via::Part), Some(Relation::Part));
+        assert_eq!(Relation::of(Via::Chain), Some(Relation::Step));
+        // A retry keeps the relation its first attempt recorded.
+        assert_eq!(Relation::of(Via::Retry), None);
+        for r in [
+            Relation::Child,
+            Relation::Hook,
+            Relation::Callback,
+            Relation::Part,
+            Relation::Step,
+        ] {
+            assert_eq!(Relation::parse(r.as_str()), Some(r));
+            assert_eq!(
+                serde_json::to_value(r).ok(),
+                Some(serde_json::Value::from(r.as_str()))
+            );
+        }
+        assert!(Relation::Hook.is_hook() && Relation::Callback.is_hook());
+        assert!(!Relation::Child.is_hook() && !Relation::Step.is_hook());
+        assert_eq!(Relation::parse("other"), None);
     }
 }

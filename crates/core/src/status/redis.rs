@@ -4,13 +4,24 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::{BoxFuture, StatusStore, StoreError, TaskStatus, DEFAULT_RETENTION};
+use super::{
+    AdvertisedMethod, BoxFuture, ChainProgress, Relation, StatusStore, StoreError, TaskStatus,
+    DEFAULT_RETENTION,
+};
 
 /// Redis-backed [`StatusStore`]: `warren:status:<id>` holds the JSON status and
 /// `warren:cid:<cid>` the set of task ids, both expiring `retention` after their last write.
 /// Cancellations are `warren:cancel:id:<id>` / `warren:cancel:cid:<cid>` (expiring after
 /// `retention`), unique keys `warren:unique:<svc.method>:<key>` (expiring after the task's
 /// unique ttl, removed when the task ends).
+///
+/// For the web admin: `warren:rel:<parent id>` (a hash: related task id → relation),
+/// `warren:chain:<chain id>` (a chain's progress, JSON) with the index `warren:chains` (a
+/// sorted set of chain ids by last progress, entries older than the retention pruned at
+/// each write) and `warren:job:<job id>` (a split job's or fan-in's number of parts) all
+/// expire `retention` after their last write; a chain's entries are removed when it ends.
+/// `warren:methods:<svc>` (a sorted set of the methods workers host, by when they last
+/// advertised them) expires after the advertisement's ttl (90 s) unless a worker refreshes it.
 /// Connects lazily and reconnects by itself; every command has a deadline.
 ///
 /// ```no_run
@@ -118,6 +129,47 @@ impl RedisStore {
         }
     }
 
+    fn rel_key(&self, parent: &Uuid) -> String {
+        format!("{}rel:{parent}", self.prefix)
+    }
+
+    /// The store key of chain `id`'s progress.
+    #[must_use]
+    pub fn chain_key(&self, id: &Uuid) -> String {
+        format!("{}chain:{id}", self.prefix)
+    }
+
+    /// The store key of the index of chains in flight.
+    #[must_use]
+    pub fn chains_key(&self) -> String {
+        format!("{}chains", self.prefix)
+    }
+
+    /// The store key of job `id`'s number of parts.
+    #[must_use]
+    pub fn job_key(&self, id: &Uuid) -> String {
+        format!("{}job:{id}", self.prefix)
+    }
+
+    /// The store key of the methods workers advertised for `svc`.
+    #[must_use]
+    pub fn methods_key(&self, svc: &str) -> String {
+        format!("{}methods:{svc}", self.prefix)
+    }
+
+    fn add_relation(&self, p: &mut redis::Pipeline, parent: Uuid, child: Uuid, r: Relation) {
+        let key = self.rel_key(&parent);
+        p.cmd("HSET")
+            .arg(&key)
+            .arg(child.to_string())
+            .arg(r.as_str())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(self.retention.as_secs().max(1))
+            .ignore();
+    }
+
     /// The store key of unique key `key` (qualified with its `svc.method`).
     #[must_use]
     pub fn unique_key(&self, key: &str) -> String {
@@ -161,6 +213,15 @@ pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
 
 impl StatusStore for RedisStore {
     fn put<'a>(&'a self, status: &'a TaskStatus) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.put_linked(status, None)
+    }
+
+    /// One pipeline: the status, its cid index and, with a link, the parent's relations.
+    fn put_linked<'a>(
+        &'a self,
+        status: &'a TaskStatus,
+        link: Option<(Uuid, Relation)>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let json =
                 serde_json::to_string(status).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -181,7 +242,210 @@ impl StatusStore for RedisStore {
                 .arg(&cid_key)
                 .arg(ttl)
                 .ignore();
+            if let Some((parent, relation)) = link {
+                self.add_relation(&mut p, parent, status.id, relation);
+            }
             self.run::<()>(p).await
+        })
+    }
+
+    fn relate(
+        &self,
+        parent: Uuid,
+        child: Uuid,
+        relation: Relation,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            self.add_relation(&mut p, parent, child, relation);
+            self.run::<()>(p).await
+        })
+    }
+
+    fn related(&self, parent: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, Relation)>, StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("HGETALL").arg(self.rel_key(&parent));
+            let (all,): (Vec<(String, String)>,) = self.run(p).await?;
+            Ok(all
+                .into_iter()
+                .filter_map(|(id, r)| Some((Uuid::parse_str(&id).ok()?, Relation::parse(&r)?)))
+                .collect())
+        })
+    }
+
+    /// `SET warren:chain:<id> <json> EX <retention>`, the id into `warren:chains` (scored by
+    /// now), entries older than the retention pruned.
+    fn chain_progress<'a>(
+        &'a self,
+        progress: &'a ChainProgress,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let json =
+                serde_json::to_string(progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let ttl = self.retention.as_secs().max(1);
+            let now = crate::envelope::now_ms();
+            let oldest = now.saturating_sub(ttl.saturating_mul(1000));
+            let index = self.chains_key();
+            let mut p = redis::pipe();
+            p.cmd("SET")
+                .arg(self.chain_key(&progress.id))
+                .arg(json)
+                .arg("EX")
+                .arg(ttl)
+                .ignore()
+                .cmd("ZADD")
+                .arg(&index)
+                .arg(now)
+                .arg(progress.id.to_string())
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&index)
+                .arg("-inf")
+                .arg(format!("({oldest}"))
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&index)
+                .arg(ttl)
+                .ignore();
+            self.run::<()>(p).await
+        })
+    }
+
+    fn chain_ended(&self, id: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("DEL")
+                .arg(self.chain_key(&id))
+                .ignore()
+                .cmd("ZREM")
+                .arg(self.chains_key())
+                .arg(id.to_string())
+                .ignore();
+            self.run::<()>(p).await
+        })
+    }
+
+    fn chains(&self, limit: usize) -> BoxFuture<'_, Result<Vec<ChainProgress>, StoreError>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            p.cmd("ZREVRANGE")
+                .arg(self.chains_key())
+                .arg(0)
+                .arg(limit.saturating_sub(1));
+            let (ids,): (Vec<String>,) = self.run(p).await?;
+            let ids: Vec<Uuid> = ids.iter().filter_map(|i| Uuid::parse_str(i).ok()).collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            let cmd = p.cmd("MGET");
+            for id in &ids {
+                cmd.arg(self.chain_key(id));
+            }
+            let (found,): (Vec<Option<String>>,) = self.run(p).await?;
+            found
+                .into_iter()
+                .flatten()
+                .map(|j| serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect()
+        })
+    }
+
+    /// `SET warren:job:<id> <total> EX <retention>`.
+    fn job_total(&self, job: Uuid, total: u32) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("SET")
+                .arg(self.job_key(&job))
+                .arg(total)
+                .arg("EX")
+                .arg(self.retention.as_secs().max(1))
+                .ignore();
+            self.run::<()>(p).await
+        })
+    }
+
+    fn job_totals<'a>(
+        &'a self,
+        jobs: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<Vec<Option<u32>>, StoreError>> {
+        Box::pin(async move {
+            if jobs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            let cmd = p.cmd("MGET");
+            for j in jobs {
+                cmd.arg(self.job_key(j));
+            }
+            let (found,): (Vec<Option<String>>,) = self.run(p).await?;
+            Ok(found
+                .into_iter()
+                .map(|v| v.and_then(|v| v.parse().ok()))
+                .collect())
+        })
+    }
+
+    /// `ZADD warren:methods:<svc> <now> <method>…`, entries older than `ttl` pruned, the key
+    /// expiring after `ttl`.
+    fn advertise<'a>(
+        &'a self,
+        svc: &'a str,
+        methods: &'a [String],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if methods.is_empty() {
+                return Ok(());
+            }
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let now = crate::envelope::now_ms();
+            let key = self.methods_key(svc);
+            let mut p = redis::pipe();
+            let add = p.cmd("ZADD").arg(&key);
+            for m in methods {
+                add.arg(now).arg(m);
+            }
+            add.ignore();
+            p.cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(format!("({}", now.saturating_sub(ttl_ms)))
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ttl_ms)
+                .ignore();
+            self.run::<()>(p).await
+        })
+    }
+
+    fn advertised<'a>(
+        &'a self,
+        svc: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AdvertisedMethod>, StoreError>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            p.cmd("ZRANGE")
+                .arg(self.methods_key(svc))
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES");
+            let (all,): (Vec<(String, f64)>,) = self.run(p).await?;
+            let mut out: Vec<AdvertisedMethod> = all
+                .into_iter()
+                .map(|(method, seen)| AdvertisedMethod {
+                    method,
+                    // Scores are ms since the epoch: whole numbers well within f64's range.
+                    seen_ms: seen.max(0.0) as u64,
+                })
+                .collect();
+            out.sort_by(|a, b| a.method.cmp(&b.method));
+            Ok(out)
         })
     }
 
