@@ -9,6 +9,19 @@
 //!   SIGKILLed mid-job and restarted: the hook fires once, with all 200 results in order.
 //! * `invokes_through_a_node_kill`: 64 invokes in flight while the service queue's leader
 //!   is killed: each returns by its deadline + 1 s, with its result or a timeout.
+//! * `retries_through_a_kill_of_another_node` / `retries_through_a_kill_of_the_delay_node`:
+//!   200 tasks whose attempt 1 fails and whose retry (1 s later, through delay levels of the
+//!   test's own on the node of `warren.delay.due`) succeeds, while the service's node, or
+//!   the delay node, is SIGKILLed and restarted: every task succeeds, any re-run is marked;
+//!   with the delay node killed, retries wait until it is back and those moving between
+//!   delay queues at the crash may be lost (asserted: only those).
+//! * `fan_in_through_a_node_kill`: 100 targets while the fan-in's part queue's node is
+//!   killed: the final callback fires once, with all 100 outcomes in order.
+//! * `topic_through_a_node_kill`: 200 publishes while the subscription's leader is killed:
+//!   every confirmed publish is received, re-runs marked.
+//! * `chains_through_a_node_kill`: 20 chains of 3 steps while the service queue's leader is
+//!   killed: each ends with the right result (read from a Redis status store), every step
+//!   ran, re-runs marked.
 //! * `queues_with_their_node_down`: what the broker itself does (raw lapin) with a classic
 //!   queue whose home node is down and a quorum queue whose leader died; printed for the
 //!   record, and the recoveries asserted.
