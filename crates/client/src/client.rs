@@ -176,7 +176,7 @@ impl Client {
         self.inner.sender.check_priority(&env)?;
         if let Some(ttl) = unique_ttl {
             // The first task's receipt while it is pending or running (docs/cancellation.md).
-            if let Some(first) = self.claim_unique(&env, ttl).await? {
+            if let Some(first) = Box::pin(self.claim_unique(&env, ttl)).await? {
                 tracing::debug!(id = %first.id, "unique key held; returning the first task's receipt");
                 return Ok(first);
             }
@@ -204,13 +204,8 @@ impl Client {
             // part's send (results never create it: a result whose part queue is gone
             // belongs to a finished job).
             let spec = QueueSpec::part(&p.part_queue, crate::parallel::FANIN_QUEUE_EXPIRY_MS)?;
-            match self
-                .inner
-                .sender
-                .publisher()
-                .declare_cached(&p.part_queue, &[spec])
-                .await
-            {
+            let declared = self.inner.sender.publisher().declare_cached(&p.part_queue, &[spec]);
+            match Box::pin(declared).await {
                 // Declared by its job's creator with another expiry: it exists.
                 Err(warren_core::Error::Refused { .. }) => {}
                 other => other?,
@@ -218,10 +213,8 @@ impl Client {
         }
         self.record_pending(env).await;
         match delay {
-            Some(d) => {
-                self.send_later(env, d, None, self.publish_deadline())
-                    .await?
-            }
+            // Boxed, like every rare branch here: an enqueue future stays small.
+            Some(d) => Box::pin(self.send_later(env, d, None, self.publish_deadline())).await?,
             None => self.send_envelope(env, None).await?,
         }
         Ok(())

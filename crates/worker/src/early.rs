@@ -149,6 +149,8 @@ pub(crate) async fn guard<'a, F: Future>(
     };
     tokio::pin!(work);
     tokio::select! {
+        // The work first: when it is done at its first poll, no timer is armed.
+        biased;
         out = &mut work => return (out, None),
         () = tokio::time::sleep_until(at) => {}
     }

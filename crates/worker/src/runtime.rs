@@ -723,16 +723,25 @@ async fn pump(
                 // On shutdown a waiting delivery is dropped unacked: the broker redelivers it.
                 // One that waits until the broker's consumer timeout nears is requeued (it
                 // never started), so the timeout never closes the channel.
+                if stop.is_cancelled() {
+                    break;
+                }
                 let too_late = shared.ack_early_after.and_then(|a| arrived.checked_add(a));
-                let permit = tokio::select! {
-                    () = stop.cancelled() => break,
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    () = sleep_until(too_late) => {
-                        tracing::info!(queue = %svc.queue, "a delivery waited for a free slot until the consumer timeout neared; requeued");
-                        if !matches!(d.reject(true).await, Ok(true)) {
-                            tracing::warn!("requeue not delivered; the broker will redeliver when the channel closes");
+                // A free slot is taken at once, without arming the timer below.
+                let free = permits.clone().try_acquire_owned().ok();
+                let permit = if let Some(p) = free {
+                    p
+                } else {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                        () = sleep_until(too_late) => {
+                            tracing::info!(queue = %svc.queue, "a delivery waited for a free slot until the consumer timeout neared; requeued");
+                            if !matches!(d.reject(true).await, Ok(true)) {
+                                tracing::warn!("requeue not delivered; the broker will redeliver when the channel closes");
+                            }
+                            continue;
                         }
-                        continue;
                     }
                 };
                 let (shared, svc) = (shared.clone(), svc.clone());
@@ -770,9 +779,14 @@ async fn forward(
     stop: CancellationToken,
 ) -> (Subscription, Result<(), warren_core::Error>) {
     loop {
+        // The event first: one that is ready is taken without registering with `stop`.
+        if stop.is_cancelled() {
+            break;
+        }
         let event = tokio::select! {
-            () = stop.cancelled() => break,
+            biased;
             ev = sub.next() => ev,
+            () = stop.cancelled() => break,
         };
         match event {
             Ok(Some(ev)) => {

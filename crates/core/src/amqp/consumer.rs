@@ -199,8 +199,13 @@ impl Subscription {
                 }
             };
             let lost = loop {
+                // Checked here, and the delivery polled first: a delivery that is ready is
+                // taken without registering with the token and the watchdog each time.
+                if self.cancel.is_cancelled() {
+                    return Ok(None);
+                }
                 tokio::select! {
-                    () = self.cancel.cancelled() => return Ok(None),
+                    biased;
                     d = active.consumer.next() => match d {
                         Some(Ok(d)) => {
                             return Ok(Some(ConsumerEvent::Delivery(Incoming {
@@ -217,6 +222,7 @@ impl Subscription {
                         Some(Err(e)) => break Some(e.to_string()),
                         None => break None,
                     },
+                    () = self.cancel.cancelled() => return Ok(None),
                     _ = active.watchdog.tick() => {
                         if !active.channel.status().connected() {
                             break Some(String::from("channel closed"));
