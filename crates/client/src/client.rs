@@ -204,7 +204,12 @@ impl Client {
             // part's send (results never create it: a result whose part queue is gone
             // belongs to a finished job).
             let spec = QueueSpec::part(&p.part_queue, crate::parallel::FANIN_QUEUE_EXPIRY_MS)?;
-            let declared = self.inner.sender.publisher().declare_cached(&p.part_queue, &[spec]);
+            let specs = [spec];
+            let declared = self
+                .inner
+                .sender
+                .publisher()
+                .declare_cached(&p.part_queue, &specs);
             match Box::pin(declared).await {
                 // Declared by its job's creator with another expiry: it exists.
                 Err(warren_core::Error::Refused { .. }) => {}
