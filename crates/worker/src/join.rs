@@ -274,7 +274,17 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
     let mut missing_rounds = 0;
     loop {
         match join_round(shared, job).await? {
+            Round::Joined => return Ok(()),
             Round::Over if check.again() => {}
+            // After this process released a hold, the broker may still show it for a moment
+            // (a closed channel's consumer and its unacked results are let go
+            // asynchronously), so this "nothing to do" may be a stale view, and the part
+            // whose result completed the job may have stopped because it saw our hold: look
+            // again later instead of trusting it.
+            Round::Over if missing_rounds > 0 => {
+                check.finish();
+                return schedule_check(shared, job, RECHECK_AFTER).await;
+            }
             Round::Over => return Ok(()),
             Round::PartsMissing => {
                 missing_rounds += 1;
@@ -289,7 +299,9 @@ pub(crate) async fn try_join(shared: &Shared, job: &Job) -> Res {
 
 /// How one look at the part queue ended.
 enum Round {
-    /// Fired, not everything is in yet, another joiner holds it, or the job is gone.
+    /// Fired now, or found fired before (its part queue deleted now).
+    Joined,
+    /// Not everything is in yet, another joiner holds it, or the job is gone.
     Over,
     /// All results were counted but some part ids were missing (duplicates filled the
     /// count): look again.
@@ -326,7 +338,7 @@ async fn join_round(shared: &Shared, job: &Job) -> Res<Round> {
     if fired.len() >= job.markers_when_done() {
         // Joined before, by a joiner that died before it removed the part queue.
         batch.delete_queue(&job.part_queue).await?;
-        return Ok(Round::Over);
+        return Ok(Round::Joined);
     }
     let results = distinct(&batch.bodies, job.total);
     if results.len() < total {
@@ -340,7 +352,7 @@ async fn join_round(shared: &Shared, job: &Job) -> Res<Round> {
     crate::metrics::join_fired(&job.svc);
     batch.delete_queue(&job.part_queue).await?;
     tracing::info!(job = %job.key.0, parts = total, ok, "split job joined");
-    Ok(Round::Over)
+    Ok(Round::Joined)
 }
 
 /// The join of a job without parts: only its split task (or that task's redelivery, which
