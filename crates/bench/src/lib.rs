@@ -391,9 +391,32 @@ impl Bench {
     }
 }
 
-/// A progress note on stderr (stdout stays for figures).
+/// Prints a group's figure lines, then the raw baselines they compare with.
+fn print_figures(fs: &[Figure]) {
+    for f in fs {
+        println!("{}", f.line());
+    }
+    for f in fs.iter().filter(|f| f.raw.is_some()) {
+        println!(
+            "# raw lapin {} {:.*} {}",
+            f.name,
+            f.decimals,
+            f.raw.unwrap_or_default(),
+            f.unit
+        );
+    }
+}
+
+/// The run's progress bar over its groups (drawn on stderr when it is a terminal).
+static PROGRESS: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
+
+/// A progress note on stderr (stdout stays for figures), printed above the progress bar
+/// when one is drawn.
 pub fn note(msg: impl std::fmt::Display) {
-    eprintln!("# {msg}");
+    match PROGRESS.get() {
+        Some(bar) if !bar.is_hidden() => bar.println(format!("# {msg}")),
+        _ => eprintln!("# {msg}"),
+    }
 }
 
 /// `warren bench`: runs the groups `args` selects and prints their figures. `product` says
@@ -439,8 +462,17 @@ pub async fn run(
 
     let mut figures = Vec::new();
     let mut failed = Vec::new();
+    let bar = PROGRESS.get_or_init(|| indicatif::ProgressBar::new(0));
+    bar.set_length(groups.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "bench {bar:30} {pos}/{len} groups ({elapsed}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let all = async {
         for g in &groups {
+            bar.set_message(g.name);
             // A group that hangs (a lost message on a raw side, a blocked broker) fails
             // with a clear error instead of holding up the run.
             let ran = tokio::time::timeout(GROUP_DEADLINE, (g.run)(&bench))
@@ -453,30 +485,22 @@ pub async fn run(
             match ran {
                 Ok(fs) => {
                     if !bench.args.json {
-                        for f in &fs {
-                            println!("{}", f.line());
-                        }
-                        for f in fs.iter().filter(|f| f.raw.is_some()) {
-                            println!(
-                                "# raw lapin {} {:.*} {}",
-                                f.name,
-                                f.decimals,
-                                f.raw.unwrap_or_default(),
-                                f.unit
-                            );
-                        }
+                        bar.suspend(|| print_figures(&fs));
                     }
                     figures.extend(fs);
                 }
                 Err(e) => {
-                    eprintln!(
-                        "error: bench group {} failed: {}",
-                        g.name,
-                        (bench.host.describe)(&e)
-                    );
+                    bar.suspend(|| {
+                        eprintln!(
+                            "error: bench group {} failed: {}",
+                            g.name,
+                            (bench.host.describe)(&e)
+                        );
+                    });
                     failed.push(g.name);
                 }
             }
+            bar.inc(1);
         }
     };
     // Ctrl-C or SIGTERM (e.g. from `timeout`) stop the run; the queues are removed either way.
@@ -486,6 +510,7 @@ pub async fn run(
         _ = tokio::signal::ctrl_c() => true,
         _ = term.recv() => true,
     };
+    bar.finish_and_clear();
     if interrupted {
         note("interrupted; cleaning up");
     }
