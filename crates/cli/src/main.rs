@@ -26,6 +26,13 @@ mod schedules;
 mod topics;
 mod web;
 
+/// jemalloc rather than the system allocator: a delivery allocates many small short-lived
+/// buffers (frames, envelopes, futures), and glibc's malloc spent about 15 % of the no-op
+/// bench's CPU on them (its free-list consolidation above all). The library crates leave the
+/// choice to the application; docs/operations.md recommends the same for worker binaries.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

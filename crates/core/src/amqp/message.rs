@@ -146,6 +146,12 @@ impl Outgoing {
 
     /// lapin properties; call only after [`Outgoing::validate`].
     pub(crate) fn properties(&self) -> BasicProperties {
+        self.properties_in(&crate::trace::for_outgoing())
+    }
+
+    /// [`Outgoing::properties`] continuing `trace` (when the message carries no trace of its
+    /// own): a publish that is sent again keeps its first attempt's trace.
+    pub(crate) fn properties_in(&self, trace: &crate::trace::TraceContext) -> BasicProperties {
         let mut p = BasicProperties::default()
             .with_content_type(short("application/json"))
             .with_delivery_mode(if self.persistent { 2 } else { 1 });
@@ -171,7 +177,7 @@ impl Outgoing {
         // Every message continues (or starts) a trace, unless it carries one already
         // (crate::trace).
         if !self.headers.iter().any(|(k, _)| k == H_TRACEPARENT) {
-            for (k, v) in crate::trace::for_outgoing().headers() {
+            for (k, v) in trace.headers() {
                 t.insert(
                     short(k),
                     AMQPValue::LongString(LongString::from(v.into_bytes())),

@@ -15,14 +15,22 @@ use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 use super::batch::Batch;
-use super::broker::{Broker, ChannelSlot};
+use super::broker::Broker;
 use super::message::{short, Outgoing};
 use crate::error::{classify, Error, Result};
 use crate::metrics::RetryReason;
 use crate::topology::{QueueSpec, H_RESENT};
 
 /// One confirm channel and the connection generation it belongs to, opened on first use.
-type Slot = Mutex<ChannelSlot>;
+///
+/// A publish takes the open channel under a short synchronous lock (one `Arc` clone: a lapin
+/// `Channel` clone is a dozen); only opening one waits on the async `opening` lock, so that
+/// one publish opens it while the others of the slot wait for it.
+#[derive(Default)]
+struct Slot {
+    open: std::sync::Mutex<Option<(Arc<Channel>, u64)>>,
+    opening: Mutex<()>,
+}
 
 /// Publishes messages with the mandatory flag on confirm-mode channels.
 ///
@@ -70,7 +78,7 @@ impl Publisher {
     /// A publisher over `channels` confirm channels (at least 1) of `broker`'s connection.
     #[must_use]
     pub fn new(broker: Broker, channels: usize) -> Self {
-        let slots = (0..channels.max(1)).map(|_| Mutex::new(None)).collect();
+        let slots = (0..channels.max(1)).map(|_| Slot::default()).collect();
         Self {
             broker,
             slots: Arc::new(slots),
@@ -86,27 +94,41 @@ impl Publisher {
         &self.broker
     }
 
-    async fn channel(&self, slot: usize) -> Result<(Channel, u64)> {
-        let mut guard = self.slots[slot].lock().await;
-        if let Some((ch, generation)) = guard.as_ref() {
-            // A channel of a retired connection is not reused (see `Broker::note_closed`).
-            if ch.status().connected() && *generation == self.broker.generation() {
-                return Ok((ch.clone(), *generation));
-            }
+    /// The slot's channel when it is open on the current connection.
+    fn open_channel(&self, slot: &Slot) -> Option<(Arc<Channel>, u64)> {
+        let guard = slot.open.lock().ok()?;
+        let (ch, generation) = guard.as_ref()?;
+        // A channel of a retired connection is not reused (see `Broker::note_closed`).
+        (ch.status().connected() && *generation == self.broker.generation())
+            .then(|| (ch.clone(), *generation))
+    }
+
+    async fn channel(&self, slot: usize) -> Result<(Arc<Channel>, u64)> {
+        let slot = &self.slots[slot];
+        if let Some(open) = self.open_channel(slot) {
+            return Ok(open);
         }
-        *guard = None;
+        let _opening = slot.opening.lock().await;
+        // Another publish of this slot may have opened it meanwhile.
+        if let Some(open) = self.open_channel(slot) {
+            return Ok(open);
+        }
         let (ch, generation) = self.broker.channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| classify("enabling publisher confirms", e))?;
-        *guard = Some((ch.clone(), generation));
+        let ch = Arc::new(ch);
+        if let Ok(mut open) = slot.open.lock() {
+            *open = Some((ch.clone(), generation));
+        }
         Ok((ch, generation))
     }
 
-    async fn drop_channel(&self, slot: usize, generation: u64) {
-        let mut guard = self.slots[slot].lock().await;
-        if guard.as_ref().is_some_and(|(_, g)| *g == generation) {
-            *guard = None;
+    fn drop_channel(&self, slot: usize, generation: u64) {
+        if let Ok(mut open) = self.slots[slot].open.lock() {
+            if open.as_ref().is_some_and(|(_, g)| *g == generation) {
+                *open = None;
+            }
         }
     }
 
@@ -237,7 +259,10 @@ impl Publisher {
         msg.validate()?;
         let started = Instant::now();
         let what = || format!("publishing to {}/{}", msg.exchange, msg.routing_key);
-        let mut props = msg.properties();
+        // One trace for every attempt; the properties are built per attempt (cheaper than
+        // cloning them for the first, which is nearly always the only one).
+        let trace = crate::trace::for_outgoing();
+        let mut resent = false;
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut pauses = backoff(Duration::from_millis(20), Duration::from_secs(1));
         // Whether an attempt may have reached a queue (sent, then nacked or not confirmed).
@@ -251,10 +276,14 @@ impl Publisher {
                     self.declare_cached(key, &specs()?).await?;
                 }
                 let (ch, generation) = self.channel(slot).await?;
-                match send_mandatory(&ch, msg, props.clone()).await {
+                let mut props = msg.properties_in(&trace);
+                if resent {
+                    props = mark_resent(props);
+                }
+                match send_mandatory(&ch, msg, props).await {
                     Ok(pending) => Ok::<_, Error>((pending.await, generation)),
                     Err(e) => {
-                        self.drop_channel(slot, generation).await;
+                        self.drop_channel(slot, generation);
                         Err(classify(what(), e))
                     }
                 }
@@ -274,14 +303,14 @@ impl Publisher {
                     {
                         Ok(()) => return Ok(()),
                         Err(e @ Error::ConnectionLost { .. }) => {
-                            self.drop_channel(slot, generation).await;
+                            self.drop_channel(slot, generation);
                             maybe_stored = true;
                             e
                         }
                         Err(e @ Error::Nacked { .. }) => {
                             // A channel opened while a quorum queue elected its leader keeps
                             // being nacked until the old leader returns: use a new one.
-                            self.drop_channel(slot, generation).await;
+                            self.drop_channel(slot, generation);
                             maybe_stored = true;
                             e
                         }
@@ -301,11 +330,9 @@ impl Publisher {
                 Error::Unroutable { .. } => RetryReason::Returned,
                 _ => RetryReason::Connection,
             });
-            if maybe_stored {
-                // The broker may hold a first copy: mark the next ones, so a consumer that
-                // gets two can tell the second may be a duplicate.
-                props = mark_resent(props);
-            }
+            // The broker may hold a first copy: mark the next ones, so a consumer that gets
+            // two can tell the second may be a duplicate.
+            resent = maybe_stored;
             last = Some(err);
             let pause = pauses.next().unwrap_or(Duration::from_secs(1));
             if Instant::now() + pause >= deadline {
