@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use warren_client::Task;
 
 use anyhow::{bail, Context as _};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::BasicQosOptions;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use warren_client::Client;
 use warren_core::{Envelope, Target};
 use warren_worker::{Context, Service, TaskError};
@@ -253,30 +253,26 @@ async fn warren_noop(b: &Bench) -> anyhow::Result<f64> {
     result
 }
 
-/// Enqueues `n` no-op tasks for `target` from `in_flight` concurrent tasks.
+/// Enqueues `n` no-op tasks to `target`, up to `in_flight` at once, the way the raw side
+/// publishes (`raw::publish_confirmed`): one task keeps `in_flight` enqueue futures going.
 pub async fn enqueue_all(
     client: &Client,
     target: &str,
     n: u64,
     in_flight: usize,
 ) -> anyhow::Result<()> {
-    let next = Arc::new(AtomicU64::new(0));
-    let target: Arc<str> = Arc::from(target);
-    let mut tasks = JoinSet::new();
-    for _ in 0..in_flight.max(1) {
-        let (client, next, target) = (client.clone(), next.clone(), target.clone());
-        tasks.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                client.enqueue(Task::new(&*target, &payload(i))).await?;
+    let one = |i: u64| client.enqueue(Task::new(target, &payload(i)));
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        pending.push(one(i));
+        while pending.len() >= in_flight.max(1) {
+            if let Some(r) = pending.next().await {
+                r?;
             }
-        });
+        }
     }
-    while let Some(r) = tasks.join_next().await {
-        r??;
+    while let Some(r) = pending.next().await {
+        r?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! [`Subscription`]: a consumer that re-subscribes by itself after a reconnect.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -42,7 +43,9 @@ pub enum ConsumerEvent {
 }
 
 struct Active {
-    channel: Channel,
+    /// Shared with every delivery of the channel (an `Arc` clone per delivery; a lapin
+    /// `Channel` clone is a dozen).
+    channel: Arc<Channel>,
     consumer: Consumer,
     generation: u64,
     /// Checks the channel once a second, for the life of the channel (not per delivery:
@@ -148,7 +151,7 @@ impl Subscription {
         let mut watchdog = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Active {
-            channel,
+            channel: Arc::new(channel),
             consumer,
             generation,
             watchdog,
@@ -158,8 +161,8 @@ impl Subscription {
     /// The next event; `Ok(None)` once cancelled. `Err` only for errors that repeat (the
     /// broker refusing the queue declaration); connection failures are handled inside.
     pub async fn next(&mut self) -> Result<Option<ConsumerEvent>> {
-        let mut pauses =
-            super::publisher::backoff(Duration::from_millis(100), Duration::from_secs(5));
+        // Built on the first failure only: a delivery that is ready costs no backoff state.
+        let mut pauses = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(None);
@@ -192,7 +195,12 @@ impl Subscription {
                         tracing::warn!(queue = %self.spec.queue.name, error = %e, "resubscribe failed; will retry");
                         tokio::select! {
                             () = self.cancel.cancelled() => return Ok(None),
-                            () = tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))) => {}
+                            () = tokio::time::sleep(
+                                pauses
+                                    .get_or_insert_with(|| super::publisher::backoff(Duration::from_millis(100), Duration::from_secs(5)))
+                                    .next()
+                                    .unwrap_or(Duration::from_secs(5))
+                            ) => {}
                         }
                         continue;
                     }
@@ -270,7 +278,7 @@ pub struct Incoming {
     pub exchange: String,
     props: BasicProperties,
     acker: Acker,
-    channel: Channel,
+    channel: Arc<Channel>,
     generation: u64,
 }
 
