@@ -11,10 +11,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::task::JoinHandle;
 
-use super::wait_for;
+use super::{wait_for, Turn};
 use crate::common::unique;
-use crate::support::cluster::Cluster;
 
 async fn connect(url: &str) -> Connection {
     tokio::time::timeout(
@@ -124,13 +124,31 @@ async fn passive_outcome(conn: &Connection, queue: &str) -> String {
 
 type PublishLog = Vec<(Option<i128>, String)>;
 
+/// What the probe's publishers share: the queue they publish to, the flag that stops them,
+/// and the instant of the kill (None before it).
+#[derive(Clone)]
+struct Publishing {
+    queue: String,
+    stop: Arc<AtomicBool>,
+    t_kill: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Publishing {
+    /// Spawns a [`publish_loop`] on `conn`, counting acks in `acked`.
+    fn spawn(&self, conn: Connection, acked: &Arc<AtomicUsize>) -> JoinHandle<PublishLog> {
+        tokio::spawn(publish_loop(conn, self.clone(), acked.clone()))
+    }
+}
+
 /// Publishes to `queue` in windows of 32 in flight (like a busy publisher) until `stop`,
 /// logging each outcome with the ms since `t_kill` (None before it); counts acks in `acked`.
 async fn publish_loop(
     conn: Connection,
-    queue: String,
-    stop: Arc<AtomicBool>,
-    t_kill: Arc<Mutex<Option<Instant>>>,
+    Publishing {
+        queue,
+        stop,
+        t_kill,
+    }: Publishing,
     acked: Arc<AtomicUsize>,
 ) -> PublishLog {
     let mut log = PublishLog::new();
@@ -195,9 +213,8 @@ fn summarize(log: &PublishLog) -> (usize, BTreeMap<String, (usize, i128, i128)>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_with_their_node_down() {
-    let cluster = Cluster::shared().await;
-    let _turn = cluster.lock().await;
-    let started = Instant::now();
+    let turn = Turn::take().await;
+    let cluster = turn.cluster;
     // The queues live on node 2 (declared through it: client-local placement); node 0
     // observes.
     let (home, observer) = (2, 0);
@@ -215,16 +232,14 @@ async fn queues_with_their_node_down() {
 
     // Publish to the quorum queue without pause from the observer's node across the kill,
     // and, from the kill on, from a new connection to the third node.
-    let stop = Arc::new(AtomicBool::new(false));
-    let t_kill: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let publishing = Publishing {
+        queue: quorum.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        t_kill: Arc::default(),
+    };
+    let (stop, t_kill) = (&publishing.stop, &publishing.t_kill);
     let published = Arc::new(AtomicUsize::new(0));
-    let publisher = tokio::spawn(publish_loop(
-        connect(cluster.url(observer)).await,
-        quorum.clone(),
-        stop.clone(),
-        t_kill.clone(),
-        published.clone(),
-    ));
+    let publisher = publishing.spawn(connect(cluster.url(observer)).await, &published);
     wait_for("a few quorum publishes", Duration::from_secs(10), || {
         published.load(Ordering::SeqCst) >= 200
     })
@@ -233,33 +248,22 @@ async fn queues_with_their_node_down() {
     *t_kill.lock().unwrap() = Some(Instant::now());
     let third = 3 - home - observer;
     let late_acked = Arc::new(AtomicUsize::new(0));
-    let late_publisher = tokio::spawn(publish_loop(
-        connect(cluster.url(third)).await,
-        quorum.clone(),
-        stop.clone(),
-        t_kill.clone(),
-        late_acked.clone(),
-    ));
+    let late_publisher = publishing.spawn(connect(cluster.url(third)).await, &late_acked);
 
     // A third publisher whose connection and channel open once the new leader is listed.
     let elected_acked = Arc::new(AtomicUsize::new(0));
     let elected_publisher = {
-        let (q, stop, t_kill, acked) = (
-            quorum.clone(),
-            stop.clone(),
-            t_kill.clone(),
-            elected_acked.clone(),
-        );
+        let (publishing, acked) = (publishing.clone(), elected_acked.clone());
         let url = cluster.url(third).to_owned();
         tokio::spawn(async move {
             let end = tokio::time::Instant::now() + Duration::from_secs(20);
             while tokio::time::Instant::now() < end {
-                if matches!(cluster.leader_of(&q).await, Ok(l) if l != home) {
+                if matches!(cluster.leader_of(&publishing.queue).await, Ok(l) if l != home) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            publish_loop(connect(&url).await, q, stop, t_kill, acked).await
+            publish_loop(connect(&url).await, publishing, acked).await
         })
     };
     let passive = passive_outcome(&obs, &classic).await;
@@ -354,7 +358,7 @@ async fn queues_with_their_node_down() {
             .await;
     }
     let _ = obs.close(200, "bye".into()).await;
-    eprintln!("[probe] test took {:?}", started.elapsed());
+    eprintln!("[probe] test took {:?}", turn.started.elapsed());
     assert!(
         early.1.contains_key("ack") && late.1.contains_key("ack"),
         "the quorum queue takes publishes again after its leader died"

@@ -2,30 +2,23 @@
 
 use std::time::{Duration, Instant};
 
-use warren::{QueueType, Task};
+use warren::Task;
 
-use super::{client_for, wait_for};
-use crate::common::{ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
-use crate::support::cluster::Cluster;
+use super::{wait_for, Scene};
+use crate::common::read_ledger;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invokes_through_a_node_kill() {
     const N: usize = 64;
     const DEADLINE: Duration = Duration::from_secs(10);
-    let cluster = Cluster::shared().await;
-    let _turn = cluster.lock().await;
-    let started = Instant::now();
-    let urls = cluster.url_list();
-    let svc = unique("clinv");
-    let _cleanup = Cleanup::on(&urls, &[&svc]);
-    let ledger = ledger_path("clinv");
-    let starts = ledger.with_extension("starts");
+    let scene = Scene::take("invoke", "clinv").await;
+    let (cluster, svc, queue) = (scene.cluster, &scene.svc, &scene.queue);
+    let starts = scene.ledger.with_extension("starts");
     let env = [("FIXTURE_STARTS", starts.display().to_string())];
-    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, N, &env).await;
-    let client = client_for(&urls).await;
-    let queue = format!("warren.svc.{svc}");
+    let worker = scene.worker(N, &env).await;
+    let client = scene.client().await;
     let leader = cluster
-        .leader_of(&queue)
+        .leader_of(queue)
         .await
         .expect("service queue leader");
 
@@ -52,8 +45,9 @@ async fn invokes_through_a_node_kill() {
     .await;
     calls.extend((N / 2..N).map(invoke));
     let t_kill = Instant::now();
-    cluster.kill(leader).await.expect("kill the leader");
-    eprintln!("[invoke] killed node {leader} (the service queue's leader)");
+    scene
+        .kill(leader, || " (the service queue's leader)".to_owned())
+        .await;
     // When the queue lists a new leader.
     let watch = {
         let queue = queue.clone();
@@ -108,12 +102,10 @@ async fn invokes_through_a_node_kill() {
         t_kill.elapsed()
     );
     eprintln!("[invoke] new leader: {}", watch.await.unwrap());
-    let t = Instant::now();
-    cluster.restart(leader).await.expect("node restarts");
-    eprintln!("[invoke] node {leader} back in {:?}", t.elapsed());
+    scene.restart(leader, async { String::new() }).await;
     assert!(worker.terminate().await, "worker exits cleanly");
     client.close().await;
-    eprintln!("[invoke] test took {:?}", started.elapsed());
+    eprintln!("[invoke] test took {:?}", scene.took());
     assert!(
         bad.is_empty(),
         "{} invokes missed their deadline or failed otherwise: {bad:#?}",

@@ -1,16 +1,15 @@
 //! A split job and a fan-in through a kill of their part queue's node.
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::Value;
-use warren::{FanInOutcome, Parallel, QueueType, Target, Task};
+use warren::{Client, FanInOutcome, Parallel, Target, Task};
 use warren_core::topology::fanout_queue;
 
-use super::{client_for, duplicates, runs_by_key, wait_for};
-use crate::common::{self, hook_lines, ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
-use crate::support::cluster::Cluster;
+use super::{duplicates, is_idle, runs_by_key, wait_for, Scene};
+use crate::common::{self, hook_lines, read_ledger};
 
 /// Distinct parts of job `cid` in the ledger (lines `<cid>/<i> …`).
 fn parts_done(ledger: &Path, cid: &str) -> usize {
@@ -23,116 +22,125 @@ fn parts_done(ledger: &Path, cid: &str) -> usize {
         .len()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn split_job_through_a_node_kill() {
-    const N: u64 = 200;
-    let cluster = Cluster::shared().await;
-    let _turn = cluster.lock().await;
-    let started = Instant::now();
-    let urls = cluster.url_list();
-    let svc = unique("clsplit");
-    let _cleanup = Cleanup::on(&urls, &[&svc]);
-    let ledger = ledger_path("clsplit");
-    let hooks = ledger.with_extension("hooks");
+/// Starts the fixture worker with `concurrency`, recording hooks (in the returned file) and
+/// with a 30 s completion window; returns it with its client.
+async fn start_with_hooks(
+    scene: &Scene,
+    concurrency: usize,
+) -> (common::FixtureWorker, Client, PathBuf) {
+    let hooks = scene.ledger.with_extension("hooks");
     let env = [
         ("FIXTURE_HOOKS", hooks.display().to_string()),
         ("FIXTURE_COMPLETION_WINDOW_MS", "30000".to_owned()),
     ];
-    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, 8, &env).await;
-    let client = client_for(&urls).await;
-    let cid = unique("job");
-    let task = Task::new(
-        format!("{svc}.sum"),
-        &serde_json::json!({"n": N, "ms": 100}),
-    )
-    .with_cid(&cid)
-    .on_complete(Target::new(&svc, "done").unwrap())
-    .on_error(Target::new(&svc, "failed").unwrap());
-    let receipt = client.enqueue(task).await.expect("split job enqueued");
-    let part_queue = format!("part.{svc}-sum-{}", receipt.id);
+    let worker = scene.worker(concurrency, &env).await;
+    (worker, scene.client().await, hooks)
+}
 
-    // Mid-job: a quarter of the parts ran.
-    wait_for("a quarter of the parts", Duration::from_secs(120), || {
-        parts_done(&ledger, &cid) >= N as usize / 4
-    })
-    .await;
-    let home = cluster
-        .leader_of(&part_queue)
-        .await
-        .expect("part queue's node");
-    let done_before = parts_done(&ledger, &cid);
-    cluster
-        .kill(home)
-        .await
-        .expect("kill the part queue's node");
-    eprintln!("[split] killed node {home} (the part queue's) after {done_before} parts");
-    // What the client's broker connection sees of the part queue while its node is down.
-    match client.broker().queue_stats(&part_queue).await {
-        Ok(s) => eprintln!("[split] passive declare with its node down: Ok({s:?})"),
-        Err(e) => eprintln!("[split] passive declare with its node down: Err({e:#})"),
-    }
-    let t = Instant::now();
-    cluster.restart(home).await.expect("node restarts");
-    eprintln!(
-        "[split] node {home} back in {:?}; {} parts done",
-        t.elapsed(),
-        parts_done(&ledger, &cid)
-    );
-
-    // The hook fires, the part queue goes, the service queue is idle.
-    let broker = client.broker().clone();
-    let end = tokio::time::Instant::now() + Duration::from_secs(180);
+/// Polls every 100 ms until job `cid`'s hook is in `hooks`, its part queue is gone and the
+/// service queue has nothing ready; after `deadline` panics with `stuck(hook fired, part
+/// queue gone, service queue idle)`.
+async fn wait_job_finished(
+    scene: &Scene,
+    client: &Client,
+    (hooks, cid, part_queue): (&Path, &str, &str),
+    deadline: Duration,
+    stuck: impl Fn(bool, bool, bool) -> String,
+) {
+    let broker = client.broker();
+    let end = tokio::time::Instant::now() + deadline;
     loop {
-        let fired = !hook_lines(&hooks, &cid).is_empty();
-        let gone = matches!(broker.queue_stats(&part_queue).await, Ok(None));
-        let idle = matches!(
-            broker.queue_stats(&format!("warren.svc.{svc}")).await,
-            Ok(Some(s)) if s.ready == 0
-        );
+        let fired = !hook_lines(hooks, cid).is_empty();
+        let gone = matches!(broker.queue_stats(part_queue).await, Ok(None));
+        let idle = is_idle(broker, &scene.queue).await;
         if fired && gone && idle {
             break;
         }
         assert!(
             tokio::time::Instant::now() < end,
-            "job {cid} did not finish (hook {fired}, part queue gone {gone}, idle {idle}; {} parts ran)",
-            parts_done(&ledger, &cid)
+            "{}",
+            stuck(fired, gone, idle)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_job_through_a_node_kill() {
+    const N: u64 = 200;
+    let scene = Scene::take("split", "clsplit").await;
+    let (svc, ledger) = (&scene.svc, &scene.ledger);
+    let (worker, client, hooks) = start_with_hooks(&scene, 8).await;
+    let cid = common::unique("job");
+    let task = Task::new(
+        format!("{svc}.sum"),
+        &serde_json::json!({"n": N, "ms": 100}),
+    )
+    .with_cid(&cid)
+    .on_complete(Target::new(svc, "done").unwrap())
+    .on_error(Target::new(svc, "failed").unwrap());
+    let receipt = client.enqueue(task).await.expect("split job enqueued");
+    let part_queue = format!("part.{svc}-sum-{}", receipt.id);
+
+    // Mid-job: a quarter of the parts ran.
+    wait_for("a quarter of the parts", Duration::from_secs(120), || {
+        parts_done(ledger, &cid) >= N as usize / 4
+    })
+    .await;
+    let home = scene
+        .cluster
+        .leader_of(&part_queue)
+        .await
+        .expect("part queue's node");
+    let done_before = parts_done(ledger, &cid);
+    scene
+        .kill(home, || {
+            format!(" (the part queue's) after {done_before} parts")
+        })
+        .await;
+    // What the client's broker connection sees of the part queue while its node is down.
+    match client.broker().queue_stats(&part_queue).await {
+        Ok(s) => eprintln!("[split] passive declare with its node down: Ok({s:?})"),
+        Err(e) => eprintln!("[split] passive declare with its node down: Err({e:#})"),
+    }
+    scene
+        .restart(home, async {
+            format!("; {} parts done", parts_done(ledger, &cid))
+        })
+        .await;
+
+    // The hook fires, the part queue goes, the service queue is idle.
+    let job = (hooks.as_path(), cid.as_str(), part_queue.as_str());
+    wait_job_finished(&scene, &client, job, Duration::from_secs(180), |fired, gone, idle| {
+        format!(
+            "job {cid} did not finish (hook {fired}, part queue gone {gone}, idle {idle}; {} parts ran)",
+            parts_done(ledger, &cid)
+        )
+    })
+    .await;
     assert!(worker.terminate().await, "worker exits cleanly");
-    common::cleanup_job(&urls, &part_queue).await;
+    common::cleanup_job(&scene.urls, &part_queue).await;
     client.close().await;
     let fired = hook_lines(&hooks, &cid);
     eprintln!(
         "[split] hooks: {:?}; test took {:?}",
         fired.iter().map(|(m, _)| m).collect::<Vec<_>>(),
-        started.elapsed()
+        scene.took()
     );
     assert_eq!(fired.len(), 1, "exactly one hook: {fired:?}");
     assert_eq!(fired[0].0, "done", "the job completed: {fired:?}");
     let squares = Value::Array((0..N).map(|i| Value::from(i * i)).collect());
     assert_eq!(fired[0].1, squares, "every result, in part order");
-    assert_eq!(parts_done(&ledger, &cid), N as usize, "every part ran");
+    assert_eq!(parts_done(ledger, &cid), N as usize, "every part ran");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_in_through_a_node_kill() {
     const N: usize = 100;
-    let cluster = Cluster::shared().await;
-    let _turn = cluster.lock().await;
-    let started = Instant::now();
-    let urls = cluster.url_list();
-    let svc = unique("clfanin");
-    let _cleanup = Cleanup::on(&urls, &[&svc]);
-    let ledger = ledger_path("clfanin");
-    let hooks = ledger.with_extension("hooks");
-    let env = [
-        ("FIXTURE_HOOKS", hooks.display().to_string()),
-        ("FIXTURE_COMPLETION_WINDOW_MS", "30000".to_owned()),
-    ];
-    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, 4, &env).await;
-    let client = client_for(&urls).await;
-    let cid = unique("cid");
+    let scene = Scene::take("fanin", "clfanin").await;
+    let (svc, ledger) = (&scene.svc, &scene.ledger);
+    let (worker, client, hooks) = start_with_hooks(&scene, 4).await;
+    let cid = common::unique("cid");
     let work = format!("{svc}.work");
     let mut p = Parallel::new();
     for i in 0..N {
@@ -146,45 +154,39 @@ async fn fan_in_through_a_node_kill() {
         .await
         .expect("fan-in sent");
     let part_queue = fanout_queue(&receipt.job);
-    let home = cluster.leader_of(&part_queue).await.expect("part queue");
+    let home = scene
+        .cluster
+        .leader_of(&part_queue)
+        .await
+        .expect("part queue");
     wait_for("a quarter of the targets", Duration::from_secs(60), || {
-        read_ledger(&ledger).len() >= N / 4
+        read_ledger(ledger).len() >= N / 4
     })
     .await;
-    let before = read_ledger(&ledger).len();
-    cluster.kill(home).await.expect("kill");
-    eprintln!("[fanin] killed node {home} (the fan-in's part queue's) after {before} targets");
-    let t = Instant::now();
-    cluster.restart(home).await.expect("node restarts");
-    eprintln!(
-        "[fanin] node {home} back in {:?}; {} targets ran",
-        t.elapsed(),
-        read_ledger(&ledger).len()
-    );
+    let before = read_ledger(ledger).len();
+    scene
+        .kill(home, || {
+            format!(" (the fan-in's part queue's) after {before} targets")
+        })
+        .await;
+    scene
+        .restart(home, async {
+            format!("; {} targets ran", read_ledger(ledger).len())
+        })
+        .await;
 
-    let broker = client.broker().clone();
-    let end = tokio::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let fired = !hook_lines(&hooks, &cid).is_empty();
-        let gone = matches!(broker.queue_stats(&part_queue).await, Ok(None));
-        let idle = matches!(
-            broker.queue_stats(&format!("warren.svc.{svc}")).await,
-            Ok(Some(s)) if s.ready == 0
-        );
-        if fired && gone && idle {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
+    let job = (hooks.as_path(), cid.as_str(), part_queue.as_str());
+    wait_job_finished(&scene, &client, job, Duration::from_secs(180), |fired, gone, idle| {
+        format!(
             "fan-in {cid} did not finish (callback {fired}, part queue gone {gone}, idle {idle}; {} targets ran)",
-            read_ledger(&ledger).len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            read_ledger(ledger).len()
+        )
+    })
+    .await;
     assert!(worker.terminate().await, "worker exits cleanly");
-    common::cleanup_job(&urls, &part_queue).await;
+    common::cleanup_job(&scene.urls, &part_queue).await;
     client.close().await;
-    let runs = runs_by_key(&ledger);
+    let runs = runs_by_key(ledger);
     let (dups, unmarked) = duplicates(&runs);
     let lines = hook_lines(&hooks, &cid);
     eprintln!(
@@ -192,7 +194,7 @@ async fn fan_in_through_a_node_kill() {
         runs.len(),
         unmarked.len(),
         lines.len(),
-        started.elapsed()
+        scene.took()
     );
     assert_eq!(runs.len(), N, "every target ran");
     assert!(unmarked.is_empty(), "unmarked re-runs: {unmarked:?}");

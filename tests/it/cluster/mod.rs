@@ -28,31 +28,28 @@
 //!   a classic queue whose home node is down and a quorum queue whose leader died; printed
 //!   for the record, and the recoveries asserted.
 //!
-//! This module holds the helpers the tests share.
+//! This module holds the helpers the tests share; `scene` the setting of a test ([`Scene`]).
 
 mod broker_facts;
 mod enqueue;
 mod invoke;
 mod jobs;
 mod retries;
+mod scene;
 mod topics_chains;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Display;
+use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use warren::{Client, QueueType};
-use warren_core::{Broker, ReconnectPolicy};
+use tokio::task::JoinHandle;
+use warren_core::Broker;
 
-use crate::common::{config_for, read_ledger};
-
-async fn client_for(urls: &str) -> Client {
-    Client::builder()
-        .amqp(config_for(urls, QueueType::Quorum))
-        .connect()
-        .await
-        .expect("client connects to the cluster")
-}
+use crate::common::read_ledger;
+use scene::{DropOnCluster, Scene, Turn};
 
 /// Polls `check` every 50 ms until it is true; panics with `what` after `deadline`.
 async fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
@@ -63,6 +60,149 @@ async fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> boo
             "timed out after {deadline:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Messages ready in `queue`, or `None` while it cannot be read or does not exist.
+async fn ready_in(broker: &Broker, queue: &str) -> Option<u32> {
+    broker
+        .queue_stats(queue)
+        .await
+        .ok()
+        .flatten()
+        .map(|s| s.ready)
+}
+
+/// Whether `queue` exists and has no message ready.
+async fn is_idle(broker: &Broker, queue: &str) -> bool {
+    ready_in(broker, queue).await == Some(0)
+}
+
+/// Polls every 100 ms until `queue` has no message ready; panics after `deadline`.
+async fn wait_drained(broker: &Broker, queue: &str, deadline: Duration) {
+    let end = tokio::time::Instant::now() + deadline;
+    while !is_idle(broker, queue).await {
+        assert!(tokio::time::Instant::now() < end, "service queue drains");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls every `pace` until the ledger holds every key in `want` and, given `idle`, that
+/// queue has nothing ready; after `deadline` panics with `stuck(keys missing, idle)`.
+async fn wait_all_ran(
+    ledger: &Path,
+    want: &HashSet<String>,
+    idle: Option<(&Broker, &str)>,
+    (deadline, pace): (Duration, Duration),
+    stuck: impl Fn(usize, bool) -> String,
+) {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        let ran: HashSet<String> = read_ledger(ledger).into_iter().map(|l| l.0).collect();
+        let missing = want.difference(&ran).count();
+        let idle = match idle {
+            Some((broker, queue)) => is_idle(broker, queue).await,
+            None => true,
+        };
+        if missing == 0 && idle {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{}",
+            stuck(missing, idle)
+        );
+        tokio::time::sleep(pace).await;
+    }
+}
+
+/// Awaits the spawned `task` (`what`: the sender, the publisher, …); panics if it does not
+/// end within `deadline` or panicked.
+async fn join_within<T>(what: &str, deadline: Duration, task: JoinHandle<T>) -> T {
+    tokio::time::timeout(deadline, task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {deadline:?}"))
+        .unwrap_or_else(|e| panic!("{what} failed: {e}"))
+}
+
+/// What the sending tasks of a test record: which sends (by index `i`, key `k<i>`) the
+/// broker acknowledged, and which failed, when (ms since `start`) and how.
+struct Sends {
+    start: Instant,
+    sent: Mutex<Vec<usize>>,
+    errors: Mutex<Vec<(usize, u128, String)>>,
+}
+
+impl Sends {
+    fn new() -> Sends {
+        Sends {
+            start: Instant::now(),
+            sent: Mutex::default(),
+            errors: Mutex::default(),
+        }
+    }
+
+    /// Records the outcome of send `i`.
+    fn record<T, E: Display>(&self, i: usize, outcome: Result<T, E>) {
+        match outcome {
+            Ok(_) => self.sent.lock().unwrap().push(i),
+            Err(e) => self.errors.lock().unwrap().push((
+                i,
+                self.start.elapsed().as_millis(),
+                format!("{e:#}"),
+            )),
+        }
+    }
+
+    /// Spawns a sender that runs `send(i)` for each `i` in `0..n`, one every `pace`, and
+    /// records each outcome.
+    fn spawn_paced<T, E, Fut>(
+        self: &Arc<Self>,
+        n: usize,
+        pace: Duration,
+        send: impl Fn(usize) -> Fut + Send + 'static,
+    ) -> JoinHandle<()>
+    where
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: Display + Send + 'static,
+    {
+        let sends = self.clone();
+        tokio::spawn(async move {
+            let mut pace = tokio::time::interval(pace);
+            for i in 0..n {
+                pace.tick().await;
+                sends.record(i, send(i).await);
+            }
+        })
+    }
+
+    /// How many sends were acknowledged so far.
+    fn count(&self) -> usize {
+        self.sent.lock().unwrap().len()
+    }
+
+    /// The keys `k<i>` of the sends acknowledged so far.
+    fn keys(&self) -> HashSet<String> {
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|i| format!("k{i}"))
+            .collect()
+    }
+
+    /// The failed sends, taken: `(index, ms since start, error)`.
+    fn take_errors(&self) -> Vec<(usize, u128, String)> {
+        std::mem::take(&mut *self.errors.lock().unwrap())
+    }
+
+    /// The failed sends, taken, as `k<i>: <error>`.
+    fn take_error_lines(&self) -> Vec<String> {
+        self.take_errors()
+            .into_iter()
+            .map(|(i, _, e)| format!("k{i}: {e}"))
+            .collect()
     }
 }
 
@@ -87,44 +227,4 @@ fn duplicates(runs: &HashMap<String, Vec<(u32, bool)>>) -> (usize, Vec<String>) 
     }
     unmarked.sort();
     (dups, unmarked)
-}
-
-/// Deletes queues and exchanges on the cluster when dropped, even if the test panicked.
-struct DropOnCluster {
-    urls: String,
-    queues: Vec<String>,
-    exchanges: Vec<String>,
-}
-
-impl Drop for DropOnCluster {
-    fn drop(&mut self) {
-        let cfg = config_for(&self.urls, QueueType::Classic).with_reconnect(ReconnectPolicy {
-            min_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
-            give_up_after: Some(Duration::from_secs(10)),
-        });
-        let queues = std::mem::take(&mut self.queues);
-        let exchanges = std::mem::take(&mut self.exchanges);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(broker) = Broker::connect(cfg).await else {
-                    return;
-                };
-                for q in &queues {
-                    let _ = broker.delete_queue(q).await;
-                }
-                for x in &exchanges {
-                    let _ = broker.delete_exchange(x).await;
-                }
-                broker.close().await;
-            });
-        })
-        .join();
-    }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use warren::delay::DelayLevels;
@@ -11,9 +11,9 @@ use warren::{QueueType, RetryPolicy, Task};
 use warren_core::delay::DUE_QUEUE;
 use warren_core::{Broker, Publisher, TaskSender};
 
-use super::{client_for, runs_by_key, wait_for, DropOnCluster};
-use crate::common::{config_for, ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
-use crate::support::{self, cluster::Cluster};
+use super::{join_within, ready_in, runs_by_key, wait_for, DropOnCluster, Scene, Sends, Turn};
+use crate::common::{config_for, read_ledger, unique};
+use crate::support::cluster::{Cluster, SIZE};
 
 /// The node the delay machinery lives on: the home of `warren.delay.due` (node 0 if it does
 /// not exist yet), and this test's own real-time delay levels `name`, declared through that
@@ -79,71 +79,69 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
     const N: usize = 200;
     const KILL_AT: usize = 50;
     const DELAY: Duration = Duration::from_secs(1);
-    let cluster = Cluster::shared().await;
-    let _turn = cluster.lock().await;
-    let started = Instant::now();
+    let turn = Turn::take().await;
+    let cluster = turn.cluster;
     let svc = unique(tag);
     let (delay_node, levels) = delay_levels_on_due_home(cluster, &svc).await;
-    let _levels_cleanup = DropOnCluster {
+    let levels_cleanup = DropOnCluster {
         urls: cluster.url_list(),
         queues: levels.names(),
         exchanges: levels.names(),
     };
     // The service, the worker and the client start on the next node.
-    let other = (delay_node + 1) % support::cluster::SIZE;
-    let urls = cluster.url_list_from(other);
-    let _cleanup = Cleanup::on(&urls, &[&svc]);
-    let ledger = ledger_path(tag);
+    let other = (delay_node + 1) % SIZE;
+    let scene =
+        Scene::on(turn, tag, cluster.url_list_from(other), svc, tag).holding(levels_cleanup);
+    let (svc, ledger, queue) = (&scene.svc, &scene.ledger, &scene.queue);
     let env = [("FIXTURE_DELAY_LEVELS", format!("{svc}:1"))];
-    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, 16, &env).await;
-    let client = client_for(&urls).await;
-    let queue = format!("warren.svc.{svc}");
-    let leader = cluster.leader_of(&queue).await.expect("service queue");
+    let worker = scene.worker(16, &env).await;
+    let client = scene.client().await;
+    let leader = cluster.leader_of(queue).await.expect("service queue");
     let victim = if kill_delay_node { delay_node } else { other };
     eprintln!(
         "[{tag}] delay levels and due queue on node {delay_node}; service queue leader on node {leader}; connections to node {other} first; killing node {victim}"
     );
 
-    let sent: Arc<Mutex<Vec<usize>>> = Arc::default();
-    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sends = Arc::new(Sends::new());
     let sender = {
-        let (client, svc, sent, errors) =
-            (client.clone(), svc.clone(), sent.clone(), errors.clone());
-        tokio::spawn(async move {
-            let mut pace = tokio::time::interval(Duration::from_millis(30));
-            for i in 0..N {
-                pace.tick().await;
-                let task = Task::new(
-                    format!("{svc}.flaky"),
-                    &serde_json::json!({"key": format!("k{i}"), "fail_until": 2}),
-                )
-                .with_retry(RetryPolicy::fixed(2, DELAY));
-                match client.enqueue(task).await {
-                    Ok(_) => sent.lock().unwrap().push(i),
-                    Err(e) => errors.lock().unwrap().push(format!("k{i}: {e:#}")),
-                }
-            }
+        let (client, svc) = (client.clone(), svc.clone());
+        sends.spawn_paced(N, Duration::from_millis(30), move |i| {
+            let client = client.clone();
+            let task = Task::new(
+                format!("{svc}.flaky"),
+                &serde_json::json!({"key": format!("k{i}"), "fail_until": 2}),
+            )
+            .with_retry(RetryPolicy::fixed(2, DELAY));
+            async move { client.enqueue(task).await }
         })
     };
 
     wait_for("the first retries", Duration::from_secs(60), || {
-        retried(&ledger).len() >= KILL_AT
+        retried(ledger).len() >= KILL_AT
     })
     .await;
-    let at_kill = (retried(&ledger).len(), retry_counts(&ledger));
+    let at_kill = (retried(ledger).len(), retry_counts(ledger));
     // Tasks whose retry may be in the delay cascade when the node dies: attempt 1 ran,
     // attempt 2 not yet.
     let in_cascade: HashSet<String> = {
-        let done = retried(&ledger);
-        read_ledger(&ledger)
+        let done = retried(ledger);
+        read_ledger(ledger)
             .into_iter()
             .map(|l| l.0)
             .filter(|k| !done.contains(k))
             .collect()
     };
-    cluster.kill(victim).await.expect("kill");
+    scene
+        .kill(victim, || {
+            format!(
+                ": {} tasks done, (attempt-1, attempt-2, redelivered) runs {:?}, {} sent",
+                at_kill.0,
+                at_kill.1,
+                sends.count()
+            )
+        })
+        .await;
     let t_kill = Instant::now();
-    eprintln!("[{tag}] killed node {victim}: {} tasks done, (attempt-1, attempt-2, redelivered) runs {:?}, {} sent", at_kill.0, at_kill.1, sent.lock().unwrap().len());
     if kill_delay_node {
         // With the delay node down, watch for 10 s: the measurement, not a wait for work.
         while t_kill.elapsed() < Duration::from_secs(10) {
@@ -154,13 +152,8 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
         let end = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
             let all_sent = sender.is_finished();
-            let want: HashSet<String> = sent
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|i| format!("k{i}"))
-                .collect();
-            let done = retried(&ledger);
+            let want = sends.keys();
+            let done = retried(ledger);
             if all_sent && want.is_subset(&done) {
                 break;
             }
@@ -170,58 +163,38 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
                 want.difference(&done).count(),
                 want.len(),
                 t_kill.elapsed(),
-                sent.lock().unwrap().len(),
-                retry_counts(&ledger)
+                sends.count(),
+                retry_counts(ledger)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let while_down = (retried(&ledger).len(), retry_counts(&ledger));
+    let while_down = (retried(ledger).len(), retry_counts(ledger));
     eprintln!(
         "[{tag}] {:?} with node {victim} down: {} tasks done, runs {:?}, {} sent",
         t_kill.elapsed(),
         while_down.0,
         while_down.1,
-        sent.lock().unwrap().len()
+        sends.count()
     );
-    let t = Instant::now();
-    cluster.restart(victim).await.expect("node restarts");
-    eprintln!(
-        "[{tag}] node {victim} back in {:?}; {} tasks done",
-        t.elapsed(),
-        retried(&ledger).len()
-    );
+    let t = scene
+        .restart(victim, async {
+            format!("; {} tasks done", retried(ledger).len())
+        })
+        .await;
 
     // Every task sent succeeds; nothing waits in the levels or the service queue.
-    tokio::time::timeout(Duration::from_secs(120), sender)
-        .await
-        .expect("the sender finishes")
-        .expect("sender task");
-    let want: HashSet<String> = sent
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|i| format!("k{i}"))
-        .collect();
+    join_within("the sender", Duration::from_secs(120), sender).await;
+    let want = sends.keys();
     let broker = client.broker().clone();
     let end = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let done = retried(&ledger);
+        let done = retried(ledger);
         let mut missing: Vec<&String> = want.difference(&done).collect();
         missing.sort();
         let waiting = waiting_in(&broker, &levels).await;
-        let ready = broker
-            .queue_stats(&queue)
-            .await
-            .ok()
-            .flatten()
-            .map(|s| s.ready);
-        let due = broker
-            .queue_stats(DUE_QUEUE)
-            .await
-            .ok()
-            .flatten()
-            .map(|s| s.ready);
+        let ready = ready_in(&broker, queue).await;
+        let due = ready_in(&broker, DUE_QUEUE).await;
         // With the delay node killed, retries that were moving between delay queues at
         // that moment can be lost (see below): wait for the others, and for nothing to be
         // left waiting anywhere.
@@ -231,7 +204,7 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
             break;
         }
         if tokio::time::Instant::now() >= end {
-            let runs = runs_by_key(&ledger);
+            let runs = runs_by_key(ledger);
             let lost: Vec<String> = missing
                 .iter()
                 .map(|k| format!("{k}: {:?}", runs.get(*k)))
@@ -247,19 +220,16 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
     }
     let all_done = t_kill.elapsed();
     assert!(worker.terminate().await, "worker exits cleanly");
-    let mut lost: Vec<String> = want.difference(&retried(&ledger)).cloned().collect();
+    let mut lost: Vec<String> = want.difference(&retried(ledger)).cloned().collect();
     lost.sort();
-    let dead = broker
-        .queue_stats(&format!("warren.dead.{svc}"))
+    let dead = ready_in(&broker, &format!("warren.dead.{svc}"))
         .await
-        .ok()
-        .flatten()
-        .map_or(0, |s| s.ready);
+        .unwrap_or(0);
     client.close().await;
 
     // Each attempt-1 run schedules one retry: attempt 1 runs again only as a marked
     // redelivery, and attempt 2 runs once per attempt-1 run, any further run marked.
-    let runs = runs_by_key(&ledger);
+    let runs = runs_by_key(ledger);
     let mut unmarked = Vec::new();
     let (mut reruns1, mut extra2) = (0, 0);
     for (k, r) in &runs {
@@ -281,14 +251,14 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
         }
     }
     unmarked.sort();
-    let errors = std::mem::take(&mut *errors.lock().unwrap());
+    let errors = sends.take_error_lines();
     eprintln!(
         "[{tag}] {} sent ({} failed), {} done; {reruns1} attempt-1 re-runs, {extra2} extra attempt-2 runs, {} unexplained; {dead} dead letters; all done {all_done:?} after the kill; test took {:?}",
         want.len(),
         errors.len(),
         runs.len(),
         unmarked.len(),
-        started.elapsed()
+        scene.took()
     );
     eprintln!(
         "[{tag}] {} retries in the delay cascade when node {victim} was killed; lost: {} {lost:?}",

@@ -1,117 +1,91 @@
 //! A topic subscription and chains through a kill of their queue's leader.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use warren::{Chain, Client, Message, QueueType, RedisStore};
 use warren_core::topology::{recent_queue, subscription_queue};
 
-use super::{client_for, duplicates, runs_by_key, wait_for, DropOnCluster};
-use crate::common::{config_for, ledger_path, read_ledger, unique, Cleanup, FixtureWorker};
-use crate::support::cluster::Cluster;
+use super::{
+    duplicates, join_within, runs_by_key, wait_all_ran, wait_drained, wait_for, DropOnCluster,
+    Scene, Sends,
+};
+use crate::common::{config_for, read_ledger, unique};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_through_a_node_kill() {
     const N: usize = 200;
-    let cluster = Cluster::shared().await;
-    let _turn = cluster.lock().await;
-    let started = Instant::now();
-    let urls = cluster.url_list();
-    let svc = unique("cltopic");
+    let scene = Scene::take("topic", "cltopic").await;
+    let (cluster, ledger) = (scene.cluster, &scene.ledger);
     let topic = unique("cltopic-t");
-    let _cleanup = Cleanup::on(&urls, &[&svc]);
-    let sub_queue = subscription_queue(&topic, &svc, "work");
+    let sub_queue = subscription_queue(&topic, &scene.svc, "work");
     let _topic_cleanup = DropOnCluster {
-        urls: urls.clone(),
+        urls: scene.urls.clone(),
         queues: vec![sub_queue.clone(), recent_queue(&topic)],
         exchanges: Vec::new(),
     };
-    let ledger = ledger_path("cltopic");
     let env = [("FIXTURE_TOPIC", topic.clone())];
-    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, 8, &env).await;
-    let client = client_for(&urls).await;
+    let worker = scene.worker(8, &env).await;
+    let client = scene.client().await;
     let leader = cluster.leader_of(&sub_queue).await.expect("subscription");
     let recent_home = cluster.leader_of(&recent_queue(&topic)).await.ok();
     eprintln!("[topic] subscription leader on node {leader}, recent queue on {recent_home:?}");
 
-    let published: Arc<Mutex<Vec<usize>>> = Arc::default();
-    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let published = Arc::new(Sends::new());
     let publisher = {
-        let (client, topic, published, errors) = (
-            client.clone(),
-            topic.clone(),
-            published.clone(),
-            errors.clone(),
-        );
-        tokio::spawn(async move {
-            let mut pace = tokio::time::interval(Duration::from_millis(25));
-            for i in 0..N {
-                pace.tick().await;
-                let payload = serde_json::json!({"key": format!("k{i}"), "ms": 20});
-                match client.publish(Message::new(&topic, &payload)).await {
-                    Ok(_) => published.lock().unwrap().push(i),
-                    Err(e) => errors.lock().unwrap().push(format!("k{i}: {e:#}")),
-                }
-            }
+        let (client, topic) = (client.clone(), topic.clone());
+        published.spawn_paced(N, Duration::from_millis(25), move |i| {
+            let client = client.clone();
+            let payload = serde_json::json!({"key": format!("k{i}"), "ms": 20});
+            let message = Message::new(&topic, &payload);
+            async move { client.publish(message).await }
         })
     };
     wait_for("a quarter of the messages", Duration::from_secs(60), || {
-        read_ledger(&ledger).len() >= N / 4
+        read_ledger(ledger).len() >= N / 4
     })
     .await;
-    cluster.kill(leader).await.expect("kill");
-    eprintln!(
-        "[topic] killed node {leader} after {} published, {} received",
-        published.lock().unwrap().len(),
-        read_ledger(&ledger).len()
-    );
-    let t = Instant::now();
-    cluster.restart(leader).await.expect("node restarts");
-    eprintln!(
-        "[topic] node {leader} back in {:?}; {} published, {} received",
-        t.elapsed(),
-        published.lock().unwrap().len(),
-        read_ledger(&ledger).len()
-    );
-    tokio::time::timeout(Duration::from_secs(120), publisher)
-        .await
-        .expect("the publisher finishes")
-        .expect("publisher task");
-    let want: HashSet<String> = published
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|i| format!("k{i}"))
-        .collect();
-    let broker = client.broker().clone();
-    let end = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let got: HashSet<String> = read_ledger(&ledger).into_iter().map(|l| l.0).collect();
-        let missing = want.difference(&got).count();
-        let idle = matches!(broker.queue_stats(&sub_queue).await, Ok(Some(s)) if s.ready == 0);
-        if missing == 0 && idle {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
+    scene
+        .kill(leader, || {
+            format!(
+                " after {} published, {} received",
+                published.count(),
+                read_ledger(ledger).len()
+            )
+        })
+        .await;
+    scene
+        .restart(leader, async {
+            format!(
+                "; {} published, {} received",
+                published.count(),
+                read_ledger(ledger).len()
+            )
+        })
+        .await;
+    join_within("the publisher", Duration::from_secs(120), publisher).await;
+    let want = published.keys();
+    let idle = Some((client.broker(), sub_queue.as_str()));
+    let deadline = (Duration::from_secs(120), Duration::from_millis(100));
+    wait_all_ran(ledger, &want, idle, deadline, |missing, idle| {
+        format!(
             "{missing} of {} published messages never received (subscription idle {idle})",
             want.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        )
+    })
+    .await;
     assert!(worker.terminate().await, "worker exits cleanly");
     client.close().await;
-    let runs = runs_by_key(&ledger);
+    let runs = runs_by_key(ledger);
     let (dups, unmarked) = duplicates(&runs);
-    let errors = std::mem::take(&mut *errors.lock().unwrap());
+    let errors = published.take_error_lines();
     eprintln!(
         "[topic] {} published ({} failed), {} received, {dups} re-runs ({} unmarked); test took {:?}",
         want.len(),
         errors.len(),
         runs.len(),
         unmarked.len(),
-        started.elapsed()
+        scene.took()
     );
     assert!(errors.is_empty(), "publishes failed: {errors:?}");
     assert!(unmarked.is_empty(), "unmarked re-runs: {unmarked:?}");
@@ -125,30 +99,24 @@ async fn topic_through_a_node_kill() {
 async fn chains_through_a_node_kill() {
     const CHAINS: usize = 20;
     const STEPS: u64 = 3;
-    let cluster = Cluster::shared().await;
-    let _turn = cluster.lock().await;
-    let started = Instant::now();
-    let urls = cluster.url_list();
-    let svc = unique("clchain");
-    let _cleanup = Cleanup::on(&urls, &[&svc]);
-    let ledger = ledger_path("clchain");
+    let scene = Scene::take("chain", "clchain").await;
+    let (svc, ledger, queue) = (&scene.svc, &scene.ledger, &scene.queue);
     // Chain steps are claimed in a shared status store, so a step re-sent by a redelivered
     // predecessor runs once; the results are read from it too (the client's reply queue
     // may be on the killed node).
     let prefix = format!("{}:", unique("clchain"));
     let env = [("FIXTURE_STATUS_PREFIX", prefix.clone())];
-    let worker = FixtureWorker::start_with(&urls, &svc, QueueType::Quorum, &ledger, 8, &env).await;
+    let worker = scene.worker(8, &env).await;
     let store = RedisStore::from_env()
         .expect("redis store")
         .with_prefix(prefix);
     let client = Client::builder()
-        .amqp(config_for(&urls, QueueType::Quorum))
+        .amqp(config_for(&scene.urls, QueueType::Quorum))
         .status_store(Arc::new(store))
         .connect()
         .await
         .expect("client connects");
-    let queue = format!("warren.svc.{svc}");
-    let leader = cluster.leader_of(&queue).await.expect("service queue");
+    let leader = scene.cluster.leader_of(queue).await.expect("service queue");
     let mut handles = Vec::new();
     for i in 0..CHAINS {
         let mut chain = Chain::new().with_cid(format!("{svc}-c{i}"));
@@ -163,17 +131,18 @@ async fn chains_through_a_node_kill() {
         );
     }
     wait_for("a third of the steps", Duration::from_secs(60), || {
-        read_ledger(&ledger).len() >= CHAINS * STEPS as usize / 3
+        read_ledger(ledger).len() >= CHAINS * STEPS as usize / 3
     })
     .await;
-    cluster.kill(leader).await.expect("kill");
-    eprintln!(
-        "[chain] killed node {leader} (the service queue's leader) after {} steps",
-        read_ledger(&ledger).len()
-    );
-    let t = Instant::now();
-    cluster.restart(leader).await.expect("node restarts");
-    eprintln!("[chain] node {leader} back in {:?}", t.elapsed());
+    scene
+        .kill(leader, || {
+            format!(
+                " (the service queue's leader) after {} steps",
+                read_ledger(ledger).len()
+            )
+        })
+        .await;
+    scene.restart(leader, async { String::new() }).await;
 
     let mut replied = 0;
     for (i, h) in handles.iter().enumerate() {
@@ -197,21 +166,16 @@ async fn chains_through_a_node_kill() {
             replied += 1;
         }
     }
-    let broker = client.broker().clone();
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !matches!(broker.queue_stats(&queue).await, Ok(Some(s)) if s.ready == 0) {
-        assert!(tokio::time::Instant::now() < end, "service queue drains");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(client.broker(), queue, Duration::from_secs(60)).await;
     assert!(worker.terminate().await, "worker exits cleanly");
     client.close().await;
-    let runs = runs_by_key(&ledger);
+    let runs = runs_by_key(ledger);
     let (dups, unmarked) = duplicates(&runs);
     eprintln!(
         "[chain] {CHAINS} chains ended ({replied} also answered through the reply queue); {} steps ran, {dups} re-runs ({} unmarked); test took {:?}",
         runs.len(),
         unmarked.len(),
-        started.elapsed()
+        scene.took()
     );
     for i in 0..CHAINS {
         for k in 0..STEPS {
