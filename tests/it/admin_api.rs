@@ -12,6 +12,7 @@ use std::time::Duration;
 use warren::testing::TestWorker;
 use warren::{Context, Message, QueueType, RetryPolicy, Service, Task, TaskError, Worker};
 use warren_admin::queues::{warren_queues, QueueKind, Source};
+use warren_admin::views::{ChainView, JobView};
 use warren_admin::{Admin, ManagementClient, MgmtError};
 use warren_core::{Broker, Publisher};
 
@@ -405,6 +406,21 @@ async fn admin_with_store(node: &MgmtNode, store: Arc<dyn warren::StatusStore>) 
     (broker, admin)
 }
 
+/// The chain, fan-in and split job with the ids `[chain, fan-in job, split task]` as the
+/// admin's jobs view lists them (`None` for one it does not list), or `None` while the view
+/// cannot be read.
+async fn listed_jobs(
+    admin: Admin,
+    [chain, fan_in, split]: [String; 3],
+) -> Option<(Option<ChainView>, Option<JobView>, Option<JobView>)> {
+    let j = admin.jobs().await.ok()?;
+    Some((
+        j.chains.into_iter().find(|c| c.id == chain),
+        j.fan_ins.into_iter().find(|f| f.id == fan_in),
+        j.split_jobs.into_iter().find(|s| s.id == split),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_list_a_chain_at_its_current_step_and_split_and_fan_in_totals() {
     let node = MgmtNode::shared().await;
@@ -490,19 +506,15 @@ async fn jobs_list_a_chain_at_its_current_step_and_split_and_fan_in_totals() {
     let split_id = split.id.to_string();
     let (broker, admin) = admin_with_store(node, store).await;
 
-    let jobs = poll(
+    let ids = [chain_id, receipt.job.to_string(), split_id];
+    let (c, f, s) = poll(
         "the chain at step 2 / 3 and the fan-in of 4",
         DEADLINE,
         || {
-            let admin = admin.clone();
-            let chain_id = chain_id.clone();
-            let job = receipt.job.to_string();
-            let split_id = split_id.clone();
+            let listed = listed_jobs(admin.clone(), ids.clone());
             async move {
-                let j = admin.jobs().await.ok()?;
-                let c = j.chains.iter().find(|c| c.id == chain_id)?;
-                let f = j.fan_ins.iter().find(|f| f.id == job)?;
-                let s = j.split_jobs.iter().find(|s| s.id == split_id)?;
+                let (c, f, s) = listed.await?;
+                let (c, f, s) = (c?, f?, s?);
                 // The API counts a part queue once it collected its statistics.
                 (c.step == 2
                     && c.state == warren::TaskState::Running
@@ -510,12 +522,11 @@ async fn jobs_list_a_chain_at_its_current_step_and_split_and_fan_in_totals() {
                     && f.parts_in.is_some()
                     && s.parts_total.is_some()
                     && s.parts_in.is_some())
-                .then_some(j)
+                .then_some((c, f, s))
             }
         },
     )
     .await;
-    let c = jobs.chains.iter().find(|c| c.id == chain_id).unwrap();
     assert_eq!(c.steps_total, 3);
     assert_eq!(c.progress, "2 / 3");
     assert_eq!(c.target, Some(format!("{svc}.block")));
@@ -527,14 +538,8 @@ async fn jobs_list_a_chain_at_its_current_step_and_split_and_fan_in_totals() {
             format!("{svc}.last")
         ]
     );
-    let f = jobs
-        .fan_ins
-        .iter()
-        .find(|f| f.id == receipt.job.to_string())
-        .unwrap();
     assert_eq!(f.parts_total, Some(4), "{f:?}");
     assert_eq!(f.parts_in, Some(0), "no target finished yet: {f:?}");
-    let s = jobs.split_jobs.iter().find(|s| s.id == split_id).unwrap();
     assert_eq!(s.parts_total, Some(3), "{s:?}");
     assert_eq!(s.parts_in, Some(0), "no part finished yet: {s:?}");
     assert_eq!(s.target, Some(format!("{svc}.sum")));
@@ -552,17 +557,8 @@ async fn jobs_list_a_chain_at_its_current_step_and_split_and_fan_in_totals() {
         "the chain, fan-in and split job to leave the jobs view",
         DEADLINE,
         || {
-            let admin = admin.clone();
-            let chain_id = chain_id.clone();
-            let job = receipt.job.to_string();
-            let split_id = split_id.clone();
-            async move {
-                let j = admin.jobs().await.ok()?;
-                (!j.chains.iter().any(|c| c.id == chain_id)
-                    && !j.fan_ins.iter().any(|f| f.id == job)
-                    && !j.split_jobs.iter().any(|s| s.id == split_id))
-                .then_some(())
-            }
+            let listed = listed_jobs(admin.clone(), ids.clone());
+            async move { matches!(listed.await?, (None, None, None)).then_some(()) }
         },
     )
     .await;
