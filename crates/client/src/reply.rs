@@ -4,6 +4,11 @@
 //! 60 s after its client stops using it (`x-expires`). It is not exclusive, so after a
 //! reconnect the client declares the same queue again and replies that arrived meanwhile are
 //! still there; a crashed client's queue disappears by itself.
+//!
+//! When the cluster node holding the queue dies, the queue and any reply in it are gone. The
+//! client declares it again on a node that is up, retrying at most every 250 ms while the
+//! broker still refuses (it does until it has noticed the node is down): a reply the
+//! worker publishes before then is dropped as unroutable, and its call times out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -45,6 +50,7 @@ impl Replies {
                 also_declare: Vec::new(),
                 prefetch: 0,
                 no_ack: true,
+                max_pause: SubscriptionSpec::SHORT_PAUSE,
             },
         )
         .await?;

@@ -252,6 +252,7 @@ pub(crate) async fn subscribe(
         also_declare: Vec::new(),
         prefetch: 100,
         no_ack: true,
+        max_pause: warren_core::SubscriptionSpec::SHORT_PAUSE,
     };
     Subscription::start(broker, spec).await
 }

@@ -426,6 +426,7 @@ impl WorkerBuilder {
                 also_declare: vec![QueueSpec::dead(&s.name, amqp.queue_type)?],
                 prefetch,
                 no_ack: false,
+                max_pause: SubscriptionSpec::PAUSE,
             };
             let route = Route {
                 svc: s.name.clone(),
@@ -442,6 +443,7 @@ impl WorkerBuilder {
                     also_declare: vec![QueueSpec::recent(topic)?],
                     prefetch,
                     no_ack: false,
+                    max_pause: SubscriptionSpec::PAUSE,
                 };
                 let route = Route {
                     svc: s.name.clone(),

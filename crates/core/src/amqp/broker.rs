@@ -56,6 +56,9 @@ struct Inner {
 const RETIRE_AFTER_OPENED: u32 = 1_900;
 /// How long a retired connection stays open for the work still running on it.
 const RETIRED_GRACE: Duration = Duration::from_secs(30);
+/// How long closing a connection waits for the broker's close-ok: a connection to a node
+/// that stopped answering would never send it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A channel kept for reuse, with the connection generation it belongs to.
 pub(crate) type ChannelSlot = Option<(Channel, u64)>;
@@ -224,11 +227,22 @@ impl Broker {
     /// Marks the current connection as dead if it is still generation `generation`, so the
     /// next caller reconnects (used when a channel shows the connection is gone).
     pub(crate) async fn invalidate(&self, generation: u64) {
-        let mut slot = self.inner.live.lock().await;
-        if slot.as_ref().is_some_and(|l| l.generation == generation) {
-            if let Some(live) = slot.take() {
-                let _ = live.conn.close(320, short("warren: reconnecting")).await;
+        let stale = {
+            let mut slot = self.inner.live.lock().await;
+            if slot.as_ref().is_some_and(|l| l.generation == generation) {
+                slot.take()
+            } else {
+                None
             }
+        };
+        // Closed outside the lock and in the background: a close waits for the broker's
+        // close-ok, which a half-dead connection never sends, and every caller of `live`
+        // would wait with it.
+        if let Some(live) = stale {
+            tokio::spawn(async move {
+                let closing = live.conn.close(320, short("warren: reconnecting"));
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+            });
         }
     }
 
@@ -262,7 +276,8 @@ impl Broker {
         );
         tokio::spawn(async move {
             tokio::time::sleep(RETIRED_GRACE).await;
-            let _ = old.conn.close(200, short("warren: retired")).await;
+            let closing = old.conn.close(200, short("warren: retired"));
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
         });
     }
 
@@ -439,11 +454,13 @@ impl Broker {
         Ok((st.vhost().as_str().to_owned(), st.username()))
     }
 
-    /// Closes the connection (pending work on it is abandoned).
+    /// Closes the connection (pending work on it is abandoned); waits at most 5 s for the
+    /// broker to acknowledge the close.
     pub async fn close(&self) {
-        let mut slot = self.inner.live.lock().await;
-        if let Some(live) = slot.take() {
-            let _ = live.conn.close(200, short("warren: closing")).await;
+        let live = self.inner.live.lock().await.take();
+        if let Some(live) = live {
+            let closing = live.conn.close(200, short("warren: closing"));
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
         }
     }
 }

@@ -27,6 +27,18 @@ pub struct SubscriptionSpec {
     pub prefetch: u16,
     /// Consume without acks (replies only: losing one only times out a caller).
     pub no_ack: bool,
+    /// The longest pause between two resubscribe attempts (they start at 100 ms and grow,
+    /// with jitter, up to this): [`SubscriptionSpec::PAUSE`] for most queues, less for a
+    /// client's own reply or cancel queue, which must be back before the messages for it
+    /// come (a publish to a queue that does not exist is dropped).
+    pub max_pause: Duration,
+}
+
+impl SubscriptionSpec {
+    /// The usual longest pause between resubscribe attempts.
+    pub const PAUSE: Duration = Duration::from_secs(5);
+    /// The longest pause for a process's own transient queue (replies, cancellations).
+    pub const SHORT_PAUSE: Duration = Duration::from_millis(250);
 }
 
 /// An event from a [`Subscription`].
@@ -197,9 +209,12 @@ impl Subscription {
                             () = self.cancel.cancelled() => return Ok(None),
                             () = tokio::time::sleep(
                                 pauses
-                                    .get_or_insert_with(|| super::publisher::backoff(Duration::from_millis(100), Duration::from_secs(5)))
+                                    .get_or_insert_with(|| {
+                                        let max = self.spec.max_pause.max(Duration::from_millis(100));
+                                        super::publisher::backoff(Duration::from_millis(100), max)
+                                    })
                                     .next()
-                                    .unwrap_or(Duration::from_secs(5))
+                                    .unwrap_or(self.spec.max_pause)
                             ) => {}
                         }
                         continue;

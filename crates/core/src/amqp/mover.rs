@@ -38,6 +38,7 @@ impl DelayMover {
             also_declare: Vec::new(),
             prefetch: MOVER_PREFETCH,
             no_ack: false,
+            max_pause: SubscriptionSpec::PAUSE,
         };
         Self {
             sub: Subscription::lazy(broker, spec),
