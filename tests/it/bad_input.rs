@@ -168,10 +168,20 @@ async fn bad_input(qt: QueueType) {
             Some(id(20)),
             "bad_envelope",
         ),
+        // A lone UTF-16 surrogate escape, even in a field warren does not know: the body is
+        // not JSON to other readers (answered under the AMQP message id).
+        (
+            21,
+            with(21, r#""x-extra":"\ud800""#),
+            Some(id(21)),
+            "bad_envelope",
+        ),
     ];
     let good: Vec<(u8, String)> = vec![
         (17, with(17, r#""hooks":null"#)),
         (18, with(18, r#""retry":{"max_attempts":2}"#)),
+        // A surrogate pair is a character like any other.
+        (22, with(22, r#""x-extra":"\ud83d\ude00""#)),
     ];
     for (_, body, mid, _) in cases
         .iter()
@@ -258,8 +268,8 @@ async fn bad_input(qt: QueueType) {
     // The two good ones ran; no bad one did.
     assert_eq!(
         runs.load(Ordering::SeqCst),
-        3,
-        "handler runs: 2 good cases + 1 invoke"
+        4,
+        "handler runs: 3 good cases + 1 invoke"
     );
     assert_eq!(
         panics.load(Ordering::SeqCst),

@@ -198,6 +198,17 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// `true` when `text` holds a `\u` escape of a UTF-16 surrogate (`\ud800` to `\udfff`).
+/// An escaped backslash followed by `ud8..` counts too: that only costs a second parse.
+fn has_surrogate_escape(text: &str) -> bool {
+    text.match_indices("\\u").any(|(i, _)| {
+        matches!(
+            text.as_bytes().get(i + 2..i + 4),
+            Some([b'd' | b'D', b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'])
+        )
+    })
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 #[must_use]
 pub fn now_ms() -> u64 {
@@ -260,6 +271,12 @@ impl Envelope {
             Ok(env) => env,
             Err(_) => return Err(Self::diagnose(body)),
         };
+        // Nor the `\u` escapes of those strings: a lone surrogate (`"\ud800"`) in an unknown
+        // field would pass, and other readers refuse the body. A body with a surrogate escape
+        // (rare: most producers write non-ASCII as UTF-8) is parsed whole once more.
+        if has_surrogate_escape(text) {
+            serde_json::from_str::<Value>(text).map_err(DecodeError::Malformed)?;
+        }
         if env.v != ENVELOPE_VERSION {
             return Err(DecodeError::UnsupportedVersion(env.v.to_string()));
         }
@@ -422,6 +439,23 @@ mod tests {
             Envelope::from_bytes(br#"{"id":1}"#),
             Err(DecodeError::MissingVersion)
         ));
+        // A lone surrogate escape inside a field the envelope does not know is refused; a
+        // surrogate pair there is fine.
+        for (extra, ok) in [
+            (r#""\ud800""#, false),
+            (r#""a\uDC00b""#, false),
+            (r#""\ud83d\ude00""#, true),
+            (r#""\\ud800""#, true),
+        ] {
+            let mut body = e.to_bytes().unwrap();
+            body.pop();
+            body.extend_from_slice(format!(",\"extra\":{extra}}}").as_bytes());
+            let res = Envelope::from_bytes(&body);
+            assert_eq!(res.is_ok(), ok, "{extra}: {res:?}");
+            if !ok {
+                assert!(matches!(res, Err(DecodeError::Malformed(_))), "{extra}");
+            }
+        }
         // Invalid UTF-8 inside a field the envelope does not know is still refused.
         let mut good = e.to_bytes().unwrap();
         good.pop();
