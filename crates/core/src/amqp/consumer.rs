@@ -1,5 +1,6 @@
 //! [`Subscription`]: a consumer that re-subscribes by itself after a reconnect.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -237,6 +238,8 @@ impl Subscription {
                                 routing_key: d.routing_key.as_str().to_owned(),
                                 exchange: d.exchange.as_str().to_owned(),
                                 props: d.properties,
+                                tag: d.delivery_tag,
+                                settled: AtomicBool::new(false),
                                 acker: d.acker,
                                 channel: active.channel.clone(),
                                 generation: active.generation,
@@ -292,6 +295,11 @@ pub struct Incoming {
     /// The exchange it was published to.
     pub exchange: String,
     props: BasicProperties,
+    /// The delivery tag, acked or rejected on `channel` directly.
+    tag: u64,
+    /// Set by the first ack or reject: a delivery is settled once.
+    settled: AtomicBool,
+    /// Kept for [`Acker::poisoned`]: lapin poisons every acker of a channel that failed.
     acker: Acker,
     channel: Arc<Channel>,
     generation: u64,
@@ -325,26 +333,49 @@ impl Incoming {
     }
 
     /// Acks the delivery. `Ok(true)` means acked; `Ok(false)` means the ack could not be
-    /// sent because the channel died: the broker will deliver the message again.
+    /// sent because the channel died (the broker will deliver the message again) or the
+    /// delivery was settled already.
     pub async fn ack(&self) -> Result<bool> {
-        if !self.is_live() {
-            return Ok(false);
-        }
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|e| classify("acking a delivery", e))
+        self.settle(None).await
     }
 
     /// Rejects the delivery; with `requeue` it goes back to the queue, otherwise to the
     /// queue's dead-letter exchange. Same `Ok(false)` meaning as [`Incoming::ack`].
     pub async fn reject(&self, requeue: bool) -> Result<bool> {
-        if !self.is_live() {
+        self.settle(Some(requeue)).await
+    }
+
+    /// Sends `basic.ack` (`None`) or `basic.reject` on the delivery's own channel: one frame.
+    /// lapin's `Acker` takes the same frame through its internal RPC task and spawns a task
+    /// per ack to send it.
+    async fn settle(&self, reject: Option<bool>) -> Result<bool> {
+        if !self.is_live() || self.settled.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
-        self.acker
-            .reject(BasicRejectOptions { requeue })
-            .await
-            .map_err(|e| classify("rejecting a delivery", e))
+        let sent = match reject {
+            None => {
+                self.channel
+                    .basic_ack(self.tag, BasicAckOptions::default())
+                    .await
+            }
+            Some(requeue) => {
+                self.channel
+                    .basic_reject(self.tag, BasicRejectOptions { requeue })
+                    .await
+            }
+        };
+        match sent {
+            Ok(()) => Ok(true),
+            // The channel closed meanwhile: the broker puts the message back.
+            Err(_) if !self.is_live() => Ok(false),
+            Err(e) => Err(classify(
+                if reject.is_some() {
+                    "rejecting a delivery"
+                } else {
+                    "acking a delivery"
+                },
+                e,
+            )),
+        }
     }
 }
