@@ -644,15 +644,15 @@ async fn finish(
             .as_deref()
             .filter(|_| st.state != TaskState::Pending)
         {
-            published = shared
-                .client
-                .publish(
+            published = Box::pin(
+                shared.client.publish(
                     warren_client::Message::new(topic, st)
                         .with_cid(e.cid.clone())
                         .with_parent(e.id),
-                )
-                .await
-                .map(|_| ());
+                ),
+            )
+            .await
+            .map(|_| ());
         }
     }
     published
@@ -884,14 +884,21 @@ async fn publish_outcome(
         (Kind::Task, Resolution::Split(parts)) => {
             Box::pin(split::split(shared, d, env, parts)).await
         }
+        // Most tasks are answered by nobody: their result is neither cloned nor published.
         (Kind::Task, Resolution::Done(v) | Resolution::Step(v, _)) => {
-            let outcome = ReplyOutcome::Ok(v.clone());
-            let (a, b, c) = tokio::join!(
-                reply(shared, d, Some(env), outcome.clone()),
-                hook(shared, Some(env), true, v),
-                on_target(shared, Some(env), &outcome)
-            );
-            a.and(b).and(c)
+            if !has_listeners(d, env) {
+                return Ok(());
+            }
+            Box::pin(async move {
+                let outcome = ReplyOutcome::Ok(v.clone());
+                let (a, b, c) = tokio::join!(
+                    reply(shared, d, Some(env), outcome.clone()),
+                    hook(shared, Some(env), true, v),
+                    on_target(shared, Some(env), &outcome)
+                );
+                a.and(b).and(c)
+            })
+            .await
         }
         (Kind::Task, Resolution::Dead(f)) => {
             // A blocking invoke/retry attempt that the caller will repeat is not dead yet.
@@ -902,15 +909,27 @@ async fn publish_outcome(
             let payload = json!({
                 "id": env.id, "cid": env.cid, "svc": env.svc, "method": env.method, "error": f,
             });
-            let (a, b) = tokio::join!(
-                reply(shared, d, Some(env), ReplyOutcome::Error(f.clone())),
-                hook(shared, Some(env), false, payload)
-            );
-            a.and(b)
+            Box::pin(async {
+                let (a, b) = tokio::join!(
+                    reply(shared, d, Some(env), ReplyOutcome::Error(f.clone())),
+                    hook(shared, Some(env), false, payload)
+                );
+                a.and(b)
+            })
+            .await
         }
         // Only a plain task runs a splitter (see `run`).
         (Kind::Part(_) | Kind::ChainStep, Resolution::Split(_)) => Ok(()),
     }
+}
+
+/// `true` when a plain task's success is published somewhere: a reply to its caller, an
+/// `oncomplete` hook, or fan-out `on_target` callbacks (the three publishers below return
+/// at once without them).
+fn has_listeners(d: &Incoming, env: &Envelope) -> bool {
+    d.reply_to().is_some_and(|r| !r.is_empty())
+        || env.hooks.oncomplete.is_some()
+        || env.fanout.as_ref().is_some_and(|f| !f.on_target.is_empty())
 }
 
 /// A part's outcome: recorded in its job's part queue, then the job may join.
