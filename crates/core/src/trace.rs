@@ -162,12 +162,16 @@ impl TraceContext {
     /// The `traceparent` header value: `00-<trace id>-<span id>-<flags>`.
     #[must_use]
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id(),
-            self.span_id(),
-            self.flags
-        )
+        // Written directly (every publish carries one): `format!` with two hex strings
+        // cost three allocations and the formatting machinery.
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        push_hex(&mut s, &self.trace_id);
+        s.push('-');
+        push_hex(&mut s, &self.span_id);
+        s.push('-');
+        push_hex(&mut s, &[self.flags]);
+        s
     }
 
     /// The context what is published now continues: the current span's OpenTelemetry
@@ -249,13 +253,18 @@ fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
 }
 
 fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut s, bytes);
+    s
+}
+
+/// Appends `bytes` as lower-case hex digits.
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         s.push(char::from(DIGITS[usize::from(b >> 4)]));
         s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
-    s
 }
 
 #[cfg(feature = "otel")]
