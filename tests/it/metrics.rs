@@ -86,6 +86,17 @@ fn mismatches(samples: &[Sample], expected: &Expected) -> Vec<String> {
         .collect()
 }
 
+/// A test worker hosting `service` on quorum queues.
+async fn quorum_worker(service: Service) -> TestWorker {
+    TestWorker::start(
+        Worker::builder()
+            .amqp(config(warren::QueueType::Quorum))
+            .service(service),
+    )
+    .await
+    .expect("worker starts")
+}
+
 #[tokio::test]
 async fn a_known_workload_gives_exact_counts() {
     let prometheus = recorder();
@@ -111,13 +122,7 @@ async fn a_known_workload_gives_exact_counts() {
             }
         })
         .retry_method("flaky", RetryPolicy::fixed(3, Duration::from_millis(100)));
-    let worker = TestWorker::start(
-        Worker::builder()
-            .amqp(config(warren::QueueType::Quorum))
-            .service(service),
-    )
-    .await
-    .expect("worker starts");
+    let worker = quorum_worker(service).await;
     let client = worker.client().clone();
 
     for n in 0..5u32 {
@@ -325,4 +330,80 @@ async fn metrics_listen_serves_the_scrape() {
     client.close().await;
     crate::common::cleanup(&crate::common::url(), &[&svc]).await;
     let _ = queues;
+}
+
+/// An answer whose caller's reply queue is gone (here the client closed while its call ran)
+/// is dropped and counted in `warren_replies_dropped_total`, under the task's service and
+/// method.
+#[tokio::test]
+async fn a_reply_to_a_gone_caller_is_counted_as_dropped() {
+    let prometheus = recorder();
+    let svc = unique("metrics-drop");
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let released = release.clone();
+    let service = Service::new(&svc).method("slow", move |_: Context, n: u32| {
+        let (started, released) = (started_tx.clone(), released.clone());
+        async move {
+            if let Some(tx) = started.lock().ok().and_then(|mut g| g.take()) {
+                let _ = tx.send(());
+            }
+            released.notified().await;
+            Ok::<_, TaskError>(n)
+        }
+    });
+    let worker = quorum_worker(service).await;
+    let caller = warren::Client::builder()
+        .amqp(config(warren::QueueType::Quorum))
+        .connect()
+        .await
+        .expect("caller connects");
+    let call = {
+        let (caller, svc) = (caller.clone(), svc.clone());
+        tokio::spawn(async move {
+            caller
+                .invoke::<u32>(
+                    Task::new(format!("{svc}.slow"), &7).with_timeout(Duration::from_secs(30)),
+                )
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(20), started_rx)
+        .await
+        .expect("the handler starts within 20 s")
+        .expect("the handler signals its start");
+    // The caller goes away (its reply queue is deleted) before the handler answers.
+    caller.close().await;
+    release.notify_one();
+    let ended = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call ends once its client closed")
+        .expect("invoke task");
+    assert!(
+        ended.is_err(),
+        "a closed client's call cannot succeed: {ended:?}"
+    );
+
+    let labels = [("service", svc.as_str()), ("method", "slow")];
+    let counted = tokio::time::timeout(
+        Duration::from_secs(20),
+        poll("the dropped reply", Duration::from_secs(20), || {
+            let got = value(
+                &parse(&prometheus.render()),
+                names::REPLIES_DROPPED,
+                &labels,
+            );
+            async move { (got >= 1.0).then_some(got) }
+        }),
+    )
+    .await;
+    match counted {
+        Ok(got) => assert!(
+            (got - 1.0).abs() < f64::EPSILON,
+            "one reply dropped, got {got}"
+        ),
+        Err(_) => panic!("no dropped reply counted within 20 s"),
+    }
+    worker.stop().await.expect("worker stops");
 }

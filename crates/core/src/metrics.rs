@@ -53,6 +53,10 @@ pub const JOINS_FIRED: &str = "warren_joins_fired_total";
 /// Counter `{reason}`: publishes sent again after a `nack`, a `returned` (unroutable, then
 /// declared) message or a lost `connection`/channel.
 pub const PUBLISH_RETRIES: &str = "warren_publish_retries_total";
+/// Counter `{service, method}`: answers a worker could not deliver because the caller's
+/// reply queue no longer existed (the caller closed or crashed, or the node holding its
+/// queue died); the caller, if still waiting, times out.
+pub const REPLIES_DROPPED: &str = "warren_replies_dropped_total";
 /// Counter: connections to RabbitMQ replaced after they died.
 pub const RECONNECTS: &str = "warren_reconnects_total";
 /// Counter `{service, method, via}`: tasks sent and confirmed, by any process (a client's
@@ -119,6 +123,10 @@ pub fn describe() {
     describe_counter!(
         PUBLISH_RETRIES,
         "Publishes sent again (nack, return, lost channel)"
+    );
+    describe_counter!(
+        REPLIES_DROPPED,
+        "Answers dropped: the caller's reply queue was gone"
     );
     describe_counter!(
         RECONNECTS,
@@ -258,6 +266,7 @@ mod tests {
             PARTS_RECEIVED,
             JOINS_FIRED,
             PUBLISH_RETRIES,
+            REPLIES_DROPPED,
             RECONNECTS,
             TASKS_SENT,
         ] {

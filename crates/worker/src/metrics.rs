@@ -30,6 +30,7 @@ pub(crate) struct MethodMetrics {
     retried: Counter,
     requeued: Counter,
     parts: Counter,
+    replies_dropped: Counter,
     duration: Histogram,
     wait: Histogram,
     in_flight: Gauge,
@@ -49,6 +50,7 @@ impl MethodMetrics {
             retried: metrics::counter!(names::TASKS_RETRIED, labels.clone()),
             requeued: metrics::counter!(names::TASKS_REQUEUED, labels.clone()),
             parts: metrics::counter!(names::PARTS_RECEIVED, labels.clone()),
+            replies_dropped: metrics::counter!(names::REPLIES_DROPPED, labels.clone()),
             duration: metrics::histogram!(names::TASK_DURATION, labels.clone()),
             wait: metrics::histogram!(names::TASK_QUEUE_WAIT, labels.clone()),
             in_flight: metrics::gauge!(names::TASKS_IN_FLIGHT, labels),
@@ -111,6 +113,11 @@ impl MethodMetrics {
             names::L_REASON => reason.as_str(),
         )
         .increment(1);
+    }
+
+    /// An answer was dropped: the caller's reply queue was gone.
+    pub(crate) fn reply_dropped(&self) {
+        self.replies_dropped.increment(1);
     }
 
     /// A dead letter was published.

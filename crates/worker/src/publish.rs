@@ -67,7 +67,12 @@ pub(crate) async fn reply(
     msg.correlation_id = Some(cid).filter(|c| !c.is_empty() && c.len() <= 255);
     match shared.sender.publisher().publish(&msg).await {
         Err(warren_core::Error::Unroutable { .. }) => {
-            tracing::debug!("caller's reply queue is gone; reply dropped");
+            tracing::debug!(reply_to, %id, "caller's reply queue is gone; reply dropped");
+            match env {
+                Some(e) => shared.metrics.of(&e.svc, Some(&e.method)),
+                None => shared.metrics.of("", None),
+            }
+            .reply_dropped();
             Ok(())
         }
         other => other,
