@@ -239,10 +239,9 @@ impl Broker {
         // close-ok, which a half-dead connection never sends, and every caller of `live`
         // would wait with it.
         if let Some(live) = stale {
-            tokio::spawn(async move {
-                let closing = live.conn.close(320, short("warren: reconnecting"));
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
-            });
+            tokio::spawn(
+                async move { close_bounded(&live.conn, 320, "warren: reconnecting").await },
+            );
         }
     }
 
@@ -276,8 +275,7 @@ impl Broker {
         );
         tokio::spawn(async move {
             tokio::time::sleep(RETIRED_GRACE).await;
-            let closing = old.conn.close(200, short("warren: retired"));
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+            close_bounded(&old.conn, 200, "warren: retired").await;
         });
     }
 
@@ -459,10 +457,14 @@ impl Broker {
     pub async fn close(&self) {
         let live = self.inner.live.lock().await.take();
         if let Some(live) = live {
-            let closing = live.conn.close(200, short("warren: closing"));
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+            close_bounded(&live.conn, 200, "warren: closing").await;
         }
     }
+}
+
+/// Closes `conn`, waiting at most [`CLOSE_TIMEOUT`] for the broker's close-ok.
+async fn close_bounded(conn: &Connection, code: u16, text: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(code, short(text))).await;
 }
 
 pub(crate) async fn declare_exchanges_on(ch: &Channel) -> Result<()> {
