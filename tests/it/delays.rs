@@ -20,17 +20,19 @@ use warren::delay::MAX_DELAY;
 use warren::{Chain, Client, ClientError, Context, Parallel, QueueType, Service, Task, Worker};
 use warren_core::envelope::now_ms;
 
-/// key → start times (ms since the epoch) of every run.
-type Starts = Arc<Mutex<HashMap<String, Vec<u64>>>>;
+/// key → every run: its start time (ms since the epoch) and whether the worker marked it as
+/// a possible re-run (`ctx.redelivered()`).
+type Starts = Arc<Mutex<HashMap<String, Vec<(u64, bool)>>>>;
 
 /// A service whose `at` method records when each key started.
 fn recorder(svc: &str, starts: &Starts) -> Service {
     let starts = starts.clone();
-    Service::new(svc).method("at", move |_: Context, key: String| {
+    Service::new(svc).method("at", move |ctx: Context, key: String| {
         let starts = starts.clone();
         async move {
             let now = now_ms();
-            starts.lock().unwrap().entry(key).or_default().push(now);
+            let run = (now, ctx.redelivered());
+            starts.lock().unwrap().entry(key).or_default().push(run);
             Ok::<_, warren::TaskError>(())
         }
     })
@@ -92,14 +94,24 @@ async fn a_thousand_random_delays_run_once_and_never_early() {
         async move { (n == N).then_some(()) }
     })
     .await;
-    // Every task ran exactly once, never before it was due (delays are rounded up; 5 ms
-    // for reading the clock in two places).
+    // Every task ran once unmarked at most, never before it was due (delays are rounded up;
+    // 5 ms for reading the clock in two places). A second run is allowed only when the worker
+    // marked it as a possible re-run (`ctx.redelivered()`): other tests' workers share the
+    // due queue and its movers, and one stopped between its publish and its ack moves the
+    // message again (docs/time.md).
     let starts = starts.lock().unwrap().clone();
     let due = due.lock().unwrap().clone();
     let mut lateness = Vec::with_capacity(N);
+    let mut marked_reruns = 0;
     for (key, runs) in &starts {
-        assert_eq!(runs.len(), 1, "{key} ran once: {runs:?}");
-        let late = i64::try_from(runs[0]).unwrap() - i64::try_from(due[key]).unwrap();
+        let unmarked = runs.iter().filter(|(_, marked)| !marked).count();
+        assert!(
+            unmarked <= 1,
+            "{key} ran {unmarked} times unmarked: {runs:?}"
+        );
+        marked_reruns += runs.len() - 1;
+        let first = runs.iter().map(|(at, _)| *at).min().unwrap();
+        let late = i64::try_from(first).unwrap() - i64::try_from(due[key]).unwrap();
         assert!(late >= -5, "{key} ran {}ms early", -late);
         lateness.push(late);
     }
@@ -110,7 +122,8 @@ async fn a_thousand_random_delays_run_once_and_never_early() {
         lateness[N - 1],
     );
     eprintln!(
-        "lateness of {N} delays (1-30 s): min {} ms, p50 {p50} ms, p99 {p99} ms, max {max} ms",
+        "lateness of {N} delays (1-30 s): min {} ms, p50 {p50} ms, p99 {p99} ms, max {max} ms; \
+         {marked_reruns} marked re-runs",
         lateness[0]
     );
     assert!(max < 10_000, "a task ran {max} ms late");
@@ -169,7 +182,7 @@ async fn a_two_hour_delay_sits_in_its_top_level_and_arrives_on_sped_up_levels() 
         async move { ran.then_some(()) }
     })
     .await;
-    let after = starts.lock().unwrap()["fast"][0] - sent_at;
+    let after = starts.lock().unwrap()["fast"][0].0 - sent_at;
     // Levels 16, 12, 11, 8 and 6 (72,000 = 2^16 + 2^12 + 2^11 + 2^8 + 2^6), TTLs / 1,000.
     let expected = [16u32, 12, 11, 8, 6]
         .iter()
@@ -388,4 +401,121 @@ async fn delayed_tasks_survive_a_broker_node_restart() {
     let dups = check_ledger(&ledger, N + 20);
     eprintln!("{dups} marked redeliveries after the restart");
     client.close().await;
+}
+
+/// A due message that comes back to a mover (an earlier mover stopped or was killed between
+/// its publish and its ack, so the broker redelivered it) is moved again marked
+/// `warren-resent`, which the worker shows as `ctx.redelivered()`; a first move is unmarked.
+/// The test moves from a due queue of its own (the shared one has every worker's mover on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_message_moved_again_is_marked_as_a_possible_rerun() {
+    use lapin::options::BasicGetOptions;
+    use lapin::types::AMQPValue;
+    use lapin::{Connection, ConnectionProperties};
+    use warren_core::amqp::{
+        Broker, ConsumerEvent, HeaderValue, Incoming, Outgoing, Publisher, Subscription,
+        SubscriptionSpec, TaskSender,
+    };
+    use warren_core::delay::H_DEST;
+    use warren_core::topology::{QueueSpec, H_RESENT};
+
+    let qt = QueueType::Quorum;
+    let svc = unique("moveagain");
+    let _cleanup = Cleanup::new(&[&svc]);
+    let due_q = format!("t-{svc}-due");
+    let broker = Broker::connect(config(qt)).await.unwrap();
+    let due_spec = QueueSpec {
+        name: due_q.clone(),
+        durable: true,
+        expires_ms: Some(120_000),
+        ..QueueSpec::default()
+    };
+    broker
+        .declare(&[QueueSpec::service(&svc, qt).unwrap(), due_spec.clone()])
+        .await
+        .unwrap();
+    let publisher = Publisher::new(broker.clone(), 1);
+    for key in ["first", "again"] {
+        let mut msg = Outgoing::new("", due_q.clone(), key.as_bytes().to_vec());
+        msg.message_id = Some(key.to_owned());
+        msg.headers.push((
+            H_DEST.to_owned(),
+            HeaderValue::Str(format!("warren.svc.{svc}")),
+        ));
+        publisher.publish(&msg).await.unwrap();
+    }
+
+    let sender = TaskSender::new(&broker, publisher.clone());
+    let spec = SubscriptionSpec {
+        queue: due_spec,
+        also_declare: Vec::new(),
+        prefetch: 1,
+        no_ack: false,
+        max_pause: SubscriptionSpec::PAUSE,
+    };
+    let mut sub = Subscription::lazy(broker.clone(), spec);
+    async fn next(sub: &mut Subscription) -> Incoming {
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), sub.next()).await;
+            match event.expect("a due message within 10 s").unwrap() {
+                Some(ConsumerEvent::Delivery(d)) => return d,
+                Some(ConsumerEvent::Resubscribed) => continue,
+                None => panic!("the subscription ended"),
+            }
+        }
+    }
+    let deadline = || tokio::time::Instant::now() + Duration::from_secs(10);
+    let moved = |d: Incoming| {
+        let sender = &sender;
+        async move {
+            sender.deliver_due(&d, deadline()).await.unwrap();
+            assert!(d.ack().await.unwrap(), "the due message is acked");
+        }
+    };
+    // The first is moved once. The second comes back before its ack, as it does to the
+    // next mover when one dies after its publish, and is moved again.
+    let first = next(&mut sub).await;
+    assert_eq!(first.message_id(), Some("first"));
+    assert!(!first.redelivered);
+    moved(first).await;
+    let again = next(&mut sub).await;
+    assert_eq!(again.message_id(), Some("again"));
+    assert!(again.reject(true).await.unwrap());
+    let again = next(&mut sub).await;
+    assert_eq!(again.message_id(), Some("again"));
+    assert!(again.redelivered, "the broker marks it redelivered");
+    moved(again).await;
+    sub.close().await;
+
+    // What reached the service queue, and how each copy is marked.
+    let conn = Connection::connect(&common::url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut marks = HashMap::new();
+    for _ in 0..2 {
+        let got = ch
+            .basic_get(
+                format!("warren.svc.{svc}").as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+            .expect("a moved message in the service queue");
+        let props = &got.delivery.properties;
+        let id = props.message_id().as_ref().unwrap().to_string();
+        let resent = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(H_RESENT).cloned());
+        marks.insert(id, resent);
+    }
+    assert_eq!(marks["first"], None, "a first move is not marked");
+    assert_eq!(
+        marks["again"],
+        Some(AMQPValue::Boolean(true)),
+        "a second move is marked warren-resent"
+    );
+    conn.close(200, "bye".into()).await.unwrap();
+    broker.delete_queue(&due_q).await.unwrap();
 }
