@@ -44,10 +44,20 @@ const DEADLINE: Duration = Duration::from_secs(600);
 fn run(b: &Bench) -> GroupRun<'_> {
     Box::pin(async move {
         let n = b.args.count;
-        note(format!("noop: raw lapin, {n} messages"));
-        let raw = raw_noop(b).await.context("raw lapin side")?;
-        note(format!("noop: warren, {n} tasks"));
-        let warren = warren_noop(b).await.context("warren side")?;
+        let (raw, warren) = b
+            .best_rounds(
+                "noop",
+                || {
+                    note(format!("noop: raw lapin, {n} messages"));
+                    raw_noop(b)
+                },
+                || {
+                    note(format!("noop: warren, {n} tasks"));
+                    warren_noop(b)
+                },
+                |tput: &f64| *tput,
+            )
+            .await?;
         note(format!(
             "noop: warren with the worker in its own process, {n} tasks (memory)"
         ));
