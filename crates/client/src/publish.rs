@@ -105,7 +105,7 @@ impl Client {
         env.parent = parent;
         let body = env.to_bytes().map_err(|e| Error::Encode(e.into()))?;
         let mut msg = Outgoing::new(TOPIC_EXCHANGE, topic, body);
-        msg.message_id = Some(env.id.to_string());
+        msg.message_id = Some(warren_core::envelope::id_string(&env.id));
         msg.correlation_id = Some(env.cid.clone());
         // The topic's recent-messages queue makes it routable before anyone subscribes.
         let key = format!("topic:{topic}");

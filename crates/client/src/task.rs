@@ -285,8 +285,16 @@ impl Task {
             }
         }
         let mut env = Envelope::new(target, self.payload, self.cid);
-        // Any task may be split by its worker: its part queue name must fit.
-        part_queue(&env.svc, &env.method, &env.id)?;
+        // Any task may be split by its worker: its part queue name
+        // (`part.<svc>-<method>-<uuid>`) must fit. Checked by length; built only for the error.
+        let part_queue_len = warren_core::topology::PART_PREFIX.len()
+            + env.svc.len()
+            + env.method.len()
+            + 2
+            + uuid::fmt::Hyphenated::LENGTH;
+        if part_queue_len > warren_core::names::MAX_AMQP_NAME {
+            part_queue(&env.svc, &env.method, &env.id)?;
+        }
         env.hooks = self.hooks;
         env.parent = self.parent;
         env.part = self.part;

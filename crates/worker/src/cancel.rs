@@ -94,7 +94,9 @@ impl Heard {
 /// The scopes a cancellation of which stops `env`: its own id always; for tasks that are
 /// not outcome reports, also its parent, its chain and its cid.
 fn names_of(env: &Envelope) -> Vec<CancelScope> {
-    let mut names = vec![CancelScope::Id(env.id)];
+    // At most four: allocated once.
+    let mut names = Vec::with_capacity(4);
+    names.push(CancelScope::Id(env.id));
     if is_report(env.channel) {
         return names;
     }

@@ -37,6 +37,9 @@ use warren_core::RetryPolicy;
 /// One hosted service, ready to dispatch.
 pub(crate) struct HostedService {
     pub(crate) methods: HashMap<String, Arc<dyn ErasedHandler>>,
+    /// The splitter (`<method>_part`) of each method that has one, by the method's name:
+    /// looked up for every delivery, so built once.
+    pub(crate) splitters: HashMap<String, Arc<dyn ErasedHandler>>,
     pub(crate) retry: RetryPolicy,
     pub(crate) method_retry: HashMap<String, RetryPolicy>,
     /// Hard time limits per method.
@@ -365,7 +368,7 @@ async fn run(shared: &Shared, queue_svc: &str, env: &Envelope, redelivered: bool
     };
     // Parts and parallel targets run the method itself, never its splitter.
     let splitter = if env.part.is_none() && env.fanout.is_none() && env.chain.is_none() {
-        service.methods.get(&splitter_name(&env.method))
+        service.splitters.get(&env.method)
     } else {
         None
     };

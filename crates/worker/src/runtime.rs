@@ -456,10 +456,19 @@ impl WorkerBuilder {
                     Subscription::start(consume.clone(), spec).await?,
                 ));
             }
+            let splitters = s
+                .methods
+                .keys()
+                .filter_map(|m| {
+                    let splitter = s.methods.get(&crate::split::splitter_name(m))?;
+                    Some((m.clone(), splitter.clone()))
+                })
+                .collect();
             services.insert(
                 s.name.clone(),
                 HostedService {
                     methods: s.methods.into_iter().collect(),
+                    splitters,
                     retry: s.retry.unwrap_or_else(|| self.retry.clone()),
                     method_retry: s.method_retry,
                     time_limits: s.time_limits,

@@ -137,7 +137,7 @@ impl TaskSender {
         deadline: Instant,
     ) -> Result<()> {
         let mut msg = Outgoing::new(TASK_EXCHANGE, env.svc.clone(), env.to_bytes()?);
-        msg.message_id = Some(env.id.to_string());
+        msg.message_id = Some(crate::envelope::id_string(&env.id));
         msg.correlation_id = Some(env.cid.clone());
         msg.reply_to = reply_to.map(str::to_owned);
         msg.priority = env.priority;
@@ -211,7 +211,7 @@ impl TaskSender {
             .sum();
         let due = crate::envelope::now_ms().saturating_add(wait_ms);
         let mut msg = Outgoing::new(route.exchange, route.routing_key, env.to_bytes()?);
-        msg.message_id = Some(env.id.to_string());
+        msg.message_id = Some(crate::envelope::id_string(&env.id));
         msg.correlation_id = Some(env.cid.clone());
         msg.reply_to = reply_to.map(str::to_owned);
         msg.priority = env.priority;
