@@ -208,6 +208,20 @@ mod tests {
     }
 
     #[test]
+    fn a_service_name_is_checked_against_its_longest_queue_name() {
+        // `warren.dead.<svc>` is the longer of the two: 12 + 243 = 255 bytes fits.
+        assert!(service(&"a".repeat(243)).is_ok());
+        assert!(matches!(
+            service(&"a".repeat(244)),
+            Err(NameError::TooLong {
+                kind: "dead-letter queue",
+                len: 256,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn refuses_each_bad_field_with_its_name() {
         for (bad, says) in [
             (r#","attempt":0"#, "attempt"),
