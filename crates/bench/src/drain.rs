@@ -46,7 +46,7 @@ const COUNT_WAIT: Duration = Duration::from_secs(10);
 fn run(b: &Bench) -> GroupRun<'_> {
     Box::pin(async move {
         let (raw, warren) = b
-            .best_rounds(
+            .median_rounds(
                 "drain",
                 || {
                     note(format!(

@@ -62,9 +62,9 @@ fn run(b: &Bench) -> GroupRun<'_> {
     Box::pin(async move {
         #[allow(clippy::cast_precision_loss)]
         let tput = |m: &Measured| m.c64.len() as f64 / m.c64_took.as_secs_f64().max(1e-9);
-        // Each side's figures all come from its round with the best throughput.
+        // Each side's figures all come from its median round by throughput.
         let (mut raw, mut warren) = b
-            .best_rounds(
+            .median_rounds(
                 "invoke",
                 || {
                     note(format!(

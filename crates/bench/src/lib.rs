@@ -170,7 +170,8 @@ pub struct Group {
     pub run: for<'a> fn(&'a Bench) -> GroupRun<'a>,
 }
 
-/// How long one group may run before it counts as failed.
+/// How long one group (one round of it, see [`BenchArgs::rounds`]) may run before it counts
+/// as failed.
 const GROUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Every group, in the order they run.
@@ -233,7 +234,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 200, value_name = "N")]
     warmup: u64,
     /// Rounds of the noop, drain and invoke groups: raw and warren take turns, and each
-    /// side's throughput figures come from its best round
+    /// side's figures come from its median round by throughput
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
 }
@@ -317,10 +318,11 @@ impl Bench {
     }
 
     /// Runs `raw` and `warren` in turn, [`BenchArgs::rounds`] times, and keeps each side's
-    /// best round by `score` (higher is better). Both sides meet the same neighbours on a
-    /// shared machine, and the best of a few rounds is each side's least disturbed one: one
-    /// round of each gave ratios from 0.63 to 0.92 for the same build on this project's VM.
-    pub async fn best_rounds<T, R, W, RF, WF>(
+    /// median round by `score`. Both sides meet the same neighbours on a shared machine; the
+    /// median drops a round slowed by them, and also one that ran unusually fast (a raw
+    /// invoke round once ran 45 % above its other two). One round each gave ratios from 0.63
+    /// to 0.92 for the same build on this project's VM.
+    pub async fn median_rounds<T, R, W, RF, WF>(
         &self,
         group: &str,
         mut raw: R,
@@ -334,7 +336,7 @@ impl Bench {
         WF: Future<Output = anyhow::Result<T>>,
     {
         let rounds = self.args.rounds.max(1);
-        let mut best: (Option<T>, Option<T>) = (None, None);
+        let (mut raws, mut warrens) = (Vec::new(), Vec::new());
         for round in 1..=rounds {
             if rounds > 1 {
                 note(format!("{group}: round {round} of {rounds}"));
@@ -347,14 +349,15 @@ impl Bench {
                 score(&w),
                 score(&w) / score(&r).max(1e-9)
             ));
-            if best.0.as_ref().is_none_or(|b| score(&r) > score(b)) {
-                best.0 = Some(r);
-            }
-            if best.1.as_ref().is_none_or(|b| score(&w) > score(b)) {
-                best.1 = Some(w);
-            }
+            raws.push(r);
+            warrens.push(w);
         }
-        match best {
+        let median = |mut all: Vec<T>| {
+            all.sort_by(|a, b| score(a).total_cmp(&score(b)));
+            let mid = (all.len().saturating_sub(1)) / 2;
+            all.into_iter().nth(mid)
+        };
+        match (median(raws), median(warrens)) {
             (Some(r), Some(w)) => Ok((r, w)),
             _ => Err(anyhow!("{group}: no round ran")),
         }
@@ -525,11 +528,13 @@ pub async fn run(
             bar.set_message(g.name);
             // A group that hangs (a lost message on a raw side, a blocked broker) fails
             // with a clear error instead of holding up the run.
-            let ran = tokio::time::timeout(GROUP_DEADLINE, (g.run)(&bench))
+            // Groups that run rounds get the deadline once per round.
+            let deadline = GROUP_DEADLINE * bench.args.rounds.max(1);
+            let ran = tokio::time::timeout(deadline, (g.run)(&bench))
                 .await
                 .unwrap_or_else(|_| {
                     Err(anyhow::anyhow!(
-                        "did not finish within {GROUP_DEADLINE:?} (its queues are removed below)"
+                        "did not finish within {deadline:?} (its queues are removed below)"
                     ))
                 });
             match ran {
@@ -608,7 +613,7 @@ async fn header(bench: &Bench, broker: &Broker, product: String) -> String {
         "# warren bench: {product} at {endpoint} (vhost {vhost}); queue type {qt}; \
          noop {count} tasks, {in_flight} in flight, prefetch {prefetch}, worker concurrency \
          {conc}; invoke {calls} sequential after {warmup} warm-up, {c64} with 64 in flight; \
-         noop, drain and invoke: best of {rounds} alternating rounds per side; run {run}; \
+         noop, drain and invoke: median of {rounds} alternating rounds per side; run {run}; \
          {build}",
         qt = bench.queue_type.as_str(),
         count = a.count,

@@ -45,7 +45,7 @@ fn run(b: &Bench) -> GroupRun<'_> {
     Box::pin(async move {
         let n = b.args.count;
         let (raw, warren) = b
-            .best_rounds(
+            .median_rounds(
                 "noop",
                 || {
                     note(format!("noop: raw lapin, {n} messages"));
