@@ -62,7 +62,7 @@ fn run(b: &Bench) -> GroupRun<'_> {
     Box::pin(async move {
         #[allow(clippy::cast_precision_loss)]
         let tput = |m: &Measured| m.c64.len() as f64 / m.c64_took.as_secs_f64().max(1e-9);
-        // Each side's figures all come from its median round by throughput.
+        // Both sides' figures come from the round with the median throughput ratio.
         let (mut raw, mut warren) = b
             .median_rounds(
                 "invoke",

@@ -233,8 +233,8 @@ pub struct BenchArgs {
     /// Warm-up invokes before the sequential ones (not measured)
     #[arg(long, default_value_t = 200, value_name = "N")]
     warmup: u64,
-    /// Rounds of the noop, drain and invoke groups: raw and warren take turns, and each
-    /// side's figures come from its median round by throughput
+    /// Rounds of the noop, drain and invoke groups: raw and warren run back to back in each,
+    /// and the figures come from the round whose throughput ratio is the median
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
 }
@@ -317,11 +317,12 @@ impl Bench {
         }
     }
 
-    /// Runs `raw` and `warren` in turn, [`BenchArgs::rounds`] times, and keeps each side's
-    /// median round by `score`. Both sides meet the same neighbours on a shared machine; the
-    /// median drops a round slowed by them, and also one that ran unusually fast (a raw
-    /// invoke round once ran 45 % above its other two). One round each gave ratios from 0.63
-    /// to 0.92 for the same build on this project's VM.
+    /// Runs `raw` and `warren` in turn, [`BenchArgs::rounds`] times, and returns the round
+    /// whose ratio (warren's `score` over raw's) is the median, both sides of it. A round's
+    /// two sides run back to back, so they meet the same neighbours on a shared machine; the
+    /// median drops a round one side of which was slowed by them, or ran unusually fast (a
+    /// raw invoke round once ran 45 % above its other two). One round each gave ratios from
+    /// 0.63 to 0.92 for the same build on this project's VM. Every round is printed.
     pub async fn median_rounds<T, R, W, RF, WF>(
         &self,
         group: &str,
@@ -336,7 +337,7 @@ impl Bench {
         WF: Future<Output = anyhow::Result<T>>,
     {
         let rounds = self.args.rounds.max(1);
-        let (mut raws, mut warrens) = (Vec::new(), Vec::new());
+        let mut rounds_run = Vec::new();
         for round in 1..=rounds {
             if rounds > 1 {
                 note(format!("{group}: round {round} of {rounds}"));
@@ -349,18 +350,15 @@ impl Bench {
                 score(&w),
                 score(&w) / score(&r).max(1e-9)
             ));
-            raws.push(r);
-            warrens.push(w);
+            rounds_run.push((score(&w) / score(&r).max(1e-9), r, w));
         }
-        let median = |mut all: Vec<T>| {
-            all.sort_by(|a, b| score(a).total_cmp(&score(b)));
-            let mid = (all.len().saturating_sub(1)) / 2;
-            all.into_iter().nth(mid)
-        };
-        match (median(raws), median(warrens)) {
-            (Some(r), Some(w)) => Ok((r, w)),
-            _ => Err(anyhow!("{group}: no round ran")),
-        }
+        rounds_run.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mid = rounds_run.len().saturating_sub(1) / 2;
+        rounds_run
+            .into_iter()
+            .nth(mid)
+            .map(|(_, r, w)| (r, w))
+            .ok_or_else(|| anyhow!("{group}: no round ran"))
     }
 
     /// A worker builder with the bench's settings (URL, queue type, concurrency, prefetch,
@@ -613,7 +611,7 @@ async fn header(bench: &Bench, broker: &Broker, product: String) -> String {
         "# warren bench: {product} at {endpoint} (vhost {vhost}); queue type {qt}; \
          noop {count} tasks, {in_flight} in flight, prefetch {prefetch}, worker concurrency \
          {conc}; invoke {calls} sequential after {warmup} warm-up, {c64} with 64 in flight; \
-         noop, drain and invoke: median of {rounds} alternating rounds per side; run {run}; \
+         noop, drain and invoke: the median-ratio round of {rounds}; run {run}; \
          {build}",
         qt = bench.queue_type.as_str(),
         count = a.count,
