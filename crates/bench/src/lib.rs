@@ -14,6 +14,11 @@
 //! deleted at the end, also on error or Ctrl-C) and start in-process workers with
 //! [`Bench::start_worker`] (stopped before the queues are deleted).
 //!
+//! # Rounds
+//! `noop`, `drain` and `invoke` run [`BenchArgs::rounds`] rounds (default 3), raw then warren
+//! in each, and report the round whose ratio is the median ([`Bench::median_rounds`]); every
+//! round is printed as a `#` note. The other groups run once, or repeat inside (`jobs`).
+//!
 //! # Layout
 //! - `noop`: `noop_throughput` and `worker_rss_peak`.
 //! - `invoke`: `invoke_seq_p50`, `invoke_seq_p99`, `invoke_c64_throughput`, `invoke_c64_p99`.
