@@ -176,12 +176,21 @@ async fn bad_input(qt: QueueType) {
             Some(id(21)),
             "bad_envelope",
         ),
+        // A number beyond a 64-bit float, likewise.
+        (
+            23,
+            with(23, r#""x-extra":1e400"#),
+            Some(id(23)),
+            "bad_envelope",
+        ),
     ];
     let good: Vec<(u8, String)> = vec![
         (17, with(17, r#""hooks":null"#)),
         (18, with(18, r#""retry":{"max_attempts":2}"#)),
         // A surrogate pair is a character like any other.
         (22, with(22, r#""x-extra":"\ud83d\ude00""#)),
+        // The largest exponent that still fits.
+        (24, with(24, r#""x-extra":1e308"#)),
     ];
     for (_, body, mid, _) in cases
         .iter()
@@ -265,11 +274,12 @@ async fn bad_input(qt: QueueType) {
             "case {n}: {body}"
         );
     }
-    // The two good ones ran; no bad one did.
+    // The good ones ran; no bad one did.
     assert_eq!(
-        runs.load(Ordering::SeqCst),
-        4,
-        "handler runs: 3 good cases + 1 invoke"
+        usize::try_from(runs.load(Ordering::SeqCst)).unwrap(),
+        good.len() + 1,
+        "handler runs: {} good cases + 1 invoke",
+        good.len()
     );
     assert_eq!(
         panics.load(Ordering::SeqCst),

@@ -211,6 +211,56 @@ fn has_surrogate_escape(text: &str) -> bool {
     })
 }
 
+/// `true` when `text` may hold a number beyond `f64`'s range, which serde_json's `Value`
+/// refuses ("number out of range") but skips unchecked in a field the envelope does not
+/// know: a number with an exponent of three digits or more, or with 20 digits or more and
+/// an exponent, or a run of 300 digits. Only digits that follow `:`, `,`, `[` or blank (a
+/// number's place in JSON, not the inside of an id) count; a match inside a string only
+/// costs a second parse.
+fn may_hold_huge_number(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    if bytes.len() >= 300 {
+        let mut run = 0usize;
+        for &c in bytes {
+            run = if c.is_ascii_digit() { run + 1 } else { 0 };
+            if run >= 300 {
+                return true;
+            }
+        }
+    }
+    memchr::memchr2_iter(b'e', b'E', bytes).any(|e| {
+        // The digits (and point) before the exponent, and what comes before them.
+        let mantissa = bytes[..e]
+            .iter()
+            .rev()
+            .take_while(|c| c.is_ascii_digit() || **c == b'.')
+            .count();
+        if mantissa == 0 {
+            return false;
+        }
+        let mut start = e - mantissa;
+        if start > 0 && bytes[start - 1] == b'-' {
+            start -= 1;
+        }
+        let in_number = start == 0
+            || matches!(
+                bytes[start - 1],
+                b':' | b',' | b'[' | b' ' | b'\t' | b'\n' | b'\r'
+            );
+        let mut digits = e + 1;
+        if matches!(bytes.get(digits), Some(b'+' | b'-')) {
+            digits += 1;
+        }
+        let exponent = bytes
+            .get(digits..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        in_number && (exponent >= 3 || (exponent > 0 && mantissa >= 20))
+    })
+}
+
 /// `id` as its hyphenated lower-case text (`01934f7e-6c1e-7b8a-9a52-4c1f0e6f2a10`), the form
 /// of every task id on the wire. Same text as `id.to_string()`, without the formatting
 /// machinery (every publish writes one or two).
@@ -290,7 +340,8 @@ impl Envelope {
         // Nor the `\u` escapes of those strings: a lone surrogate (`"\ud800"`) in an unknown
         // field would pass, and other readers refuse the body. A body with a surrogate escape
         // (rare: most producers write non-ASCII as UTF-8) is parsed whole once more.
-        if has_surrogate_escape(text) {
+        // The same for numbers too large for an f64 (`1e400`), which it skips unchecked too.
+        if has_surrogate_escape(text) || may_hold_huge_number(text) {
             serde_json::from_str::<Value>(text).map_err(DecodeError::Malformed)?;
         }
         if env.v != ENVELOPE_VERSION {
@@ -477,6 +528,28 @@ mod tests {
             if !ok {
                 assert!(matches!(res, Err(DecodeError::Malformed(_))), "{extra}");
             }
+        }
+        // A number beyond f64 inside a field the envelope does not know is refused (fuzz
+        // finding `body-is-json`, 2026-12-07); large numbers in range, and ids or strings
+        // that look like exponents, are fine.
+        for (extra, ok) in [
+            ("11e400763900000000", false),
+            ("1e309", false),
+            ("-2.5E+400", false),
+            ("[1, 1e999]", false),
+            (&format!("{}e60", "1".repeat(250)), false),
+            (&"9".repeat(400), false),
+            ("1e308", true),
+            ("1.5e-300", true),
+            (r#""1e400""#, true),
+            (r#""0192e400-0008-7000-8000-000000000000""#, true),
+            (&format!("{}e5", "1".repeat(30)), true),
+        ] {
+            let mut body = e.to_bytes().unwrap();
+            body.pop();
+            body.extend_from_slice(format!(",\"extra\":{extra}}}").as_bytes());
+            let res = Envelope::from_bytes(&body);
+            assert_eq!(res.is_ok(), ok, "{extra}: {res:?}");
         }
         // Invalid UTF-8 inside a field the envelope does not know is still refused.
         let mut good = e.to_bytes().unwrap();
