@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use uuid::Uuid;
-use warren_core::topology::{part_queue, validate_part_queue};
+use warren_core::topology::{check_part_queue, validate_part_queue};
 use warren_core::{Envelope, Hooks, IntoTarget, PartDecorator, RetryPolicy, Target};
 
 use crate::args::Invalid;
@@ -285,16 +285,8 @@ impl Task {
             }
         }
         let mut env = Envelope::new(target, self.payload, self.cid);
-        // Any task may be split by its worker: its part queue name
-        // (`part.<svc>-<method>-<uuid>`) must fit. Checked by length; built only for the error.
-        let part_queue_len = warren_core::topology::PART_PREFIX.len()
-            + env.svc.len()
-            + env.method.len()
-            + 2
-            + uuid::fmt::Hyphenated::LENGTH;
-        if part_queue_len > warren_core::names::MAX_AMQP_NAME {
-            part_queue(&env.svc, &env.method, &env.id)?;
-        }
+        // Any task may be split by its worker: its part queue name must fit.
+        check_part_queue(&env.svc, &env.method)?;
         env.hooks = self.hooks;
         env.parent = self.parent;
         env.part = self.part;

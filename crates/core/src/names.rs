@@ -123,14 +123,8 @@ impl Target {
         let (svc, method) = (svc.into(), method.into());
         validate_name("service", &svc)?;
         validate_name("method", &method)?;
-        // The service queue name must fit too (checked by length: every enqueue passes here;
-        // the name is built only for the error).
-        if crate::topology::SERVICE_QUEUE_PREFIX.len() + svc.len() > MAX_AMQP_NAME {
-            check_amqp_len(
-                "service queue",
-                &crate::topology::service_queue_unchecked(&svc),
-            )?;
-        }
+        // The service queue name must fit too.
+        crate::topology::check_service_queue(&svc)?;
         Ok(Self { svc, method })
     }
 

@@ -61,11 +61,38 @@ pub fn service_queue(svc: &str) -> Result<String, NameError> {
     Ok(q)
 }
 
+/// What every dead-letter queue's name starts with (then the service name).
+pub const DEAD_QUEUE_PREFIX: &str = "warren.dead.";
+
 /// The dead-letter queue of a service: `warren.dead.<svc>`.
 pub fn dead_queue(svc: &str) -> Result<String, NameError> {
-    let q = format!("{PREFIX}dead.{svc}");
+    let q = format!("{DEAD_QUEUE_PREFIX}{svc}");
     check_amqp_len("dead-letter queue", &q)?;
     Ok(q)
+}
+
+/// Checks that a name of `len` bytes fits in 255 without building it: `build` makes the
+/// name only for the error. For the checks every message passes.
+fn check_len_of(
+    len: usize,
+    build: impl FnOnce() -> Result<String, NameError>,
+) -> Result<(), NameError> {
+    if len <= crate::names::MAX_AMQP_NAME {
+        return Ok(());
+    }
+    build().map(drop)
+}
+
+/// [`service_queue`]'s length check, without building the name.
+pub fn check_service_queue(svc: &str) -> Result<(), NameError> {
+    check_len_of(SERVICE_QUEUE_PREFIX.len() + svc.len(), || {
+        service_queue(svc)
+    })
+}
+
+/// [`dead_queue`]'s length check, without building the name.
+pub fn check_dead_queue(svc: &str) -> Result<(), NameError> {
+    check_len_of(DEAD_QUEUE_PREFIX.len() + svc.len(), || dead_queue(svc))
 }
 
 /// `true` when a `reply_to` names a queue a warren client created (or direct reply-to).
@@ -320,6 +347,12 @@ pub fn part_queue(svc: &str, method: &str, id: &uuid::Uuid) -> Result<String, Na
     let q = format!("{PART_PREFIX}{svc}-{method}-{id}");
     check_amqp_len("part queue", &q)?;
     Ok(q)
+}
+
+/// [`part_queue`]'s length check for any job id, without building the name.
+pub fn check_part_queue(svc: &str, method: &str) -> Result<(), NameError> {
+    let len = PART_PREFIX.len() + svc.len() + 1 + method.len() + 1 + uuid::fmt::Hyphenated::LENGTH;
+    check_len_of(len, || part_queue(svc, method, &uuid::Uuid::nil()))
 }
 
 /// Checks a part queue name given by a caller: non-empty, at most 255 bytes, not reserved.

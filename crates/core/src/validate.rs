@@ -9,7 +9,7 @@
 
 use crate::envelope::{Envelope, HookTarget};
 use crate::names::{check_amqp_len, validate_name, validate_queue_name, NameError};
-use crate::topology::{dead_queue, recent_queue, service_queue, PREFIX};
+use crate::topology::{check_dead_queue, check_service_queue, recent_queue, PREFIX};
 
 /// Most parts one split job (or fan-in) may have: a joiner reads every result of a job at
 /// once, through one consumer whose prefetch is at most 65,535.
@@ -46,16 +46,8 @@ pub fn validate_part_queue_name(name: &str) -> Result<(), NameError> {
 /// bytes.
 fn service(svc: &str) -> Result<(), NameError> {
     validate_name("service", svc)?;
-    // Checked by length (every delivery passes here); only a name too long for one of the
-    // two queue names builds them, for the error.
-    let longest = "warren.dead."
-        .len()
-        .max(crate::topology::SERVICE_QUEUE_PREFIX.len());
-    if svc.len() + longest > crate::names::MAX_AMQP_NAME {
-        service_queue(svc)?;
-        dead_queue(svc)?;
-    }
-    Ok(())
+    check_service_queue(svc)?;
+    check_dead_queue(svc)
 }
 
 fn target(what: &str, t: &HookTarget) -> Result<(), String> {

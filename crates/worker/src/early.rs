@@ -17,8 +17,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use warren_core::topology::H_RESENT;
-use warren_core::{HeaderValue, Incoming, Outgoing, Publisher};
+use warren_core::{Incoming, Outgoing, Publisher};
 
 use crate::process::{Route, Shared};
 
@@ -126,12 +125,9 @@ fn copy_of(route: &Route, d: &Incoming) -> Outgoing {
     copy.headers = d
         .headers()
         .into_iter()
-        .filter(|(k, _)| {
-            k != H_RESENT && !k.starts_with("x-death") && !k.starts_with("x-delivery-count")
-        })
+        .filter(|(k, _)| !k.starts_with("x-death") && !k.starts_with("x-delivery-count"))
         .collect();
-    copy.headers
-        .push((H_RESENT.to_owned(), HeaderValue::Bool(true)));
+    copy.mark_resent();
     copy
 }
 

@@ -4,6 +4,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
 use crate::names::{check_amqp_len, NameError};
+use crate::topology::H_RESENT;
 use crate::trace::H_TRACEPARENT;
 
 /// A header value. AMQP tables hold more types; the ones warren writes are these, and any
@@ -123,6 +124,14 @@ impl Outgoing {
             expiration_ms: None,
             priority: None,
         }
+    }
+
+    /// Marks the message as one the broker may already hold a copy of (header
+    /// `warren-resent: true`, set once), which the worker shows as `ctx.redelivered()`.
+    pub fn mark_resent(&mut self) {
+        self.headers.retain(|(k, _)| k != H_RESENT);
+        self.headers
+            .push((H_RESENT.to_owned(), HeaderValue::Bool(true)));
     }
 
     /// Checks every short string against the 255-byte AMQP limit (lapin would panic).

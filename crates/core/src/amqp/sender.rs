@@ -276,11 +276,7 @@ impl TaskSender {
             // A mover may have moved this message before (it stopped or crashed between its
             // publish and its ack): the service queue may hold an earlier copy, so this one
             // is marked as a possible re-run.
-            msg.headers.retain(|(k, _)| k != crate::topology::H_RESENT);
-            msg.headers.push((
-                crate::topology::H_RESENT.to_owned(),
-                HeaderValue::Bool(true),
-            ));
+            msg.mark_resent();
         }
         if let Some(svc) = svc {
             // The queue usually exists, declared by its own workers or senders, perhaps as
