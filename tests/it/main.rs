@@ -13,6 +13,7 @@
 mod common;
 mod support;
 
+mod acks;
 mod admin_api;
 mod bad_input;
 mod broker_restart;

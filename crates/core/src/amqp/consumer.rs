@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Acker, BasicProperties, Channel, Consumer};
+use lapin::{Acker, BasicProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 
+use super::acks::{AckBook, Settle};
 use super::broker::{declare_exchanges_on, declare_on, Broker};
 use super::message::short;
 use crate::error::{classify, Error, Result};
@@ -56,9 +55,9 @@ pub enum ConsumerEvent {
 }
 
 struct Active {
-    /// Shared with every delivery of the channel (an `Arc` clone per delivery; a lapin
-    /// `Channel` clone is a dozen).
-    channel: Arc<Channel>,
+    /// The channel, and its deliveries not settled yet: shared with every delivery of the
+    /// channel (an `Arc` clone per delivery; a lapin `Channel` clone is a dozen).
+    acks: Arc<AckBook>,
     consumer: Consumer,
     generation: u64,
     /// Checks the channel once a second, for the life of the channel (not per delivery:
@@ -164,7 +163,7 @@ impl Subscription {
         let mut watchdog = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Active {
-            channel: Arc::new(channel),
+            acks: AckBook::new(Arc::new(channel)),
             consumer,
             generation,
             watchdog,
@@ -232,6 +231,9 @@ impl Subscription {
                     biased;
                     d = active.consumer.next() => match d {
                         Some(Ok(d)) => {
+                            if !self.spec.no_ack {
+                                active.acks.delivered(d.delivery_tag);
+                            }
                             return Ok(Some(ConsumerEvent::Delivery(Incoming {
                                 body: d.data,
                                 redelivered: d.redelivered,
@@ -241,7 +243,7 @@ impl Subscription {
                                 tag: d.delivery_tag,
                                 settled: AtomicBool::new(false),
                                 acker: d.acker,
-                                channel: active.channel.clone(),
+                                acks: active.acks.clone(),
                                 generation: active.generation,
                             })));
                         }
@@ -250,7 +252,7 @@ impl Subscription {
                     },
                     () = self.cancel.cancelled() => return Ok(None),
                     _ = active.watchdog.tick() => {
-                        if !active.channel.status().connected() {
+                        if !active.acks.channel().status().connected() {
                             break Some(String::from("channel closed"));
                         }
                     }
@@ -270,7 +272,8 @@ impl Subscription {
     pub async fn stop_consuming(&mut self) {
         if let Some(a) = &self.active {
             let _ = a
-                .channel
+                .acks
+                .channel()
                 .basic_cancel(a.consumer.tag(), BasicCancelOptions::default())
                 .await;
         }
@@ -279,7 +282,7 @@ impl Subscription {
     /// Closes the channel: every delivery not acked yet returns to the queue.
     pub async fn close(mut self) {
         if let Some(a) = self.active.take() {
-            let _ = a.channel.close(200, short("warren: closing")).await;
+            let _ = a.acks.channel().close(200, short("warren: closing")).await;
         }
     }
 }
@@ -295,13 +298,13 @@ pub struct Incoming {
     /// The exchange it was published to.
     pub exchange: String,
     props: BasicProperties,
-    /// The delivery tag, acked or rejected on `channel` directly.
+    /// The delivery tag, settled through `acks`.
     tag: u64,
     /// Set by the first ack or reject: a delivery is settled once.
     settled: AtomicBool,
     /// Kept for [`Acker::poisoned`]: lapin poisons every acker of a channel that failed.
     acker: Acker,
-    channel: Arc<Channel>,
+    acks: Arc<AckBook>,
     generation: u64,
 }
 
@@ -329,7 +332,7 @@ impl Incoming {
     /// in the queue (or will), so it must be neither executed nor acked as if it were live.
     #[must_use]
     pub fn is_live(&self) -> bool {
-        self.channel.status().connected() && !self.acker.poisoned()
+        self.acks.channel().status().connected() && !self.acker.poisoned()
     }
 
     /// Acks the delivery. `Ok(true)` means acked; `Ok(false)` means the ack could not be
@@ -345,37 +348,17 @@ impl Incoming {
         self.settle(Some(requeue)).await
     }
 
-    /// Sends `basic.ack` (`None`) or `basic.reject` on the delivery's own channel: one frame.
-    /// lapin's `Acker` takes the same frame through its internal RPC task and spawns a task
-    /// per ack to send it.
+    /// Settles the delivery through its channel's [`AckBook`], which coalesces the acks of
+    /// deliveries settled together into one `multiple` ack (see its docs). Returns once the
+    /// frame carrying this settlement was sent.
     async fn settle(&self, reject: Option<bool>) -> Result<bool> {
         if !self.is_live() || self.settled.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
-        let sent = match reject {
-            None => {
-                self.channel
-                    .basic_ack(self.tag, BasicAckOptions::default())
-                    .await
-            }
-            Some(requeue) => {
-                self.channel
-                    .basic_reject(self.tag, BasicRejectOptions { requeue })
-                    .await
-            }
+        let how = match reject {
+            None => Settle::Ack,
+            Some(requeue) => Settle::Reject { requeue },
         };
-        match sent {
-            Ok(()) => Ok(true),
-            // The channel closed meanwhile: the broker puts the message back.
-            Err(_) if !self.is_live() => Ok(false),
-            Err(e) => Err(classify(
-                if reject.is_some() {
-                    "rejecting a delivery"
-                } else {
-                    "acking a delivery"
-                },
-                e,
-            )),
-        }
+        self.acks.settle(self.tag, how).await
     }
 }

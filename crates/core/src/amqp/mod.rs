@@ -10,6 +10,7 @@
 //!   reconnect is sent again until its deadline.
 //! - [`Subscription`] consumes a queue and re-subscribes by itself after a reconnect.
 
+mod acks;
 mod batch;
 mod broker;
 mod consumer;
