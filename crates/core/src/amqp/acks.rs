@@ -20,6 +20,8 @@
 //! a `multiple` ack never covers it, and the book goes with its channel.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
@@ -214,6 +216,9 @@ impl<W> Book<W> {
 type Outcome = std::result::Result<bool, (&'static str, lapin::Error)>;
 type Waiter = oneshot::Sender<Outcome>;
 
+/// Rounds of frames a handler sends for its channel before a task of its own takes over.
+const HANDLER_ROUNDS: usize = 4;
+
 /// The [`Book`] of one channel and the channel its frames go on.
 pub(crate) struct AckBook {
     book: Mutex<Book<Waiter>>,
@@ -249,7 +254,7 @@ impl AckBook {
         let (tx, rx) = oneshot::channel();
         let lead = self.lock().settle(tag, how, tx);
         if lead {
-            self.send_all().await;
+            self.send_all(true).await;
         }
         // A dropped waiter means its frame was never sent and its channel is gone.
         rx.await
@@ -257,14 +262,22 @@ impl AckBook {
             .map_err(|(doing, e)| classify(doing, e))
     }
 
-    /// Sends frames until the book has none left.
-    async fn send_all(self: &Arc<Self>) {
+    /// Sends frames until the book has none left. A handler that became the sender hands
+    /// the rest to a task of its own after [`HANDLER_ROUNDS`] rounds, so that a busy channel
+    /// does not keep one handler (and its concurrency permit) sending for the others.
+    async fn send_all(self: &Arc<Self>, handler: bool) {
         let mut unsent = Unsent {
             book: self,
             frames: VecDeque::new(),
             done: false,
         };
+        let mut rounds = 0;
         loop {
+            if handler && rounds == HANDLER_ROUNDS && self.spawn_sender() {
+                unsent.done = true;
+                return;
+            }
+            rounds += 1;
             let frames = self.lock().take_frames();
             if frames.is_empty() {
                 unsent.done = true;
@@ -280,6 +293,19 @@ impl AckBook {
                 }
             }
         }
+    }
+
+    /// Starts a task that sends the book's frames (the book stays `sending`); `false` outside
+    /// a tokio runtime.
+    fn spawn_sender(self: &Arc<Self>) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let again = self.clone();
+        let task: Pin<Box<dyn Future<Output = ()> + Send>> =
+            Box::pin(async move { again.send_all(false).await });
+        rt.spawn(task);
+        true
     }
 
     async fn send(&self, frame: Frame) -> Outcome {
@@ -326,11 +352,10 @@ impl Drop for Unsent<'_> {
         if book.settled == 0 {
             return;
         }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            book.sending = true;
-            drop(book);
-            let again = self.book.clone();
-            rt.spawn(async move { again.send_all().await });
+        book.sending = true;
+        drop(book);
+        if !self.book.spawn_sender() {
+            self.book.lock().sending = false;
         }
     }
 }
