@@ -8,17 +8,18 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_client::{Client, ClientBuilder};
 use warren_core::amqp::DelayMover;
 use warren_core::topology::QueueSpec;
-use warren_core::{AmqpConfig, Broker, ConsumerEvent, Subscription, SubscriptionSpec};
+use warren_core::{AmqpConfig, Broker, ConsumerEvent, Incoming, Subscription, SubscriptionSpec};
 
 use crate::process::{handle, HostedService, JoinSettings, Route, Shared};
 use crate::state::StateBuilder;
@@ -721,11 +722,23 @@ async fn pump(
     stop: CancellationToken,
 ) -> (Subscription, Result<(), warren_core::Error>) {
     // Deliveries are taken from the consumer as they arrive, stamped with their arrival
-    // (when the broker's consumer timeout starts counting), and wait here for a permit.
+    // (when the broker's consumer timeout starts counting). The forwarder starts one at once
+    // when a slot is free and none waits here; the others wait here for a permit.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let forwarding = stop.child_token();
-    let forwarder = tokio::spawn(forward(sub, tx, forwarding.clone()));
+    let starter = Starter {
+        svc: svc.clone(),
+        shared: shared.clone(),
+        tracker: tracker.clone(),
+        permits: permits.clone(),
+        queued: Arc::new(AtomicUsize::new(0)),
+    };
+    let queued = starter.queued.clone();
+    let forwarder = tokio::spawn(forward(sub, tx, starter, forwarding.clone()));
     while let Some((event, arrived)) = rx.recv().await {
+        // Counted by the forwarder before it sent the event: while any waits here, the
+        // forwarder does not start deliveries past it.
+        let _queued = Dequeued(&queued);
         match event {
             ConsumerEvent::Delivery(d) => {
                 // The permit is taken once a delivery is here, not before waiting for one:
@@ -755,11 +768,7 @@ async fn pump(
                         }
                     }
                 };
-                let (shared, svc) = (shared.clone(), svc.clone());
-                tracker.spawn(async move {
-                    handle(shared, svc, d, arrived).await;
-                    drop(permit);
-                });
+                start(&tracker, &shared, &svc, d, arrived, permit);
             }
             ConsumerEvent::Resubscribed => {
                 tracing::info!(queue = %svc.queue, "consuming again after a reconnect");
@@ -782,11 +791,49 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Runs a delivery's handler task, holding its permit until it ends.
+fn start(
+    tracker: &TaskTracker,
+    shared: &Arc<Shared>,
+    svc: &Arc<Route>,
+    d: Incoming,
+    arrived: tokio::time::Instant,
+    permit: OwnedSemaphorePermit,
+) {
+    let (shared, svc) = (shared.clone(), svc.clone());
+    tracker.spawn(async move {
+        handle(shared, svc, d, arrived).await;
+        drop(permit);
+    });
+}
+
+/// What the forwarder needs to start a delivery itself, and the count of events waiting in
+/// the pump.
+struct Starter {
+    svc: Arc<Route>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Uncounts an event the pump took (whatever the pump then does with it).
+struct Dequeued<'a>(&'a AtomicUsize);
+
+impl Drop for Dequeued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Takes every event from `sub` as it comes, with the instant it came, until `stop` (or
-/// the pump is gone, or consuming fails for good); hands the subscription back.
+/// the pump is gone, or consuming fails for good); hands the subscription back. A delivery
+/// that finds a free slot while none waits in the pump is started here (one task hop less
+/// per delivery); every other event goes to the pump, in order.
 async fn forward(
     mut sub: Subscription,
     tx: tokio::sync::mpsc::UnboundedSender<(ConsumerEvent, tokio::time::Instant)>,
+    starter: Starter,
     stop: CancellationToken,
 ) -> (Subscription, Result<(), warren_core::Error>) {
     loop {
@@ -801,7 +848,24 @@ async fn forward(
         };
         match event {
             Ok(Some(ev)) => {
-                if tx.send((ev, tokio::time::Instant::now())).is_err() {
+                let now = tokio::time::Instant::now();
+                let ev = match ev {
+                    // On shutdown a delivery is dropped unacked: the broker redelivers it.
+                    ConsumerEvent::Delivery(_) if stop.is_cancelled() => break,
+                    ConsumerEvent::Delivery(d) if starter.queued.load(Ordering::Acquire) == 0 => {
+                        match starter.permits.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                let s = &starter;
+                                start(&s.tracker, &s.shared, &s.svc, d, now, permit);
+                                continue;
+                            }
+                            Err(_) => ConsumerEvent::Delivery(d),
+                        }
+                    }
+                    other => other,
+                };
+                starter.queued.fetch_add(1, Ordering::AcqRel);
+                if tx.send((ev, now)).is_err() {
                     break;
                 }
             }
