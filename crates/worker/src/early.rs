@@ -156,7 +156,7 @@ pub(crate) async fn guard<'a, F: Future>(
         acks: &shared.early,
         key,
     };
-    let early = match d.ack().await {
+    let early = match d.ack_sent().await {
         Ok(true) => {
             tracing::warn!(
                 "still running near the broker's consumer_timeout: acked early; \

@@ -14,8 +14,11 @@
 //! - each settlement behind a running delivery on its own (never held back: a long task must
 //!   not keep the others unacked, which would also eat the prefetch).
 //!
-//! It loops while settlements arrive meanwhile, so the busier the channel, the more a frame
-//! carries; an idle channel sends each ack as soon as its handler settles it. A delivery
+//! Frames are queued on the channel without waiting for lapin to write them. Between rounds
+//! the sender yields once, so the handlers that are ready settle meanwhile (without
+//! waiting: a handler that is not the sender returns at once) and their frames join the
+//! next round: the busier the channel, the more a frame carries, and an idle channel sends
+//! each ack as soon as its handler settles it. A delivery
 //! that is never settled (its channel died, or it was dropped) stays in the book as running:
 //! a `multiple` ack never covers it, and the book goes with its channel.
 
@@ -24,6 +27,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use futures_util::FutureExt;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Channel;
 use tokio::sync::oneshot;
@@ -105,11 +109,11 @@ impl<W> Book<W> {
     /// frames (no sender was at work); `false` when the sender at work will. A tag the book
     /// does not know as running is settled on its own (it cannot be covered by a `multiple`
     /// ack safely, and is not expected: every delivery is registered).
-    pub(crate) fn settle(&mut self, tag: u64, how: Settle, waiter: W) -> bool {
+    pub(crate) fn settle(&mut self, tag: u64, how: Settle, waiter: Option<W>) -> bool {
         let entry = Entry::Settled {
             how,
             multiple: false,
-            waiters: vec![waiter],
+            waiters: waiter.into_iter().collect(),
         };
         self.entries.insert(tag, entry);
         self.settled += 1;
@@ -248,13 +252,28 @@ impl AckBook {
         self.lock().delivered(tag);
     }
 
-    /// Settles delivery `tag` and returns once the frame carrying it was sent (by this call
-    /// or by the channel's sender at work).
-    pub(crate) async fn settle(self: &Arc<Self>, tag: u64, how: Settle) -> Result<bool> {
+    /// Settles delivery `tag`. When no sender is at work, this call becomes the channel's
+    /// sender and returns once the frame carrying it was sent. Otherwise the sender at work
+    /// sends it: with `wait` this call returns once it did; without, at once with `Ok(true)`
+    /// (the settlement is queued on a live channel: waiting would cost a task wake-up per
+    /// delivery, and if the channel dies first the broker redelivers the message, as it
+    /// does for a frame lost in the socket).
+    pub(crate) async fn settle(
+        self: &Arc<Self>,
+        tag: u64,
+        how: Settle,
+        wait: bool,
+    ) -> Result<bool> {
         let (tx, rx) = oneshot::channel();
-        let lead = self.lock().settle(tag, how, tx);
+        let lead = {
+            let mut book = self.lock();
+            let leads = !book.sending;
+            book.settle(tag, how, (leads || wait).then_some(tx))
+        };
         if lead {
             self.send_all(true).await;
+        } else if !wait {
+            return Ok(true);
         }
         // A dropped waiter means its frame was never sent and its channel is gone.
         rx.await
@@ -284,14 +303,14 @@ impl AckBook {
                 return;
             }
             unsent.frames.extend(frames);
-            // lapin queues a frame before its first await: once `send` is polled the frame
-            // is on its way, so it is taken off `unsent` first.
             while let Some((frame, waiters)) = unsent.frames.pop_front() {
-                let outcome = self.send(frame).await;
+                let outcome = self.send_now(frame);
                 for w in waiters {
                     let _ = w.send(outcome.clone());
                 }
             }
+            // Lets the handlers that are ready settle: their frames join the next round.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -308,33 +327,40 @@ impl AckBook {
         true
     }
 
-    async fn send(&self, frame: Frame) -> Outcome {
+    /// Queues `frame` on the channel without waiting for lapin to write it: lapin's
+    /// `basic_ack`/`basic_reject` queue their frame on their first poll (frames leave in
+    /// queue order) and then only wait for the write. Waiting for each write in turn would
+    /// cost a round trip to lapin's I/O thread per frame and leave the frames of a round
+    /// one by one; a frame that is not written because the connection dies is as if the
+    /// channel had closed (the broker redelivers).
+    fn send_now(&self, frame: Frame) -> Outcome {
         let (sent, doing) = match frame {
             Frame::Ack { tag, multiple } => (
                 self.channel
                     .basic_ack(tag, BasicAckOptions { multiple })
-                    .await,
+                    .now_or_never(),
                 "acking a delivery",
             ),
             Frame::Reject { tag, requeue } => (
                 self.channel
                     .basic_reject(tag, BasicRejectOptions { requeue })
-                    .await,
+                    .now_or_never(),
                 "rejecting a delivery",
             ),
         };
         match sent {
-            Ok(()) => Ok(true),
+            None | Some(Ok(())) => Ok(true),
             // The channel closed meanwhile: the broker puts the messages back.
-            Err(_) if !self.channel.status().connected() => Ok(false),
-            Err(e) => Err((doing, e)),
+            Some(Err(_)) if !self.channel.status().connected() => Ok(false),
+            Some(Err(e)) => Err((doing, e)),
         }
     }
 }
 
-/// The frames a sender took and has not sent yet. If the sender is cancelled (its future
-/// dropped), they go back into the book and a task of their own sends them, so that no
-/// reject is ever left to be covered by a later `multiple` ack.
+/// The frames a sender took and has not sent yet (none at its only await, between rounds,
+/// as frames are queued without waiting). If the sender is cancelled (its future dropped),
+/// they go back into the book, and a task of their own sends what the book holds, so that
+/// no reject is ever left to be covered by a later `multiple` ack.
 struct Unsent<'a> {
     book: &'a Arc<AckBook>,
     frames: VecDeque<(Frame, Vec<Waiter>)>,
@@ -376,7 +402,7 @@ mod tests {
     fn an_idle_channel_acks_each_delivery_alone() {
         let mut b = Book::default();
         b.delivered(1);
-        assert!(b.settle(1, ACK, 1));
+        assert!(b.settle(1, ACK, Some(1)));
         let f = b.take_frames();
         assert_eq!(
             tags(&f),
@@ -390,7 +416,7 @@ mod tests {
         assert_eq!(b.len(), 0);
         // The next settlement leads again.
         b.delivered(2);
-        assert!(b.settle(2, ACK, 2));
+        assert!(b.settle(2, ACK, Some(2)));
     }
 
     #[test]
@@ -399,13 +425,13 @@ mod tests {
         for t in 1..=5 {
             b.delivered(t);
         }
-        assert!(b.settle(1, ACK, 1));
+        assert!(b.settle(1, ACK, Some(1)));
         let first = b.take_frames();
         assert_eq!(first.len(), 1);
         // While frame 1 is being sent, 2, 3 and 4 settle; 5 still runs.
-        assert!(!b.settle(3, ACK, 3));
-        assert!(!b.settle(2, ACK, 2));
-        assert!(!b.settle(4, ACK, 4));
+        assert!(!b.settle(3, ACK, Some(3)));
+        assert!(!b.settle(2, ACK, Some(2)));
+        assert!(!b.settle(4, ACK, Some(4)));
         let f = b.take_frames();
         assert_eq!(
             tags(&f),
@@ -425,12 +451,12 @@ mod tests {
         for t in 1..=6 {
             b.delivered(t);
         }
-        assert!(b.settle(1, ACK, 1));
+        assert!(b.settle(1, ACK, Some(1)));
         let _ = b.take_frames();
         // 2 runs on; 3, 4 and 6 settle behind it: each alone, at once.
-        b.settle(3, ACK, 3);
-        b.settle(4, DEAD, 4);
-        b.settle(6, ACK, 6);
+        b.settle(3, ACK, Some(3));
+        b.settle(4, DEAD, Some(4));
+        b.settle(6, ACK, Some(6));
         let f = b.take_frames();
         assert_eq!(
             tags(&f),
@@ -451,7 +477,7 @@ mod tests {
         );
         assert!(b.take_frames().is_empty());
         // 2 ends: alone again (3, 4 and 6 were sent).
-        assert!(b.settle(2, ACK, 2));
+        assert!(b.settle(2, ACK, Some(2)));
         assert_eq!(
             tags(&b.take_frames()),
             [Frame::Ack {
@@ -468,12 +494,12 @@ mod tests {
         for t in 1..=5 {
             b.delivered(t);
         }
-        b.settle(1, ACK, 1);
+        b.settle(1, ACK, Some(1));
         let _ = b.take_frames();
-        b.settle(2, REQUEUE, 2);
-        b.settle(3, ACK, 3);
-        b.settle(5, DEAD, 5);
-        b.settle(4, ACK, 4);
+        b.settle(2, REQUEUE, Some(2));
+        b.settle(3, ACK, Some(3));
+        b.settle(5, DEAD, Some(5));
+        b.settle(4, ACK, Some(4));
         let f = b.take_frames();
         assert_eq!(
             tags(&f),
@@ -501,9 +527,9 @@ mod tests {
         for t in 1..=4 {
             b.delivered(t);
         }
-        b.settle(1, ACK, 1);
-        b.settle(2, ACK, 2);
-        b.settle(3, REQUEUE, 3);
+        b.settle(1, ACK, Some(1));
+        b.settle(2, ACK, Some(2));
+        b.settle(3, REQUEUE, Some(3));
         let f = b.take_frames();
         assert_eq!(
             tags(&f),
@@ -521,7 +547,7 @@ mod tests {
         // The sender was cancelled before sending anything.
         b.put_back(f);
         assert!(
-            b.settle(4, ACK, 4),
+            b.settle(4, ACK, Some(4)),
             "nobody sends: the next settlement leads"
         );
         let again = b.take_frames();
@@ -553,7 +579,7 @@ mod tests {
             vec![5, 6, 7],
         )]);
         b.delivered(8);
-        assert!(b.settle(8, ACK, 8), "put back: nobody sends");
+        assert!(b.settle(8, ACK, Some(8)), "put back: nobody sends");
         let f = b.take_frames();
         assert_eq!(
             tags(&f),

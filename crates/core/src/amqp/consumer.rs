@@ -335,23 +335,30 @@ impl Incoming {
         self.acks.channel().status().connected() && !self.acker.poisoned()
     }
 
-    /// Acks the delivery. `Ok(true)` means acked; `Ok(false)` means the ack could not be
-    /// sent because the channel died (the broker will deliver the message again) or the
-    /// delivery was settled already.
+    /// Acks the delivery. `Ok(true)` means acked: sent, or queued behind the frame its
+    /// channel's ack book is sending (see [`Incoming::ack_sent`]); `Ok(false)` means the ack
+    /// could not be sent because the channel died (the broker will deliver the message
+    /// again) or the delivery was settled already.
     pub async fn ack(&self) -> Result<bool> {
-        self.settle(None).await
+        self.settle(None, false).await
+    }
+
+    /// Like [`Incoming::ack`], but `Ok(true)` only once the ack's frame was sent (for a
+    /// caller whose next step depends on it, such as an early ack).
+    pub async fn ack_sent(&self) -> Result<bool> {
+        self.settle(None, true).await
     }
 
     /// Rejects the delivery; with `requeue` it goes back to the queue, otherwise to the
     /// queue's dead-letter exchange. Same `Ok(false)` meaning as [`Incoming::ack`].
     pub async fn reject(&self, requeue: bool) -> Result<bool> {
-        self.settle(Some(requeue)).await
+        self.settle(Some(requeue), false).await
     }
 
     /// Settles the delivery through its channel's [`AckBook`], which coalesces the acks of
     /// deliveries settled together into one `multiple` ack (see its docs). Returns once the
     /// frame carrying this settlement was sent.
-    async fn settle(&self, reject: Option<bool>) -> Result<bool> {
+    async fn settle(&self, reject: Option<bool>, wait: bool) -> Result<bool> {
         if !self.is_live() || self.settled.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
@@ -359,6 +366,6 @@ impl Incoming {
             None => Settle::Ack,
             Some(requeue) => Settle::Reject { requeue },
         };
-        self.acks.settle(self.tag, how).await
+        self.acks.settle(self.tag, how, wait).await
     }
 }
