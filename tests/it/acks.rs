@@ -90,12 +90,7 @@ async fn acks_behind_a_running_task_go_out_at_once_and_never_cover_it() {
 
     // The worker stops and gives up on `slow`, which goes back to the queue: it could not
     // had a `multiple` ack covered it while it ran.
-    running.stop.cancel();
-    running
-        .handle
-        .await
-        .expect("worker task")
-        .expect("worker ran cleanly");
+    running.stop_cleanly().await;
     let broker = client.broker().clone();
     let queue = format!("warren.svc.{svc}");
     poll("slow back in its queue", Duration::from_secs(30), || {

@@ -51,14 +51,6 @@ async fn worker(svc: &str, qt: QueueType, ledger: Ledger, fixed: bool) -> common
     run_in_background(worker)
 }
 
-async fn stop(w: common::Running) {
-    w.stop.cancel();
-    w.handle
-        .await
-        .expect("worker task")
-        .expect("worker ran cleanly");
-}
-
 fn now_ms() -> i64 {
     i64::try_from(
         SystemTime::now()
@@ -113,7 +105,7 @@ async fn dead_letter_tasks(
         u32::try_from(n).unwrap(),
     )
     .await;
-    stop(failing).await;
+    failing.stop_cleanly().await;
     receipts
 }
 
@@ -243,7 +235,7 @@ async fn list_then_replay_all(qt: QueueType) {
     .await;
     // Anything else the replay put in the service queue runs before a task enqueued now.
     let sentinel = run_sentinel(&client, &svc, &ledger).await;
-    stop(fixed).await;
+    fixed.stop_cleanly().await;
     let runs = without(&ledger, sentinel);
     assert_eq!(
         runs.len(),
@@ -353,7 +345,7 @@ async fn replay_by_id_replays_only_that_one() {
     .await;
     // Anything else in the service queue runs before a task enqueued now.
     let sentinel = run_sentinel(&client, &svc, &ledger).await;
-    stop(fixed).await;
+    fixed.stop_cleanly().await;
     let ok: Vec<Uuid> = without(&ledger, sentinel)
         .iter()
         .filter(|e| e.0)

@@ -263,12 +263,7 @@ async fn amqps_with_a_private_ca() {
         tls_conns >= 2,
         "worker and client connections use TLS: {conns}"
     );
-    running.stop.cancel();
-    running
-        .handle
-        .await
-        .expect("worker task")
-        .expect("worker ran cleanly");
+    running.stop_cleanly().await;
     client.close().await;
 
     // 2. An unrelated CA: the server's certificate is not trusted.

@@ -398,6 +398,17 @@ pub struct Running {
     pub handle: tokio::task::JoinHandle<Result<(), warren::WorkerError>>,
 }
 
+impl Running {
+    /// Stops the worker and waits for it; panics unless it stopped cleanly.
+    pub async fn stop_cleanly(self) {
+        self.stop.cancel();
+        self.handle
+            .await
+            .expect("worker task")
+            .expect("worker ran cleanly");
+    }
+}
+
 /// Runs `worker` until the returned token is cancelled.
 pub fn run_in_background(worker: warren::Worker) -> Running {
     let stop = tokio_util::sync::CancellationToken::new();

@@ -22,7 +22,7 @@
 //! that is never settled (its channel died, or it was dropped) stays in the book as running:
 //! a `multiple` ack never covers it, and the book goes with its channel.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -68,13 +68,8 @@ pub(crate) enum Frame {
 enum Entry<W> {
     /// Delivered, not settled by its handler yet.
     Running,
-    /// Settled, its frame not sent yet; `multiple` only for an ack put back unsent (it then
-    /// stands for every tag below it, which are gone from the book).
-    Settled {
-        how: Settle,
-        multiple: bool,
-        waiters: Vec<W>,
-    },
+    /// Settled, its frame not sent yet.
+    Settled { how: Settle, waiters: Vec<W> },
 }
 
 /// The frame plan of one channel: which deliveries are running and which settlements wait
@@ -112,7 +107,6 @@ impl<W> Book<W> {
     pub(crate) fn settle(&mut self, tag: u64, how: Settle, waiter: Option<W>) -> bool {
         let entry = Entry::Settled {
             how,
-            multiple: false,
             waiters: waiter.into_iter().collect(),
         };
         self.entries.insert(tag, entry);
@@ -128,24 +122,20 @@ impl<W> Book<W> {
         let mut frames = Vec::new();
         let mut acks: Vec<W> = Vec::new();
         let mut top_ack = None;
+        // Acks in the leading run (a waiter list may be empty: not everyone waits).
         let mut covered = 0usize;
         while let Some(first) = self.entries.first_entry() {
             if matches!(first.get(), Entry::Running) {
                 break;
             }
             let (tag, entry) = first.remove_entry();
-            let Entry::Settled {
-                how,
-                multiple,
-                waiters,
-            } = entry
-            else {
+            let Entry::Settled { how, waiters } = entry else {
                 continue;
             };
             self.settled = self.settled.saturating_sub(1);
             match how {
                 Settle::Ack => {
-                    covered += if multiple { 2 } else { 1 };
+                    covered += 1;
                     top_ack = Some(tag);
                     acks.extend(waiters);
                 }
@@ -166,7 +156,7 @@ impl<W> Book<W> {
                 .map(|(t, _)| *t)
                 .collect();
             for tag in settled {
-                if let Some(Entry::Settled { how, waiters, .. }) = self.entries.remove(&tag) {
+                if let Some(Entry::Settled { how, waiters }) = self.entries.remove(&tag) {
                     let frame = match how {
                         Settle::Ack => Frame::Ack {
                             tag,
@@ -183,28 +173,6 @@ impl<W> Book<W> {
             self.sending = false;
         }
         frames
-    }
-
-    /// Frames taken but not sent (their sender was cancelled) go back into the book, settled,
-    /// and the book stops sending: the next settlement, or a flush, sends them. Safe because
-    /// every tag such a frame covers is below every running one.
-    pub(crate) fn put_back(&mut self, frames: Vec<(Frame, Vec<W>)>) {
-        for (frame, waiters) in frames {
-            let (tag, how, multiple) = match frame {
-                Frame::Ack { tag, multiple } => (tag, Settle::Ack, multiple),
-                Frame::Reject { tag, requeue } => (tag, Settle::Reject { requeue }, false),
-            };
-            self.entries.insert(
-                tag,
-                Entry::Settled {
-                    how,
-                    multiple,
-                    waiters,
-                },
-            );
-            self.settled += 1;
-        }
-        self.sending = false;
     }
 
     /// Deliveries in the book (running or waiting for their frame).
@@ -285,25 +253,23 @@ impl AckBook {
     /// the rest to a task of its own after [`HANDLER_ROUNDS`] rounds, so that a busy channel
     /// does not keep one handler (and its concurrency permit) sending for the others.
     async fn send_all(self: &Arc<Self>, handler: bool) {
-        let mut unsent = Unsent {
+        let mut guard = Sending {
             book: self,
-            frames: VecDeque::new(),
             done: false,
         };
         let mut rounds = 0;
         loop {
             if handler && rounds == HANDLER_ROUNDS && self.spawn_sender() {
-                unsent.done = true;
+                guard.done = true;
                 return;
             }
             rounds += 1;
             let frames = self.lock().take_frames();
             if frames.is_empty() {
-                unsent.done = true;
+                guard.done = true;
                 return;
             }
-            unsent.frames.extend(frames);
-            while let Some((frame, waiters)) = unsent.frames.pop_front() {
+            for (frame, waiters) in frames {
                 let outcome = self.send_now(frame);
                 for w in waiters {
                     let _ = w.send(outcome.clone());
@@ -357,28 +323,24 @@ impl AckBook {
     }
 }
 
-/// The frames a sender took and has not sent yet (none at its only await, between rounds,
-/// as frames are queued without waiting). If the sender is cancelled (its future dropped),
-/// they go back into the book, and a task of their own sends what the book holds, so that
-/// no reject is ever left to be covered by a later `multiple` ack.
-struct Unsent<'a> {
+/// Frees the book if its sender is cancelled (dropped at its only await, between rounds,
+/// where every frame it took is queued already) and, if settlements are left, starts a task
+/// that sends them, so that no reject is ever left to be covered by a later `multiple` ack.
+struct Sending<'a> {
     book: &'a Arc<AckBook>,
-    frames: VecDeque<(Frame, Vec<Waiter>)>,
     done: bool,
 }
 
-impl Drop for Unsent<'_> {
+impl Drop for Sending<'_> {
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        let frames = self.frames.drain(..).collect();
         let mut book = self.book.lock();
-        book.put_back(frames);
         if book.settled == 0 {
+            book.sending = false;
             return;
         }
-        book.sending = true;
         drop(book);
         if !self.book.spawn_sender() {
             self.book.lock().sending = false;
@@ -394,6 +356,24 @@ mod tests {
         frames.iter().map(|(f, _)| *f).collect()
     }
 
+    fn single(tag: u64) -> Frame {
+        Frame::Ack {
+            tag,
+            multiple: false,
+        }
+    }
+
+    fn up_to(tag: u64) -> Frame {
+        Frame::Ack {
+            tag,
+            multiple: true,
+        }
+    }
+
+    fn reject(tag: u64, requeue: bool) -> Frame {
+        Frame::Reject { tag, requeue }
+    }
+
     const ACK: Settle = Settle::Ack;
     const REQUEUE: Settle = Settle::Reject { requeue: true };
     const DEAD: Settle = Settle::Reject { requeue: false };
@@ -404,13 +384,7 @@ mod tests {
         b.delivered(1);
         assert!(b.settle(1, ACK, Some(1)));
         let f = b.take_frames();
-        assert_eq!(
-            tags(&f),
-            [Frame::Ack {
-                tag: 1,
-                multiple: false
-            }]
-        );
+        assert_eq!(tags(&f), [single(1)]);
         assert_eq!(f[0].1, [1]);
         assert!(b.take_frames().is_empty());
         assert_eq!(b.len(), 0);
@@ -433,13 +407,7 @@ mod tests {
         assert!(!b.settle(2, ACK, Some(2)));
         assert!(!b.settle(4, ACK, Some(4)));
         let f = b.take_frames();
-        assert_eq!(
-            tags(&f),
-            [Frame::Ack {
-                tag: 4,
-                multiple: true
-            }]
-        );
+        assert_eq!(tags(&f), [up_to(4)]);
         assert_eq!(f[0].1, [2, 3, 4]);
         assert!(b.take_frames().is_empty());
         assert_eq!(b.len(), 1, "5 still runs");
@@ -458,33 +426,11 @@ mod tests {
         b.settle(4, DEAD, Some(4));
         b.settle(6, ACK, Some(6));
         let f = b.take_frames();
-        assert_eq!(
-            tags(&f),
-            [
-                Frame::Ack {
-                    tag: 3,
-                    multiple: false
-                },
-                Frame::Reject {
-                    tag: 4,
-                    requeue: false
-                },
-                Frame::Ack {
-                    tag: 6,
-                    multiple: false
-                },
-            ]
-        );
+        assert_eq!(tags(&f), [single(3), reject(4, false), single(6),]);
         assert!(b.take_frames().is_empty());
         // 2 ends: alone again (3, 4 and 6 were sent).
         assert!(b.settle(2, ACK, Some(2)));
-        assert_eq!(
-            tags(&b.take_frames()),
-            [Frame::Ack {
-                tag: 2,
-                multiple: false
-            }]
-        );
+        assert_eq!(tags(&b.take_frames()), [single(2)]);
         assert_eq!(b.len(), 1, "5 still runs");
     }
 
@@ -501,109 +447,7 @@ mod tests {
         b.settle(5, DEAD, Some(5));
         b.settle(4, ACK, Some(4));
         let f = b.take_frames();
-        assert_eq!(
-            tags(&f),
-            [
-                Frame::Reject {
-                    tag: 2,
-                    requeue: true
-                },
-                Frame::Reject {
-                    tag: 5,
-                    requeue: false
-                },
-                Frame::Ack {
-                    tag: 4,
-                    multiple: true
-                },
-            ]
-        );
+        assert_eq!(tags(&f), [reject(2, true), reject(5, false), up_to(4),]);
         assert_eq!(f[2].1, [3, 4]);
-    }
-
-    #[test]
-    fn frames_put_back_are_sent_again_as_they_were() {
-        let mut b = Book::default();
-        for t in 1..=4 {
-            b.delivered(t);
-        }
-        b.settle(1, ACK, Some(1));
-        b.settle(2, ACK, Some(2));
-        b.settle(3, REQUEUE, Some(3));
-        let f = b.take_frames();
-        assert_eq!(
-            tags(&f),
-            [
-                Frame::Reject {
-                    tag: 3,
-                    requeue: true
-                },
-                Frame::Ack {
-                    tag: 2,
-                    multiple: true
-                }
-            ]
-        );
-        // The sender was cancelled before sending anything.
-        b.put_back(f);
-        assert!(
-            b.settle(4, ACK, Some(4)),
-            "nobody sends: the next settlement leads"
-        );
-        let again = b.take_frames();
-        assert_eq!(
-            tags(&again),
-            [
-                Frame::Reject {
-                    tag: 3,
-                    requeue: true
-                },
-                Frame::Ack {
-                    tag: 4,
-                    multiple: true
-                }
-            ]
-        );
-        assert_eq!(again[1].1, [1, 2, 4]);
-        assert_eq!(b.len(), 0);
-    }
-
-    #[test]
-    fn a_single_ack_put_back_keeps_covering_what_it_covered() {
-        let mut b: Book<u32> = Book::default();
-        b.put_back(vec![(
-            Frame::Ack {
-                tag: 7,
-                multiple: true,
-            },
-            vec![5, 6, 7],
-        )]);
-        b.delivered(8);
-        assert!(b.settle(8, ACK, Some(8)), "put back: nobody sends");
-        let f = b.take_frames();
-        assert_eq!(
-            tags(&f),
-            [Frame::Ack {
-                tag: 8,
-                multiple: true
-            }]
-        );
-        // Alone, a put-back multiple ack stays multiple.
-        let mut b: Book<u32> = Book::default();
-        b.put_back(vec![(
-            Frame::Ack {
-                tag: 7,
-                multiple: true,
-            },
-            vec![5, 6, 7],
-        )]);
-        b.sending = true;
-        assert_eq!(
-            tags(&b.take_frames()),
-            [Frame::Ack {
-                tag: 7,
-                multiple: true
-            }]
-        );
     }
 }

@@ -356,8 +356,9 @@ impl Incoming {
     }
 
     /// Settles the delivery through its channel's [`AckBook`], which coalesces the acks of
-    /// deliveries settled together into one `multiple` ack (see its docs). Returns once the
-    /// frame carrying this settlement was sent.
+    /// deliveries settled together into one `multiple` ack (see its docs). With `wait`, or
+    /// when this call becomes the channel's sender, returns once the frame carrying this
+    /// settlement was queued on the channel; otherwise at once.
     async fn settle(&self, reject: Option<bool>, wait: bool) -> Result<bool> {
         if !self.is_live() || self.settled.swap(true, Ordering::AcqRel) {
             return Ok(false);
