@@ -31,6 +31,7 @@ mod fanin_faults;
 mod flow_limits;
 mod flow_priorities;
 mod harness_selftest;
+mod held_batches;
 mod invoke_retry;
 mod metrics;
 mod parallel;

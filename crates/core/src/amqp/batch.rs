@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::Channel;
@@ -22,6 +22,10 @@ use crate::names::check_amqp_len;
 /// when the channel closes; [`Batch::release`] does it at once.
 pub struct Batch {
     channel: Channel,
+    /// The broker the channel came from, and the channel's connection generation: a batch
+    /// that ends with its queue's delete gives the channel back for the next one.
+    broker: Broker,
+    generation: u64,
     /// Whether confirms are enabled on `channel` ([`Batch::confirm_channel`]).
     confirming: bool,
     /// The bodies, in delivery order.
@@ -88,20 +92,30 @@ impl Broker {
         exclusive: bool,
     ) -> Result<Take> {
         check_amqp_len("queue", queue)?;
-        let (channel, generation) = self.channel().await?;
+        let (channel, generation, reused) = self.hold_channel().await?;
         tracing::debug!(
             queue,
             channel = channel.id(),
             exclusive,
-            "take: channel open"
+            reused,
+            "take: channel ready"
         );
         let prefetch = u16::try_from(max.max(1)).unwrap_or(u16::MAX);
-        // Prefetch, confirm mode (for a held batch's fenced publishes) and the consumer go
-        // out back to back: the broker handles a channel's methods in order, so this costs
-        // one round trip instead of three.
+        // Prefetch, confirm mode (for a held batch's fenced publishes; a reused channel has
+        // it already) and the consumer go out back to back: the broker handles a channel's
+        // methods in order, so this costs one round trip instead of three.
+        let confirm = async {
+            if reused {
+                Ok(())
+            } else {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+            }
+        };
         let (qos, confirm, consumer) = futures_util::join!(
             channel.basic_qos(prefetch, BasicQosOptions::default()),
-            channel.confirm_select(ConfirmSelectOptions::default()),
+            confirm,
             channel.basic_consume(
                 short(queue),
                 short(""),
@@ -148,6 +162,8 @@ impl Broker {
         }
         Ok(Take::Held(Batch {
             channel,
+            broker: self.clone(),
+            generation,
             bodies,
             confirming: true,
         }))
@@ -173,7 +189,11 @@ impl Batch {
         let _ = self.channel.close(200, short("released")).await;
     }
 
-    /// Deletes the queue (with the held messages) and closes the channel.
+    /// Deletes the queue (with the held messages). The channel is then kept for the next
+    /// batch: the deliveries it held are acknowledged (all at once: `basic.ack` with
+    /// `multiple` and tag 0, which RabbitMQ takes as "every outstanding one"; their queue
+    /// is gone, so this only clears the channel's books) and the broker has cancelled the
+    /// consumer with the queue. A channel that failed here is closed instead.
     pub async fn delete_queue(self, queue: &str) -> Result<()> {
         check_amqp_len("queue", queue)?;
         let res = self
@@ -181,7 +201,21 @@ impl Batch {
             .queue_delete(short(queue), QueueDeleteOptions::default())
             .await
             .map_err(|e| classify(format!("deleting queue {queue}"), e));
-        let _ = self.channel.close(200, short("ok")).await;
+        let cleared = match &res {
+            Ok(_) => self
+                .channel
+                .basic_ack(0, BasicAckOptions { multiple: true })
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if cleared && self.confirming {
+            self.broker
+                .keep_hold_channel(self.channel, self.generation)
+                .await;
+        } else {
+            let _ = self.channel.close(200, short("ok")).await;
+        }
         res.map(|_| ())
     }
 }
