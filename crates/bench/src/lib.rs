@@ -357,11 +357,7 @@ impl Bench {
             ));
             rounds_run.push((score(&w) / score(&r).max(1e-9), r, w));
         }
-        rounds_run.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mid = rounds_run.len().saturating_sub(1) / 2;
-        rounds_run
-            .into_iter()
-            .nth(mid)
+        stats::median_by(rounds_run, |run| run.0)
             .map(|(_, r, w)| (r, w))
             .ok_or_else(|| anyhow!("{group}: no round ran"))
     }

@@ -9,6 +9,20 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The item whose `key` is the median of all (the lower one for an even count), e.g. the
+/// round whose warren/raw ratio is the median.
+pub fn median_by<T>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let mid = v.len().saturating_sub(1) / 2;
+    v.into_iter().nth(mid)
+}
+
+/// Of `(raw, warren)` pairs measured side by side, the one whose ratio `warren / raw` is
+/// the median.
+pub fn median_ratio(pairs: Vec<(f64, f64)>) -> Option<(f64, f64)> {
+    median_by(pairs, |(r, w)| w / r.max(1e-9))
+}
+
 /// `n` things in `took`, per second.
 #[allow(clippy::cast_precision_loss)]
 pub fn per_sec(n: u64, took: Duration) -> f64 {
