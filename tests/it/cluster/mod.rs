@@ -17,6 +17,9 @@
 //!   and restarted: every task succeeds, any re-run is marked; with the delay node killed,
 //!   retries wait until it is back and those moving between delay queues at the crash may be
 //!   lost (asserted: only those).
+//! * `retries::retries_through_a_kill_of_the_mirrored_delay_node`: the same with the delay
+//!   queues mirrored on every node by a policy (docs/scaling.md): no retry is lost, and every
+//!   task succeeds while the delay node is still down.
 //! * `jobs::fan_in_through_a_node_kill`: 100 targets while the fan-in's part queue's node is
 //!   killed: the final callback fires once, with all 100 outcomes in order.
 //! * `topics_chains::topic_through_a_node_kill`: 200 publishes while the subscription's leader

@@ -75,7 +75,7 @@ fn retry_counts(ledger: &Path) -> (usize, usize, usize) {
 /// while a node is SIGKILLed once 50 of them succeeded: the node holding the test's delay
 /// levels and `warren.delay.due` (`kill_delay_node`), or the one holding the service
 /// queue's leader and the worker's and client's connections (but no delay queue).
-async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
+async fn retries_through_a_kill(tag: &str, kill_delay_node: bool, mirrored: bool) {
     const N: usize = 200;
     const KILL_AT: usize = 50;
     const DELAY: Duration = Duration::from_secs(1);
@@ -83,6 +83,11 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
     let cluster = turn.cluster;
     let svc = unique(tag);
     let (delay_node, levels) = delay_levels_on_due_home(cluster, &svc).await;
+    let _policy = if mirrored {
+        Some(MirrorPolicy::set(cluster, &levels).await)
+    } else {
+        None
+    };
     let levels_cleanup = DropOnCluster {
         urls: cluster.url_list(),
         queues: levels.names(),
@@ -142,7 +147,7 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
         })
         .await;
     let t_kill = Instant::now();
-    if kill_delay_node {
+    if kill_delay_node && !mirrored {
         // With the delay node down, watch for 10 s: the measurement, not a wait for work.
         while t_kill.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -199,7 +204,7 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
         // that moment can be lost (see below): wait for the others, and for nothing to be
         // left waiting anywhere.
         let settled = missing.is_empty()
-            || (kill_delay_node && missing.iter().all(|k| in_cascade.contains(*k)));
+            || (kill_delay_node && !mirrored && missing.iter().all(|k| in_cascade.contains(*k)));
         if settled && waiting == Some(0) && ready == Some(0) && due == Some(0) {
             break;
         }
@@ -266,7 +271,7 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
         lost.len()
     );
     assert!(errors.is_empty(), "enqueues failed: {errors:?}");
-    if kill_delay_node {
+    if kill_delay_node && !mirrored {
         // Dead-lettering between classic queues is at most once: a retry that moved to
         // the next delay queue shortly before its node crashed may be lost (not yet on
         // disk). Nothing else is: every task sent during or after the outage succeeds.
@@ -287,10 +292,92 @@ async fn retries_through_a_kill(tag: &str, kill_delay_node: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_through_a_kill_of_another_node() {
-    retries_through_a_kill("clretry", false).await;
+    retries_through_a_kill("clretry", false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_through_a_kill_of_the_delay_node() {
-    retries_through_a_kill("clretryd", true).await;
+    retries_through_a_kill("clretryd", true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_through_a_kill_of_the_mirrored_delay_node() {
+    retries_through_a_kill("clretrym", true, true).await;
+}
+
+/// A classic-queue mirroring policy (`ha-mode: all`, automatic sync) on the test's delay
+/// levels and `warren.delay.due`, cleared when dropped.
+struct MirrorPolicy<'a> {
+    cluster: &'a Cluster,
+    name: String,
+}
+
+impl<'a> MirrorPolicy<'a> {
+    async fn set(cluster: &'a Cluster, levels: &DelayLevels) -> Self {
+        let prefix = levels.level(0);
+        let prefix = prefix.trim_end_matches('0');
+        let pattern = format!("^({}[0-9]+|warren\\.delay\\.due)$", regex_escape(prefix));
+        let name = format!("mirror-{}", &prefix[prefix.len().saturating_sub(20)..]);
+        cluster
+            .ctl_any(&[
+                "set_policy",
+                "--apply-to",
+                "queues",
+                "--priority",
+                "10",
+                &name,
+                &pattern,
+                r#"{"ha-mode":"all","ha-sync-mode":"automatic"}"#,
+            ])
+            .await
+            .expect("set the mirroring policy");
+        // Every delay queue the retries pass through is mirrored to the two other nodes
+        // before the test starts (polled: the policy and the mirrors apply asynchronously).
+        for q in [levels.level(3), levels.level(1), DUE_QUEUE.to_owned()] {
+            let end = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let row = cluster
+                    .queue_fields(&q, &["policy", "synchronised_slave_pids"])
+                    .await
+                    .unwrap_or_default();
+                let mirrors = row.get(2).map_or(0, |p| p.matches('<').count());
+                if row.get(1) == Some(&name) && mirrors == SIZE - 1 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < end,
+                    "{q} not mirrored by {name} after 30 s: {row:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Self { cluster, name }
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}
+
+impl Drop for MirrorPolicy<'_> {
+    fn drop(&mut self) {
+        let (cluster, name) = (self.cluster, self.name.clone());
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| rt.block_on(cluster.ctl_any(&["clear_policy", &name])))
+            })
+            .join()
+        });
+    }
 }
