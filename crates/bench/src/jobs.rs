@@ -1,11 +1,11 @@
 //! `jobs`: many small split jobs at once, and what they leave on the broker.
 //!
 //! - `jobs10_throughput`: [`JOBS`] split jobs of [`PARTS`] no-op parts, [`CAP`] jobs in
-//!   flight, jobs/s from the first enqueue to the last `oncomplete` hook handled. [`ROUNDS`]
-//!   rounds, each a raw round then a warren round, both sides set up once before the first;
-//!   the figure is the round whose warren/raw ratio is the median (the broker's speed at
-//!   declares and deletes drifts by ±25 % within a minute, so the two sides of a ratio are
-//!   measured next to each other).
+//!   flight, jobs/s from the first enqueue to the last `oncomplete` hook handled. `--rounds`
+//!   rounds (default 3), each a raw round then a warren round, both sides set up once before
+//!   the first; the figure is the round whose warren/raw ratio is the median (the broker's
+//!   speed at declares and deletes drifts by ±25 % within a minute, so the two sides of a
+//!   ratio are measured next to each other).
 //!
 //!   warren: one service with a splitter `job_part` (returns `PARTS` numbers), a no-op `job`
 //!   and the hook `done` (gets the `Vec` of results). Each job is one `Client::send` of a
@@ -77,9 +77,6 @@ const JOBS: usize = 1_000;
 const PARTS: u32 = 10;
 /// Jobs in flight at once.
 const CAP: usize = 64;
-/// Rounds, each a raw floor round then a warren round (the figure is the round whose ratio
-/// is the median).
-const ROUNDS: usize = 3;
 /// Deadline of one job, enqueue to hook.
 const JOB_DEADLINE: Duration = Duration::from_secs(60);
 /// Channels for the raw side's declares (driver) and deletes (consumer).
@@ -106,16 +103,17 @@ const BODY_LEN: usize = 300;
 
 fn run(b: &Bench) -> GroupRun<'_> {
     Box::pin(async move {
+        let rounds = usize::try_from(b.args.rounds.max(1))?;
         note(format!(
-            "jobs: {ROUNDS} rounds, each raw lapin floor then warren: {JOBS} jobs x {PARTS} \
+            "jobs: {rounds} rounds, each raw lapin floor then warren: {JOBS} jobs x {PARTS} \
              parts, {CAP} in flight"
         ));
         let mut raw = RawJobs::start(b).await.context("raw lapin side")?;
         let measured = async {
             let mut warren = WarrenJobs::start(b).await.context("warren side")?;
-            let rounds = async {
-                let mut pairs = Vec::with_capacity(ROUNDS);
-                for round in 0..ROUNDS {
+            let ran = async {
+                let mut pairs = Vec::with_capacity(rounds);
+                for round in 0..rounds {
                     let r = raw.round(b, round).await.context("raw lapin side")?;
                     let w = warren.round(b, round).await.context("warren side")?;
                     note(format!(
@@ -129,7 +127,7 @@ fn run(b: &Bench) -> GroupRun<'_> {
             }
             .await;
             warren.stop().await;
-            rounds
+            ran
         }
         .await;
         raw.close().await;
@@ -462,7 +460,7 @@ impl WarrenJobs {
             svc,
             waiting,
             extra_hooks,
-            queues: Vec::with_capacity(ROUNDS * JOBS),
+            queues: Vec::new(),
         })
     }
 

@@ -15,9 +15,10 @@
 //! [`Bench::start_worker`] (stopped before the queues are deleted).
 //!
 //! # Rounds
-//! `noop`, `drain` and `invoke` run [`BenchArgs::rounds`] rounds (default 3), raw then warren
-//! in each, and report the round whose ratio is the median ([`Bench::median_rounds`]); every
-//! round is printed as a `#` note. The other groups run once, or repeat inside (`jobs`).
+//! `noop`, `drain`, `invoke` and `jobs` run [`BenchArgs::rounds`] rounds (default 3), raw then
+//! warren in each, and report the round whose ratio is the median ([`Bench::median_rounds`];
+//! `jobs` keeps both sides set up across its rounds); every round is printed as a `#` note.
+//! The other groups run once.
 //!
 //! # Layout
 //! - `noop`: `noop_throughput` and `worker_rss_peak`.
@@ -612,7 +613,7 @@ async fn header(bench: &Bench, broker: &Broker, product: String) -> String {
         "# warren bench: {product} at {endpoint} (vhost {vhost}); queue type {qt}; \
          noop {count} tasks, {in_flight} in flight, prefetch {prefetch}, worker concurrency \
          {conc}; invoke {calls} sequential after {warmup} warm-up, {c64} with 64 in flight; \
-         noop, drain and invoke: the median-ratio round of {rounds}; run {run}; \
+         noop, drain, invoke and jobs: the median-ratio round of {rounds}; run {run}; \
          {build}",
         qt = bench.queue_type.as_str(),
         count = a.count,
