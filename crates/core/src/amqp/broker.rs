@@ -70,8 +70,8 @@ pub(crate) type ChannelSlot = Option<(Channel, u64)>;
 const OPS_CHANNELS: usize = 32;
 
 /// Idle hold channels kept for reuse. Opening and closing a channel (with its prefetch
-/// and confirm mode) costs RabbitMQ 3.10 about 0.6 ms of CPU, more than a third of what
-/// the join of a small split job adds to the broker's work; see docs/scaling.md.
+/// and confirm mode) costs RabbitMQ 3.10 about 0.6 ms of CPU, a fifth of what warren's
+/// join added to the broker's work for a 10-part job; see docs/scaling.md.
 const HOLD_CHANNELS: usize = 16;
 
 /// An ops channel, held exclusively until dropped.
