@@ -27,6 +27,9 @@
 //! * `topics_chains::chains_through_a_node_kill`: 20 chains of 3 steps while the service
 //!   queue's leader is killed: each ends with the right result (read from a Redis status
 //!   store), every step ran, re-runs marked.
+//! * `held::a_kept_hold_channel_holds_no_unacked_messages`: a join's hold channel, kept after
+//!   its part queue's delete, carries no unacknowledged delivery (`rabbitmqctl
+//!   list_channels`): the channel is cleared before it is reused.
 //! * `broker_facts::queues_with_their_node_down`: what the broker itself does (raw lapin) with
 //!   a classic queue whose home node is down and a quorum queue whose leader died; printed
 //!   for the record, and the recoveries asserted.
@@ -35,6 +38,7 @@
 
 mod broker_facts;
 mod enqueue;
+mod held;
 mod invoke;
 mod jobs;
 mod retries;
