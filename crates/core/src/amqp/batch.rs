@@ -26,8 +26,6 @@ pub struct Batch {
     /// that ends with its queue's delete gives the channel back for the next one.
     broker: Broker,
     generation: u64,
-    /// Whether confirms are enabled on `channel` ([`Batch::confirm_channel`]).
-    confirming: bool,
     /// The bodies, in delivery order.
     pub bodies: Vec<Vec<u8>>,
 }
@@ -165,23 +163,16 @@ impl Broker {
             broker: self.clone(),
             generation,
             bodies,
-            confirming: true,
         }))
     }
 }
 
 impl Batch {
-    /// The batch's channel in confirm mode (enabled on first use), for publishes that must
-    /// happen only while the batch is held ([`crate::Publisher::publish_held`]).
-    pub(crate) async fn confirm_channel(&mut self) -> Result<&Channel> {
-        if !self.confirming {
-            self.channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| classify("enabling publisher confirms", e))?;
-            self.confirming = true;
-        }
-        Ok(&self.channel)
+    /// The batch's channel, in confirm mode since the take (a take whose `confirm.select`
+    /// fails fails), for publishes that must happen only while the batch is held
+    /// ([`crate::Publisher::publish_held`]).
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.channel
     }
 
     /// Puts every message back in the queue.
@@ -209,7 +200,7 @@ impl Batch {
                 .is_ok(),
             Err(_) => false,
         };
-        if cleared && self.confirming {
+        if cleared {
             self.broker
                 .keep_hold_channel(self.channel, self.generation)
                 .await;

@@ -351,7 +351,7 @@ impl Publisher {
     pub async fn publish_held(&self, batch: &mut Batch, msg: &Outgoing) -> Result<()> {
         msg.validate()?;
         let what = || format!("publishing to {}/{}", msg.exchange, msg.routing_key);
-        let ch = batch.confirm_channel().await?;
+        let ch = batch.channel();
         let confirm = send_mandatory(ch, msg, msg.properties())
             .await
             .map_err(|e| classify(what(), e))?
